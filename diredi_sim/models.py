@@ -1,0 +1,215 @@
+"""Detectors for the three roles, assembled from torchvision parts.
+
+Every role is an FCOS detector (torchvision.models.detection.FCOS) over a backbone + FPN
+(torchvision's BackboneWithFPN, i.e. IntermediateLayerGetter feature extraction and
+FeaturePyramidNetwork) with exactly three levels, P3-P5 at strides 8/16/32, as in the paper
+and FCOS-Lite. Parameter names therefore split cleanly:
+
+    backbone.body.*   backbone  (ResNet / MobileNetV2 trunk)
+    backbone.fpn.*    neck      (FPN)
+    head.*            head      (FCOS classification / regression / centerness towers)
+
+Only neck + head travel between customer and manufacturer (deltas), so this partition matters.
+
+Presets:
+- ``paper``: teacher ResNet101, tutor ResNet50, edge MobileNetV2 (FCOS-Lite); 256-channel FPN
+  for teacher and tutor, 128 for the edge; 512 px images.
+- ``cpu``: the same families narrowed until the whole flow runs in minutes on 2 cores: teacher
+  ResNet34, tutor ResNet18, edge MobileNetV2 x0.5, narrow FPNs and two-conv heads, 128 px
+  images. Sizes were chosen from ``bench/train_step.py`` measurements (README).
+
+No weights are downloaded: every model starts from random initialisation; weights come from
+training here or from a checkpoint the user gives. Backbones use trainable BatchNorm (not the
+FrozenBatchNorm of ImageNet-pretrained torchvision detectors) since they are trained from
+scratch.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import mobilenet_v2, resnet18, resnet34, resnet50, resnet101
+from torchvision.models.detection import FCOS
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.fcos import FCOSHead
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
+
+ROLES = ("teacher", "tutor", "edge")
+PARTS = ("backbone", "neck", "head")
+STRIDES = (8, 16, 32)
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """The architecture of one detector. Presets hold one per role."""
+
+    backbone: str  # resnet18 | resnet34 | resnet50 | resnet101 | mobilenet_v2
+    fpn_channels: int
+    head_convs: int = 4
+    width_mult: float = 1.0  # MobileNetV2 only
+    image_size: int = 128  # images are resized so that their longer side is this
+    score_thresh: float = 0.05  # low, for AP; precision/recall apply their own threshold
+    detections_per_img: int = 100
+
+
+PRESETS: dict[str, dict[str, DetectorSpec]] = {
+    "paper": {
+        "teacher": DetectorSpec("resnet101", fpn_channels=256, head_convs=4, image_size=512),
+        "tutor": DetectorSpec("resnet50", fpn_channels=256, head_convs=4, image_size=512),
+        "edge": DetectorSpec("mobilenet_v2", fpn_channels=128, head_convs=4, image_size=512),
+    },
+    "cpu": {
+        "teacher": DetectorSpec("resnet34", fpn_channels=96, head_convs=2, image_size=128),
+        "tutor": DetectorSpec("resnet18", fpn_channels=64, head_convs=2, image_size=128),
+        "edge": DetectorSpec("mobilenet_v2", fpn_channels=32, head_convs=2, width_mult=0.5, image_size=128),
+    },
+}
+
+_RESNETS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50, "resnet101": resnet101}
+
+
+class NoExtraLevels(ExtraFPNBlock):
+    """An FPN extra block that adds nothing: the neck keeps exactly P3-P5."""
+
+    def forward(self, results: list[Tensor], x: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
+        return results, names
+
+
+def get_spec(role: str, preset: str = "cpu", **overrides: Any) -> DetectorSpec:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if role not in PRESETS[preset]:
+        raise ValueError(f"unknown role {role!r}; choose one of {list(ROLES)}")
+    return replace(PRESETS[preset][role], **overrides)
+
+
+def build_backbone(spec: DetectorSpec) -> BackboneWithFPN:
+    """Trunk + three-level FPN (strides 8/16/32), randomly initialised."""
+    if spec.backbone in _RESNETS:
+        trunk = _RESNETS[spec.backbone](weights=None, norm_layer=nn.BatchNorm2d)
+        return_layers = {"layer2": "0", "layer3": "1", "layer4": "2"}
+        del trunk.fc, trunk.avgpool  # unused; keeps every parameter inside a part
+    elif spec.backbone == "mobilenet_v2":
+        # features[6] ends stride 8, features[13] stride 16, features[17] stride 32 (before the
+        # 1x1 expansion to 1280 channels, which FCOS-Lite does not need).
+        trunk = mobilenet_v2(weights=None, width_mult=spec.width_mult).features[:18]
+        return_layers = {"6": "0", "13": "1", "17": "2"}
+    else:
+        raise ValueError(f"unknown backbone {spec.backbone!r}; choose one of {sorted(_RESNETS) + ['mobilenet_v2']}")
+    in_channels = _probe_channels(trunk, list(return_layers))
+    return BackboneWithFPN(trunk, return_layers, in_channels, spec.fpn_channels, extra_blocks=NoExtraLevels())
+
+
+def _probe_channels(trunk: nn.Module, layer_names: list[str]) -> list[int]:
+    """Channel count of each returned layer, read off the last conv/norm inside it."""
+    modules = dict(trunk.named_children())
+    channels = []
+    for name in layer_names:
+        last = [m for m in modules[name].modules() if isinstance(m, (nn.BatchNorm2d, nn.Conv2d))][-1]
+        channels.append(last.num_features if isinstance(last, nn.BatchNorm2d) else last.out_channels)
+    return channels
+
+
+def build_detector(role: str, preset: str = "cpu", num_classes: int = 20, **overrides: Any) -> FCOS:
+    """An FCOS detector for ``role`` (teacher / tutor / edge) in ``preset`` (cpu / paper).
+
+    ``overrides`` replace fields of the preset's DetectorSpec (e.g. ``image_size=256``).
+    The spec is kept on the model as ``detector.spec`` so checkpoints can describe it.
+    """
+    spec = get_spec(role, preset, **overrides)
+    backbone = build_backbone(spec)
+    anchor_generator = AnchorGenerator(sizes=tuple((s,) for s in STRIDES), aspect_ratios=((1.0,),) * len(STRIDES))
+    head = FCOSHead(backbone.out_channels, num_anchors=1, num_classes=num_classes, num_convs=spec.head_convs)
+    detector = FCOS(
+        backbone,
+        num_classes,
+        min_size=spec.image_size,
+        max_size=spec.image_size,
+        anchor_generator=anchor_generator,
+        head=head,
+        score_thresh=spec.score_thresh,
+        detections_per_img=spec.detections_per_img,
+    )
+    detector.spec = spec
+    detector.role = role
+    detector.preset = preset
+    return detector
+
+
+@dataclass
+class DetectorOutputs:
+    """What one explicit forward pass yields, in train and eval mode alike."""
+
+    features: list[Tensor]  # neck (FPN) output per level, P3..P5, (N, C, H, W)
+    head: dict[str, Tensor]  # cls_logits (N, A, K), bbox_regression (N, A, 4), bbox_ctrness (N, A, 1)
+    image_sizes: list[tuple[int, int]]  # (H, W) of each image after resizing, before padding
+    targets: list[dict[str, Tensor]] | None  # targets with boxes in the resized frame
+    losses: dict[str, Tensor] | None  # FCOS task losses, when targets were given
+
+
+def extract_features(detector: FCOS, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> DetectorOutputs:
+    """Neck features per level and head outputs (and the task losses when ``targets`` are given).
+
+    This is FCOS's own forward up to the head, written out so that features, head outputs and
+    losses are all available whatever the mode (torchvision returns losses in train mode and
+    detections in eval mode, never features). Anchors are only built when losses are needed.
+    """
+    batch, targets = detector.transform(images, targets)
+    features = list(detector.backbone(batch.tensors).values())
+    head = detector.head(features)
+    losses = None
+    if targets is not None:
+        anchors = detector.anchor_generator(batch, features)
+        num_anchors_per_level = [f.size(2) * f.size(3) for f in features]
+        losses = detector.compute_loss(targets, head, anchors, num_anchors_per_level)
+    return DetectorOutputs(features, head, list(batch.image_sizes), targets, losses)
+
+
+def split_head_by_level(head_output: Tensor, features: list[Tensor]) -> list[Tensor]:
+    """Split an (N, A, X) head output into per-level (N, X, H, W) maps matching ``features``."""
+    sizes = [f.shape[-2] * f.shape[-1] for f in features]
+    chunks = head_output.split(sizes, dim=1)
+    return [c.permute(0, 2, 1).reshape(c.shape[0], c.shape[2], *f.shape[-2:]) for c, f in zip(chunks, features)]
+
+
+def part_of(name: str) -> str:
+    """The part ('backbone', 'neck' or 'head') a parameter or buffer name belongs to."""
+    if name.startswith("backbone.body."):
+        return "backbone"
+    if name.startswith("backbone.fpn."):
+        return "neck"
+    if name.startswith("head."):
+        return "head"
+    raise KeyError(f"parameter {name!r} is in none of backbone.body / backbone.fpn / head")
+
+
+def partition_parameters(detector: nn.Module, *, include_buffers: bool = False) -> dict[str, list[str]]:
+    """Parameter names (and buffer names, if asked) grouped by part: backbone / neck / head."""
+    names = [n for n, _ in detector.named_parameters()]
+    if include_buffers:
+        names += [n for n, _ in detector.named_buffers()]
+    parts: dict[str, list[str]] = OrderedDict((p, []) for p in PARTS)
+    for name in names:
+        parts[part_of(name)].append(name)
+    return dict(parts)
+
+
+def count_parameters(detector: nn.Module) -> dict[str, int]:
+    params = dict(detector.named_parameters())
+    return {part: sum(params[n].numel() for n in names) for part, names in partition_parameters(detector).items()}
+
+
+@torch.inference_mode()
+def detect(detector: FCOS, images: list[Tensor]) -> list[dict[str, Tensor]]:
+    """Detections (boxes in the input images' frame, scores, labels) in eval mode."""
+    was_training = detector.training
+    detector.eval()
+    try:
+        return detector(images)
+    finally:
+        detector.train(was_training)

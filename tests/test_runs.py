@@ -1,0 +1,74 @@
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from diredi_sim.models import build_detector
+from diredi_sim.runs import (CheckpointError, Run, append_jsonl, atomic_write_json, load_checkpoint, load_detector_weights,
+                             read_jsonl, save_checkpoint)
+
+
+def test_checkpoint_round_trip_embeds_config(tmp_path):
+    torch.manual_seed(0)
+    edge = build_detector("edge", "cpu")
+    path = save_checkpoint(tmp_path / "edge.pt", edge, config={"seed": 7}, epoch=3)
+    other = build_detector("edge", "cpu")
+    payload = load_detector_weights(other, path)
+    assert payload["config"] == {"seed": 7} and payload["epoch"] == 3 and payload["role"] == "edge"
+    assert payload["spec"]["backbone"] == "mobilenet_v2"
+    for (k, a), (_, b) in zip(edge.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    path = save_checkpoint(tmp_path / "tutor.pt", build_detector("tutor", "cpu"))
+    with pytest.raises(CheckpointError, match="does not fit") as info:
+        load_detector_weights(build_detector("edge", "cpu"), path)
+    assert "tutor.pt" in str(info.value)
+
+
+def test_truncated_and_foreign_checkpoints_are_refused(tmp_path):
+    path = save_checkpoint(tmp_path / "edge.pt", build_detector("edge", "cpu"))
+    data = path.read_bytes()
+    (tmp_path / "torn.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="torn.pt is truncated"):
+        load_checkpoint(tmp_path / "torn.pt")
+    torch.save({"weights": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a diredi-sim checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_atomic_write_leaves_old_file_when_interrupted(tmp_path):
+    target = tmp_path / "result.json"
+    atomic_write_json(target, {"v": 1})
+    # a writer killed mid-write: the old file stays valid, no partial file takes its place
+    code = ("import os\n"
+            "from diredi_sim.runs import atomic_write_bytes\n"
+            "os.fsync = lambda fd: os.kill(os.getpid(), 9)  # die after writing, before the rename\n"
+            f"atomic_write_bytes({str(target)!r}, b'{{\"v\": 2')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert result.returncode == -signal.SIGKILL
+    assert json.loads(target.read_text()) == {"v": 1}
+
+
+def test_jsonl_skips_a_torn_last_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    append_jsonl(path, {"a": 1})
+    append_jsonl(path, {"a": float("nan")})
+    with open(path, "a") as f:
+        f.write('{"a": 3')
+    with pytest.warns(UserWarning, match="torn last line 3"):
+        assert read_jsonl(path) == [{"a": 1}, {"a": None}]
+
+
+def test_run_folder_layout(tmp_path):
+    run = Run.create(tmp_path, "x", {"seed": 1})
+    run.log({"epoch": 1, "loss": torch.tensor(0.5)})
+    assert json.loads((run.folder / "config.json").read_text()) == {"seed": 1}
+    assert run.metrics()[0]["loss"] == 0.5 and "time" in run.metrics()[0]
+    assert Run.create(tmp_path, "x", {}).folder != run.folder
