@@ -148,6 +148,7 @@ class DetectorOutputs:
     features: list[Tensor]  # neck (FPN) output per level, P3..P5, (N, C, H, W)
     head: dict[str, Tensor]  # cls_logits (N, A, K), bbox_regression (N, A, 4), bbox_ctrness (N, A, 1)
     image_sizes: list[tuple[int, int]]  # (H, W) of each image after resizing, before padding
+    batch_shape: tuple[int, int]  # (H, W) of the padded batch the features were computed on
     targets: list[dict[str, Tensor]] | None  # targets with boxes in the resized frame
     losses: dict[str, Tensor] | None  # FCOS task losses, when targets were given
 
@@ -167,7 +168,7 @@ def extract_features(detector: FCOS, images: list[Tensor], targets: list[dict[st
         anchors = detector.anchor_generator(batch, features)
         num_anchors_per_level = [f.size(2) * f.size(3) for f in features]
         losses = detector.compute_loss(targets, head, anchors, num_anchors_per_level)
-    return DetectorOutputs(features, head, list(batch.image_sizes), targets, losses)
+    return DetectorOutputs(features, head, list(batch.image_sizes), tuple(batch.tensors.shape[-2:]), targets, losses)
 
 
 def split_head_by_level(head_output: Tensor, features: list[Tensor]) -> list[Tensor]:

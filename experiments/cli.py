@@ -1,13 +1,120 @@
-"""The `diredi-sim` command line."""
+"""The `diredi-sim` command line. Each subcommand converts its flags into the typed config once."""
+
+from __future__ import annotations
+
 import argparse
+import json
+import os
 import sys
+from pathlib import Path
+
+# No outbound traffic from anything this process starts (Flower, Ray).
+for _key, _value in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0"}.items():
+    os.environ.setdefault(_key, _value)
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``--set train.epochs=3`` pairs; values are read as TOML scalars (3, 0.1, true, "text")."""
+    import tomllib
+
+    overrides = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE, e.g. train.epochs=3")
+        key, raw = pair.split("=", 1)
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        overrides[key.strip()] = value
+    return overrides
+
+
+def cmd_train(args) -> int:
+    from diredi_sim.config import load_config
+    from experiments.direct import run_direct_training
+
+    config = load_config(args.config, parse_overrides(args.set))
+    run_direct_training(config)
+    return 0
+
+
+def cmd_generate_data(args) -> int:
+    from diredi_sim.config import load_config
+    from diredi_sim.data.sources import resolve_data_folder
+
+    config = load_config(args.config, parse_overrides(args.set))
+    print(resolve_data_folder(config.data))
+    return 0
+
+
+def cmd_check_data(args) -> int:
+    from diredi_sim.data.voc import check_dataset
+
+    problems = check_dataset(args.root, args.image_set)
+    for line in problems:
+        print(line)
+    print(f"{len(problems)} problem(s) found in {args.root}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def cmd_eval_detections(args) -> int:
+    from diredi_sim.evaluate import evaluate_detection_folder, to_jsonable
+
+    result = evaluate_detection_folder(args.voc_root, args.detections, args.classes, image_set=args.image_set,
+                                       score_threshold=args.score_threshold)
+    print(json.dumps(to_jsonable(result), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diredi-sim", description="Simulate DiReDi on Flower.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_config(p, default: str | None):
+        p.add_argument("config", nargs="?" if default else None, default=default, help="TOML config file")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+
+    p = sub.add_parser("demo", help="the main job on the embedded synthetic data")
+    add_config(p, str(CONFIG_DIR / "demo.toml"))
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train", help="direct training of one role on one split")
+    add_config(p, None)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate-data", help="generate (or find) the synthetic dataset of a config and print its folder")
+    add_config(p, str(CONFIG_DIR / "demo.toml"))
+    p.set_defaults(func=cmd_generate_data)
+
+    p = sub.add_parser("check-data", help="report every problem of a VOC-format dataset in one pass")
+    p.add_argument("root", help="a VOC year folder, a VOCdevkit folder, or a parent of VOCdevkit/")
+    p.add_argument("--image-set", default=None, help="an ImageSets/Main list (default: every annotation)")
+    p.set_defaults(func=cmd_check_data)
+
+    p = sub.add_parser("eval-detections", help="VOC and COCO AP of detection files against VOC annotations")
+    p.add_argument("--voc-root", required=True)
+    p.add_argument("--detections", required=True, help="folder with one <image_id>.txt per image: class score x1 y1 x2 y2")
+    p.add_argument("--classes", required=True, help="class names, one per line, in class-index order")
+    p.add_argument("--image-set", default=None)
+    p.add_argument("--score-threshold", type=float, default=0.5, help="for precision / recall / F1")
+    p.set_defaults(func=cmd_eval_detections)
+    return parser
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="diredi-sim")
-    parser.add_subparsers(dest="command", required=True)
-    parser.parse_args(argv)
-    return 0
+    from diredi_sim.config import ConfigError
+    from diredi_sim.runs import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, FileNotFoundError) as exc:
+        print(f"diredi-sim: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

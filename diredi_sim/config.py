@@ -1,0 +1,226 @@
+"""One typed config, converted once at each boundary (TOML file, Flower run_config, CLI flags).
+
+Every section is a frozen dataclass. ``load_config(path)`` reads TOML with tomllib;
+``config_from_dict`` checks every key and type and names the one at fault
+(``data.synthetic.num_train: expected int, got 'many'``). ``to_flat`` / ``from_flat`` turn the
+config into the flat, dotted, kebab-case key/value map that Flower's run_config uses
+(``train.batch-size = 16``) and back.
+"""
+
+from __future__ import annotations
+
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from diredi_sim.data.synthetic import SyntheticConfig
+
+
+class ConfigError(ValueError):
+    """A config key that is unknown, of the wrong type or out of range; the message names it."""
+
+
+def _check(condition: bool, key: str, value: Any, requirement: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key} = {value!r}: {requirement}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "synthetic"  # synthetic | voc
+    voc_root: str = ""  # a VOCdevkit root, a year folder, or a parent of VOCdevkit/
+    year: str = ""  # "2007" / "2012" when voc_root holds both
+    train_set: str = "train"
+    val_set: str = "val"
+    test_set: str = "test"
+    cache_dir: str = ""  # where the synthetic set is generated; "" = $DIREDI_SIM_CACHE or .cache/diredi-sim
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self):
+        _check(self.source in ("synthetic", "voc"), "data.source", self.source, "must be 'synthetic' or 'voc'")
+        _check(self.source != "voc" or bool(self.voc_root), "data.voc_root", self.voc_root, "must name a VOCdevkit folder when data.source = 'voc'")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 12
+    batch_size: int = 16
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    grad_clip: float = 10.0  # max gradient norm; 0 disables
+    hflip_prob: float = 0.5
+    eval_every: int = 1  # evaluate every N epochs (and always after the last)
+    score_threshold: float = 0.3  # for precision / recall / F1
+    num_workers: int = 0  # DataLoader workers
+    max_train_images: int = 0  # 0 = all; a cap for quick runs
+    max_eval_images: int = 0
+
+    def __post_init__(self):
+        for key in ("epochs", "batch_size"):
+            _check(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "must be >= 1")
+        _check(self.optimizer in ("sgd", "adamw"), "train.optimizer", self.optimizer, "must be 'sgd' or 'adamw'")
+        _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "must be in [0, 1)")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
+        _check(0 <= self.hflip_prob <= 1, "train.hflip_prob", self.hflip_prob, "must be in [0, 1]")
+        _check(0 <= self.score_threshold <= 1, "train.score_threshold", self.score_threshold, "must be in [0, 1]")
+        for key in ("warmup_steps", "num_workers", "max_train_images", "max_eval_images", "grad_clip"):
+            _check(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "must be >= 0")
+        _check(self.eval_every >= 1, "train.eval_every", self.eval_every, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "demo"
+    seed: int = 0
+    preset: str = "cpu"  # cpu | paper
+    role: str = "edge"  # teacher | tutor | edge (for direct training)
+    split: str = "all"  # a split preset (diredi_sim.data.splits) or comma-separated class names
+    runs_dir: str = "runs"
+    threads: int = 0  # torch threads; 0 = torch's default
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        _check(self.preset in ("cpu", "paper"), "preset", self.preset, "must be 'cpu' or 'paper'")
+        _check(self.role in ("teacher", "tutor", "edge"), "role", self.role, "must be 'teacher', 'tutor' or 'edge'")
+        _check(self.threads >= 0, "threads", self.threads, "must be >= 0")
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    import sys
+
+    return typing.get_type_hints(cls, vars(sys.modules[cls.__module__]))
+
+
+def _convert(value: Any, annotation: Any, key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table (section), got {value!r}")
+        return config_from_dict(annotation, value, prefix=key + ".")
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None and len(options) < len(typing.get_args(annotation)):
+            return None
+        errors = []
+        for option in options:
+            try:
+                return _convert(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(annotation)
+        item = args[0] if args else Any
+        items = [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {annotation!r}")
+
+
+def config_from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict; unknown keys and wrong types name the key."""
+    hints = _type_hints(cls)
+    known = {f.name for f in fields(cls) if f.init}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]} (known keys in this section: {', '.join(sorted(known))})")
+    kwargs = {name: _convert(value, hints[name], prefix + name) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        if prefix and not str(exc).startswith(prefix):
+            raise ConfigError(prefix + str(exc)) from None
+        raise
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read a TOML config file; ``overrides`` are flat dotted keys (``train.epochs``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key.replace("-", "_"), value)
+    try:
+        return config_from_dict(ExperimentConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    *sections, last = dotted.split(".")
+    for section in sections:
+        data = data.setdefault(section, {})
+    data[last] = value
+
+
+def to_flat(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Flat, dotted, kebab-case keys (Flower run_config style); tuples become lists."""
+    flat: dict[str, Any] = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        key = prefix + f.name.replace("_", "-")
+        if is_dataclass(value):
+            flat.update(to_flat(value, key + "."))
+        else:
+            flat[key] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def from_flat(flat: dict[str, Any], cls: type = ExperimentConfig) -> Any:
+    """Inverse of to_flat: a nested, typed config from flat kebab-case keys."""
+    nested: dict = {}
+    for key, value in flat.items():
+        _set_dotted(nested, key.replace("-", "_"), value)
+    return config_from_dict(cls, nested)
+
+
+def with_overrides(config: Any, **changes: Any) -> Any:
+    """dataclasses.replace that also accepts dotted keys: with_overrides(c, **{"train.epochs": 1})."""
+    nested: dict[str, dict] = {}
+    direct = {}
+    for key, value in changes.items():
+        if "." in key:
+            head, rest = key.split(".", 1)
+            nested.setdefault(head, {})[rest] = value
+        else:
+            direct[key] = value
+    for head, sub in nested.items():
+        direct[head] = with_overrides(getattr(config, head), **sub)
+    return replace(config, **direct)
+
+
+__all__ = [
+    "ConfigError", "DataConfig", "TrainConfig", "ExperimentConfig", "SyntheticConfig",
+    "config_from_dict", "load_config", "to_flat", "from_flat", "with_overrides",
+]

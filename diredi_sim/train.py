@@ -1,0 +1,318 @@
+"""Training loops as free functions (torchvision references/detection style).
+
+``train_one_epoch`` runs any loss: it takes a ``compute_losses(images, targets)`` callable that
+returns a named dict of loss terms (``task.*`` for FCOS's own losses; the distillation loops
+add ``distill.*`` terms), sums them, steps the optimizer and logs every term. A non-finite loss
+raises :class:`NonFiniteLossError` naming the step and the terms (never exits the process: a
+Ray worker must not die silently). ``train_detector`` is direct training of any role on any
+split, with evaluation every few epochs, checkpoints that embed their config, and metrics as
+JSON lines in a run folder.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from diredi_sim.config import TrainConfig
+from diredi_sim.data import VOC_CLASSES
+from diredi_sim.data.voc import DetectionDataset, ImageRecord, collate_detection
+from diredi_sim.evaluate import collect_detections, evaluate_detections
+from diredi_sim.losses import FGDConfig, FGDLoss, compute_score_distillation
+from diredi_sim.models import extract_features
+from diredi_sim.runs import Run, save_checkpoint
+
+LossFn = Callable[[list[Tensor], list[dict[str, Tensor]]], dict[str, Tensor]]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or infinite; the message names the step and every loss term."""
+
+
+def compute_task_losses(detector: nn.Module) -> LossFn:
+    """FCOS's own detection losses, prefixed ``task.``."""
+
+    def losses(images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        out = extract_features(detector, images, targets)
+        return {f"task.{k}": v for k, v in out.losses.items()}
+
+    return losses
+
+
+def freeze(detector: nn.Module) -> nn.Module:
+    """Freeze a teacher explicitly: no gradients, norm layers (all layers) in eval mode."""
+    detector.requires_grad_(False)
+    return detector.eval()
+
+
+def freeze_backbone(detector: nn.Module) -> None:
+    """Freeze the trunk (backbone.body): no gradients, BatchNorm statistics fixed.
+
+    Call again after every ``.train()``: ``train_one_epoch`` does so through ``keep_frozen``."""
+    detector.backbone.body.requires_grad_(False)
+    detector.backbone.body.eval()
+
+
+class Distiller(nn.Module):
+    """One object owns teacher, student and the loss (mmrazor style).
+
+    Losses: ``task.*`` (the student's FCOS losses, times ``task_weight``), ``distill.fg/bg/mask/
+    global`` (FGD on the neck features, times ``feature_weight``) and, when
+    ``score_weight > 0``, ``distill.score`` (class-score distillation at ``temperature``).
+    The teacher is frozen here and runs under ``no_grad``. Used for Distill A/B/C (teacher ->
+    student) and for reverse distillation (edge as the teacher, a tutor copy as the student:
+    ``feature_weight = alpha``, ``task_weight = beta``).
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, *, feature_weight: float = 1.0, task_weight: float = 1.0,
+                 score_weight: float = 0.0, temperature: float = 1.5, fgd: FGDConfig = FGDConfig(), freeze_student_backbone: bool = False):
+        super().__init__()
+        self.teacher = freeze(teacher)
+        self.student = student
+        self.fgd = FGDLoss(student.backbone.out_channels, teacher.backbone.out_channels, num_levels=3, cfg=fgd)
+        self.feature_weight, self.task_weight, self.score_weight, self.temperature = feature_weight, task_weight, score_weight, temperature
+        self.freeze_student_backbone = freeze_student_backbone
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # the teacher never leaves eval mode
+        if self.freeze_student_backbone:
+            freeze_backbone(self.student)
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in list(self.student.parameters()) + list(self.fgd.parameters()) if p.requires_grad]
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        with torch.no_grad():
+            teacher_out = extract_features(self.teacher, images)
+        student_out = extract_features(self.student, images, targets)
+        if student_out.batch_shape != teacher_out.batch_shape:
+            raise ValueError(f"teacher and student see different input sizes ({teacher_out.batch_shape} vs {student_out.batch_shape}): "
+                             "give both the same image_size")
+        losses = {f"task.{k}": self.task_weight * v for k, v in student_out.losses.items()}
+        boxes = [t["boxes"] for t in student_out.targets]
+        fgd_terms = self.fgd(student_out.features, teacher_out.features, boxes, student_out.batch_shape)
+        losses.update({f"distill.{k}": self.feature_weight * v for k, v in fgd_terms.items()})
+        if self.score_weight > 0:
+            losses["distill.score"] = self.score_weight * compute_score_distillation(
+                student_out.head["cls_logits"], teacher_out.head["cls_logits"], self.temperature)
+        return losses
+
+
+def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    """Linear warm-up, then cosine decay to 5% of the base rate."""
+    warmup = min(cfg.warmup_steps, max(total_steps // 4, 1))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(total_steps - warmup, 1)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Progress:
+    """A one-line progress bar on stderr: loss terms, images/s and ETA.
+
+    Redrawn in place on a terminal; on a pipe or log file it prints every ``log_every`` steps.
+    """
+
+    def __init__(self, total: int, desc: str, stream=None, log_every: int = 50, enabled: bool = True):
+        self.total, self.desc, self.log_every, self.enabled = total, desc, log_every, enabled
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.start = time.perf_counter()
+        self.images = 0
+
+    def update(self, step: int, images: int, terms: dict[str, float]) -> None:
+        self.images += images
+        if not self.enabled or not (self.tty or step % self.log_every == 0 or step == self.total):
+            return
+        elapsed = time.perf_counter() - self.start
+        rate = self.images / max(elapsed, 1e-9)
+        eta = elapsed / step * (self.total - step)
+        width = 20
+        filled = int(width * step / self.total)
+        loss_text = " ".join(f"{k.split('.', 1)[-1][:5]} {v:.3f}" for k, v in terms.items())
+        line = (f"{self.desc} [{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} "
+                f"loss {sum(terms.values()):.3f} ({loss_text}) {rate:.1f} img/s ETA {int(eta // 60)}:{int(eta % 60):02d}")
+        self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
+        if self.tty and step == self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+@dataclass
+class EpochStats:
+    losses: dict[str, float]  # mean of each term over the epoch
+    images: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+def train_one_epoch(
+    modules: nn.Module | Sequence[nn.Module],
+    compute_losses: LossFn,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    *,
+    epoch: int,
+    scheduler=None,
+    grad_clip: float = 0.0,
+    desc: str = "train",
+    progress: bool = True,
+) -> EpochStats:
+    """One pass over ``loader``. ``modules`` are set to train mode (frozen teachers stay as the
+    caller left them); gradients are clipped over the optimizer's parameters."""
+    for module in [modules] if isinstance(modules, nn.Module) else modules:
+        module.train()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    sums: dict[str, float] = defaultdict(float)
+    bar = Progress(len(loader), f"{desc} epoch {epoch}", enabled=progress)
+    start = time.perf_counter()
+    images_seen = 0
+    for step, (images, targets) in enumerate(loader, 1):
+        losses = compute_losses(images, targets)
+        total = sum(losses.values())
+        if not torch.isfinite(total):
+            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+            raise NonFiniteLossError(f"{desc}: non-finite loss at epoch {epoch} step {step}: {terms}")
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        values = {k: v.item() for k, v in losses.items()}
+        for k, v in values.items():
+            sums[k] += v
+        images_seen += len(images)
+        bar.update(step, len(images), values)
+    steps = max(len(loader), 1)
+    return EpochStats({k: v / steps for k, v in sums.items()}, images_seen, time.perf_counter() - start)
+
+
+def records_to_ground_truth(records: Sequence[ImageRecord]) -> dict[str, dict]:
+    return {r.image_id: {"boxes": r.boxes, "labels": r.labels, "difficult": r.difficult} for r in records}
+
+
+@torch.inference_mode()
+def predict(detector: nn.Module, loader: DataLoader) -> dict[str, dict]:
+    """Detections for every image of ``loader``, keyed by image id, in eval mode."""
+    was_training = detector.training
+    detector.eval()
+    detections: dict[str, dict] = {}
+    try:
+        for images, targets in loader:
+            outputs = detector(images)
+            detections.update(collect_detections(outputs, [t["image_id"] for t in targets]))
+    finally:
+        detector.train(was_training)
+    return detections
+
+
+def evaluate_detector(
+    detector: nn.Module,
+    records: Sequence[ImageRecord],
+    class_indices: Sequence[int],
+    *,
+    batch_size: int = 32,
+    score_threshold: float = 0.3,
+    num_workers: int = 0,
+) -> dict:
+    """VOC / COCO AP, per-class AP and P/R/F1 of ``detector`` on ``records`` for ``class_indices``."""
+    loader = build_loader(records, batch_size=batch_size, train=False, num_workers=num_workers)
+    detections = predict(detector, loader)
+    return evaluate_detections(
+        detections, records_to_ground_truth(records), VOC_CLASSES, class_indices=list(class_indices), score_threshold=score_threshold
+    )
+
+
+def build_loader(
+    records: Sequence[ImageRecord], *, batch_size: int, train: bool, seed: int = 0, hflip_prob: float = 0.0, num_workers: int = 0
+) -> DataLoader:
+    dataset = DetectionDataset(list(records), include_difficult=not train, hflip_prob=hflip_prob if train else 0.0, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train and len(dataset) > batch_size,
+        collate_fn=collate_detection,
+        num_workers=num_workers,
+        generator=generator,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def summarize_eval(result: dict) -> dict[str, float]:
+    """The headline numbers of an evaluation, for one metrics row."""
+    return {
+        "mAP50": result["voc"]["mAP"],
+        "coco_AP": result["coco"]["AP"],
+        "precision": result["prf"]["precision"],
+        "recall": result["prf"]["recall"],
+        "f1": result["prf"]["f1"],
+    }
+
+
+def train_detector(
+    detector: nn.Module,
+    train_records: Sequence[ImageRecord],
+    val_records: Sequence[ImageRecord],
+    cfg: TrainConfig,
+    *,
+    class_indices: Sequence[int],
+    seed: int = 0,
+    run: Run | None = None,
+    name: str = "model",
+    config=None,
+    progress: bool = True,
+) -> dict:
+    """Direct training of ``detector`` on ``train_records``; returns the last evaluation.
+
+    Each evaluation appends a row to ``run``'s metrics.jsonl; the final weights are saved as
+    ``checkpoints/<name>.pt`` with ``config`` embedded.
+    """
+    loader = build_loader(train_records, batch_size=cfg.batch_size, train=True, seed=seed, hflip_prob=cfg.hflip_prob, num_workers=cfg.num_workers)
+    optimizer = build_optimizer(detector.parameters(), cfg)
+    scheduler = build_scheduler(optimizer, cfg, cfg.epochs * len(loader))
+    result: dict = {}
+    for epoch in range(1, cfg.epochs + 1):
+        stats = train_one_epoch(detector, compute_task_losses(detector), optimizer, loader, epoch=epoch, scheduler=scheduler,
+                                grad_clip=cfg.grad_clip, desc=name, progress=progress)
+        row = {"stage": name, "epoch": epoch, "images_per_s": round(stats.images_per_second, 2), "seconds": round(stats.seconds, 2),
+               "lr": scheduler.get_last_lr()[0], **{f"loss.{k}": v for k, v in stats.losses.items()}}
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            result = evaluate_detector(detector, val_records, class_indices, batch_size=cfg.batch_size * 2,
+                                       score_threshold=cfg.score_threshold, num_workers=cfg.num_workers)
+            row.update({f"val.{k}": v for k, v in summarize_eval(result).items()})
+            if progress:
+                print(f"{name} epoch {epoch}: val mAP50 {result['voc']['mAP']:.3f} "
+                      f"COCO AP {result['coco']['AP']:.3f} F1 {result['prf']['f1']:.3f}", file=sys.stderr)
+        if run is not None:
+            run.log(row)
+    if run is not None:
+        save_checkpoint(run.checkpoint_path(name), detector, config=config, epoch=cfg.epochs)
+    return result

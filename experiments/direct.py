@@ -1,0 +1,66 @@
+"""Direct training of one role on one split: the foundation's main job (and the paper's
+"direct training" row later on)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from diredi_sim.config import ExperimentConfig
+from diredi_sim.data import VOC_CLASSES
+from diredi_sim.data.sources import load_split_records, resolve_data_folder, split_class_indices
+from diredi_sim.models import build_detector, count_parameters
+from diredi_sim.runs import Run
+from diredi_sim.train import evaluate_detector, summarize_eval, train_detector
+
+
+def format_per_class_table(result: dict, title: str) -> str:
+    voc, coco = result["voc"], result["coco"]
+    lines = [title, f"  {'class':12} {'AP50':>6} {'COCO AP':>8} {'#gt':>5}"]
+    for name, ap in voc["per_class"].items():
+        coco_ap = coco["per_class"].get(name)
+        lines.append(f"  {name:12} {_fmt(ap):>6} {_fmt(coco_ap):>8} {voc['num_gt'].get(name, 0):5d}")
+    prf = result["prf"]
+    lines.append(f"  {'mAP':12} {_fmt(voc['mAP']):>6} {_fmt(coco['AP']):>8}   (VOC07 11-pt {_fmt(result['voc07']['mAP'])}, "
+                 f"COCO AP50 {_fmt(coco['AP50'])}, P {prf['precision']:.3f} R {prf['recall']:.3f} F1 {prf['f1']:.3f})")
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None or value != value else f"{value:.3f}"
+
+
+def run_direct_training(config: ExperimentConfig) -> Run:
+    """Generate or read the data, train ``config.role`` on ``config.split``, evaluate on the
+    test set, and write everything to a new run folder."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    started = time.perf_counter()
+    folder = resolve_data_folder(config.data)
+    data_seconds = time.perf_counter() - started
+    cfg = config.train
+    train = load_split_records(config.data, config.data.train_set, config.split, limit=cfg.max_train_images)
+    val = load_split_records(config.data, config.data.val_set, config.split, limit=cfg.max_eval_images)
+    test = load_split_records(config.data, config.data.test_set, config.split, limit=cfg.max_eval_images)
+    classes = split_class_indices(config.split)
+    run = Run.create(config.runs_dir, config.name, config)
+    torch.manual_seed(config.seed)
+    detector = build_detector(config.role, config.preset, num_classes=len(VOC_CLASSES))
+    params = count_parameters(detector)
+    print(f"data: {folder} ({len(train)} train / {len(val)} val / {len(test)} test images, ready in {data_seconds:.1f} s)")
+    print(f"model: {config.role} ({config.preset} preset, {detector.spec.backbone}, {sum(params.values()) / 1e6:.2f}M parameters); "
+          f"training {cfg.epochs} epochs, batch {cfg.batch_size}; run folder {run.folder}", flush=True)
+    train_started = time.perf_counter()
+    train_detector(detector, train, val, cfg, class_indices=classes, seed=config.seed, run=run, name=config.role, config=config)
+    train_seconds = time.perf_counter() - train_started
+    result = evaluate_detector(detector, test, classes, batch_size=cfg.batch_size * 2, score_threshold=cfg.score_threshold)
+    summary = {"role": config.role, "preset": config.preset, "split": config.split, "test_images": len(test),
+               **summarize_eval(result), "train_seconds": round(train_seconds, 1), "data_seconds": round(data_seconds, 1),
+               "total_seconds": round(time.perf_counter() - started, 1)}
+    run.write_json("results.json", {"summary": summary, "test": result})
+    run.log({"stage": "test", **summary})
+    print(format_per_class_table(result, f"test set, {config.role} ({config.preset}), split {config.split}:"))
+    print(f"trained in {train_seconds:.0f} s; results in {run.folder}/results.json", file=sys.stdout, flush=True)
+    return run

@@ -1,0 +1,56 @@
+import pytest
+
+from diredi_sim.config import ConfigError, ExperimentConfig, from_flat, load_config, to_flat, with_overrides
+
+CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[1] / "experiments" / "configs"
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_configs_load():
+    for path in sorted(CONFIGS.glob("*.toml")):
+        assert isinstance(load_config(path), ExperimentConfig)
+
+
+def test_values_and_types(tmp_path):
+    config = load_config(write(tmp_path, 'seed = 3\n[train]\nlr = 1\nepochs = 2\n[data.synthetic]\nnum_train = 10\n'))
+    assert config.seed == 3 and config.train.lr == 1.0 and isinstance(config.train.lr, float)
+    assert config.train.epochs == 2 and config.data.synthetic.num_train == 10
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("sede = 1\n", "unknown key sede"),
+    ("[train]\nepoch = 1\n", "unknown key train.epoch"),
+    ("[train]\nepochs = 'many'\n", "train.epochs: expected an integer, got 'many'"),
+    ("[train]\nepochs = 0\n", "train.epochs = 0: must be >= 1"),
+    ("[train]\nlr = -0.1\n", "train.lr = -0.1: must be > 0"),
+    ("[data.synthetic]\nnum_train = true\n", "data.synthetic.num_train: expected an integer, got True"),
+    ("preset = 'gpu'\n", "preset = 'gpu'"),
+    ("[data]\nsource = 'voc'\n", "data.voc_root"),
+    ("train = 3\n", "train: expected a table"),
+    ("seed = \n", "not valid TOML"),
+])
+def test_bad_config_names_key_and_value(tmp_path, text, fragment):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert fragment in str(info.value) and str(path) in str(info.value)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.toml does not exist"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_flat_round_trip_and_overrides(tmp_path):
+    config = with_overrides(ExperimentConfig(), **{"train.batch_size": 4, "data.synthetic.seed": 9, "name": "x"})
+    flat = to_flat(config)
+    assert flat["train.batch-size"] == 4 and flat["data.synthetic.seed"] == 9
+    assert all(isinstance(v, (int, float, str, bool, list)) for v in flat.values())
+    assert from_flat(flat) == config
+    overridden = load_config(write(tmp_path, "seed = 1\n"), {"train.batch-size": 2})
+    assert overridden.train.batch_size == 2
