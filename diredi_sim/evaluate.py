@@ -461,21 +461,6 @@ def evaluate_detections(
     }
 
 
-def to_jsonable(value: Any) -> Any:
-    """Return ``value`` with NaN/inf floats as None, numpy scalars/arrays as Python values, tuples as lists."""
-    if isinstance(value, Mapping):
-        return {str(key): to_jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(item) for item in value]
-    if isinstance(value, np.ndarray):
-        return to_jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 # ----------------------------------------------------------------------------- model outputs and files
 def collect_detections(outputs: list[dict], image_ids: list[str]) -> dict[str, dict[str, np.ndarray]]:
     """Turn torchvision-style detection outputs (dicts of "boxes", "scores", "labels" tensors) into

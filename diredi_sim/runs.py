@@ -22,9 +22,11 @@ import tempfile
 import time
 import warnings
 from dataclasses import asdict, is_dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 CHECKPOINT_FORMAT = "diredi-sim-checkpoint/1"
@@ -58,15 +60,15 @@ def to_jsonable(value: Any) -> Any:
     """Dataclasses, paths, tensors, numpy scalars and NaN (-> None) made JSON-serialisable."""
     if is_dataclass(value) and not isinstance(value, type):
         return to_jsonable(asdict(value))
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [to_jsonable(v) for v in value]
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, (torch.Tensor, np.ndarray)):
         return to_jsonable(value.tolist())
-    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+    if isinstance(value, (np.generic, torch.Tensor)):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None

@@ -62,7 +62,8 @@ def cmd_check_data(args) -> int:
 
 
 def cmd_eval_detections(args) -> int:
-    from diredi_sim.evaluate import evaluate_detection_folder, to_jsonable
+    from diredi_sim.evaluate import evaluate_detection_folder
+    from diredi_sim.runs import to_jsonable
 
     result = evaluate_detection_folder(args.voc_root, args.detections, args.classes, image_set=args.image_set,
                                        score_threshold=args.score_threshold)

@@ -22,10 +22,11 @@ from diredi_sim.evaluate import (
     evaluate_detections,
     read_class_names,
     read_detection_folder,
-    to_jsonable,
 )
+from diredi_sim.runs import to_jsonable
 
-VOC_SAMPLE = Path("/work/shared/data/voc-real/voc2012-100")
+VOC_REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc-real"
+VOC_SAMPLE = VOC_REAL / "voc2012-100"
 VOC_YEAR = VOC_SAMPLE / "VOCdevkit" / "VOC2012"
 DET_DIR = VOC_SAMPLE / "detections"
 needs_sample = pytest.mark.skipif(not VOC_YEAR.is_dir(), reason="real VOC sample not available")

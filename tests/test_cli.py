@@ -1,0 +1,81 @@
+"""The `diredi-sim` command line, run as a user runs it (a subprocess)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VOC_REAL = ROOT.parent / "shared" / "data" / "voc-real"
+
+
+def run_cli(*args, cwd=ROOT, env=None):
+    return subprocess.run([sys.executable, "-m", "experiments.cli", *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+@pytest.mark.parametrize("folder", ["voc2012-100", "tiny-voc-devkit/VOC2007", "tiny-voc-devkit/VOC2012", "labelme-voc", "icevision-voc"])
+def test_check_data_passes_clean_real_folders(folder):
+    result = run_cli("check-data", VOC_REAL / folder)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 problem(s)" in result.stderr
+
+
+def test_check_data_reports_every_problem_in_one_pass(tmp_path):
+    root = tmp_path / "VOC2012"
+    shutil.copytree(VOC_REAL / "voc2012-100" / "VOCdevkit" / "VOC2012", root)
+    ids = (root / "ImageSets" / "Main" / "val.txt").read_text().split()
+    (root / "JPEGImages" / f"{ids[0]}.jpg").unlink()  # missing image
+    (root / "JPEGImages" / f"{ids[1]}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")  # unreadable image
+    (root / "Annotations" / f"{ids[2]}.xml").write_text("<annotation><object>")  # malformed XML
+    xml = root / "Annotations" / f"{ids[3]}.xml"
+    text = xml.read_text()
+    start = text.index("<name>") + len("<name>")
+    xml.write_text(text[:start] + "unicorn" + text[text.index("</name>"):])  # unknown class
+    result = run_cli("check-data", root)
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    for image_id, what in [(ids[0], "missing"), (ids[1], ""), (ids[2], ""), (ids[3], "unicorn")]:
+        assert any(image_id in line and what in line for line in lines), (image_id, lines)
+    assert "4 problem(s)" in result.stderr or len(lines) >= 4
+
+
+def test_eval_detections_prints_one_json_object():
+    sample = VOC_REAL / "voc2012-100"
+    result = run_cli("eval-detections", "--voc-root", sample / "VOCdevkit", "--detections", sample / "detections",
+                     "--classes", sample / "detections" / "classes.txt", "--image-set", "val")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert set(report) == {"voc", "voc07", "coco", "prf"}
+    assert len(report["voc"]["per_class"]) == 20
+    # the same mAP as the independent devkit port in test_evaluate.py
+    assert report["voc"]["mAP"] == pytest.approx(0.61387, abs=5e-5)
+    assert 0 < report["coco"]["AP"] < report["coco"]["AP50"] <= 1
+
+
+def test_bad_config_is_one_clear_line(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text("[train]\nepochs = 'ten'\n")
+    result = run_cli("train", config)
+    assert result.returncode == 2
+    assert f"{config}: train.epochs: expected an integer, got 'ten'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_train_end_to_end_on_tiny_synthetic_data(tmp_path):
+    result = run_cli("train", ROOT / "experiments" / "configs" / "demo.toml",
+                     "--set", f'runs_dir="{tmp_path / "runs"}"', "--set", f'data.cache_dir="{tmp_path / "cache"}"',
+                     "--set", "data.synthetic.num_train=16", "--set", "data.synthetic.num_val=8", "--set", "data.synthetic.num_test=8",
+                     "--set", "train.epochs=1", "--set", "train.batch_size=8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1
+    folder = runs[0]
+    results = json.loads((folder / "results.json").read_text())
+    assert results["summary"]["test_images"] == 8 and set(results["test"]) == {"voc", "voc07", "coco", "prf"}
+    assert (folder / "checkpoints" / "edge.pt").is_file()
+    assert json.loads((folder / "config.json").read_text())["data"]["synthetic"]["num_train"] == 16
+    assert "mAP" in result.stdout and "person" in result.stdout  # the per-class table

@@ -1,0 +1,128 @@
+"""The training loops on small real computations (tiny synthetic data, cpu-preset models)."""
+import math
+
+import pytest
+import torch
+
+from diredi_sim.config import TrainConfig
+from diredi_sim.data.splits import filter_split
+from diredi_sim.data.synthetic import SyntheticConfig, ensure_synthetic
+from diredi_sim.data.voc import load_annotations
+from diredi_sim.deltas import compute_delta
+from diredi_sim.models import build_detector, part_of
+from diredi_sim.runs import Run, load_detector_weights
+from diredi_sim.train import (Distiller, NonFiniteLossError, build_loader, compute_task_losses, evaluate_detector,
+                              train_detector, train_one_epoch)
+from diredi_sim.verify import VerifyConfig, verify_update
+
+TINY = SyntheticConfig(seed=3, num_train=16, num_val=8, num_test=8, min_objects=1, max_objects=2, min_object_size=40)
+
+
+@pytest.fixture(scope="module")
+def tiny_records(tmp_path_factory):
+    folder = ensure_synthetic(tmp_path_factory.mktemp("cache"), TINY, workers=1)
+    return {s: load_annotations(folder, s) for s in ("train", "val", "test")}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_records, tmp_path_factory):
+    """An edge model trained directly on 16 tiny images (80 AdamW steps), with its run folder."""
+    torch.manual_seed(1)
+    edge = build_detector("edge", "cpu")
+    cfg = TrainConfig(epochs=20, batch_size=4, lr=0.004, optimizer="adamw", warmup_steps=5, eval_every=10, hflip_prob=0.0)
+    run = Run.create(tmp_path_factory.mktemp("runs"), "t", {"what": "test"})
+    train = tiny_records["train"]
+    result = train_detector(edge, train, train, cfg, class_indices=list(range(20)), run=run, name="edge",
+                            config={"what": "test"}, progress=False)
+    return edge, run, result
+
+
+def test_direct_training_learns_and_writes_a_run(trained):
+    edge, run, result = trained
+    rows = run.metrics()
+    assert [r["epoch"] for r in rows] == list(range(1, 21))
+    loss = lambda r: sum(v for k, v in r.items() if k.startswith("loss.task."))
+    assert loss(rows[-1]) < 0.6 * loss(rows[0])  # the task loss falls on the images it sees
+    assert "val.mAP50" in rows[9] and "val.mAP50" in rows[-1] and "val.mAP50" not in rows[0]
+    assert rows[-1]["val.mAP50"] > 0.5  # it fits its 16 training images (an untrained model scores ~0)
+    assert result["voc"]["mAP"] == rows[-1]["val.mAP50"]
+    payload = load_detector_weights(build_detector("edge", "cpu"), run.checkpoint_path("edge"))
+    assert payload["config"] == {"what": "test"} and payload["epoch"] == 20
+    for k, v in edge.state_dict().items():
+        assert torch.equal(v, payload["state_dict"][k]), k
+
+
+def test_non_finite_loss_raises_naming_step_and_terms(tiny_records):
+    edge = build_detector("edge", "cpu")
+    loader = build_loader(tiny_records["train"], batch_size=4, train=True)
+    task = compute_task_losses(edge)
+    calls = {"n": 0}
+
+    def losses(images, targets):
+        calls["n"] += 1
+        terms = task(images, targets)
+        if calls["n"] == 3:
+            terms["task.classification"] = terms["task.classification"] * float("nan")
+        return terms
+
+    optimizer = torch.optim.SGD(edge.parameters(), lr=0.001)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2 step 3: task.classification=nan, task.bbox_regression="):
+        train_one_epoch(edge, losses, optimizer, loader, epoch=2, progress=False)
+
+
+def test_distiller_freezes_teacher_and_optionally_student_backbone(tiny_records):
+    torch.manual_seed(0)
+    teacher, student = build_detector("edge", "cpu"), build_detector("tutor", "cpu")
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student_before = {k: v.clone() for k, v in student.state_dict().items()}
+    distiller = Distiller(teacher, student, feature_weight=2.0, task_weight=1.0, score_weight=1.0, freeze_student_backbone=True)
+    optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.01, momentum=0.9)
+    loader = build_loader(tiny_records["train"][:8], batch_size=4, train=True)
+    stats = train_one_epoch(distiller, distiller, optimizer, loader, epoch=1, progress=False)
+    assert {"task.classification", "distill.fg", "distill.bg", "distill.mask", "distill.global", "distill.score"} <= set(stats.losses)
+    assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
+    for k, v in teacher.state_dict().items():  # weights and BatchNorm statistics untouched
+        assert torch.equal(v, teacher_before[k]), k
+    changed = {part_of(k) for k, v in student.state_dict().items() if not torch.equal(v, student_before[k])}
+    assert changed == {"neck", "head"}  # the frozen backbone (and its BN statistics) did not move
+    assert distiller.fgd.levels[0].align is not None  # tutor 64 channels -> edge 32
+
+
+def test_verification_rejects_a_destructive_update_and_leaves_the_tutor_untouched(tiny_records, trained):
+    trained_edge = trained[0]
+    records = tiny_records["train"]
+    classes = sorted({int(l) for r in records for l in r.labels})
+    evaluate = lambda model: evaluate_detector(model, records, classes)["voc"]
+    state_before = {k: v.clone() for k, v in trained_edge.state_dict().items()}
+    before = evaluate(trained_edge)
+    assert before["mAP"] > 0.5
+    # a zero delta changes nothing: accepted
+    zero = {k: torch.zeros_like(v) for k, v in compute_delta(state_before, state_before).items()}
+    verdict, state = verify_update(trained_edge, zero, evaluate, VerifyConfig(max_ap_drop=0.0), before=before)
+    assert verdict.accepted and verdict.reasons == [] and state is not None
+    # a sign-flipped, scaled copy of the head's own weights wipes out what it learned: rejected
+    hostile = {k: (-3.0 * v if k.startswith("head.") else torch.zeros_like(v)) for k, v in compute_delta(state_before, zero).items()}
+    verdict, state = verify_update(trained_edge, hostile, evaluate, VerifyConfig(max_ap_drop=0.05), before=before)
+    assert not verdict.accepted and state is None
+    assert any(r.startswith("critical class") for r in verdict.reasons)
+    assert verdict.map_after < verdict.map_before
+    for k, v in trained_edge.state_dict().items():
+        assert torch.equal(v, state_before[k]), k
+    # a malformed delta is rejected before any evaluation, naming the key
+    smuggled = dict(zero)
+    smuggled["backbone.body.0.0.weight"] = torch.zeros_like(state_before["backbone.body.0.0.weight"])
+    verdict, _ = verify_update(trained_edge, smuggled, lambda m: pytest.fail("evaluated a malformed delta"))
+    assert not verdict.accepted and "backbone.body.0.0.weight is in the backbone" in verdict.reasons[0]
+    assert math.isnan(verdict.map_after)
+    # the norm bound
+    verdict, _ = verify_update(trained_edge, hostile, evaluate, VerifyConfig(max_delta_norm=1e-3), before=before)
+    assert not verdict.accepted and "exceeds the bound" in verdict.reasons[0]
+
+
+def test_split_evaluation_counts_only_split_classes(tiny_records, trained):
+    trained_edge = trained[0]
+    records = filter_split(tiny_records["train"], ["person", "car", "bus"])
+    if not records:
+        pytest.skip("no person/car/bus in the tiny set")
+    result = evaluate_detector(trained_edge, records, [5, 6, 14])
+    assert set(result["voc"]["per_class"]) == {"bus", "car", "person"}
