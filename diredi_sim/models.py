@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -36,7 +37,7 @@ from torchvision.models import mobilenet_v2, resnet18, resnet34, resnet50, resne
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.fcos import FCOSHead
+from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 
 ROLES = ("teacher", "tutor", "edge")
@@ -51,6 +52,7 @@ class DetectorSpec:
     backbone: str  # resnet18 | resnet34 | resnet50 | resnet101 | mobilenet_v2
     fpn_channels: int
     head_convs: int = 4
+    head_norm_groups: int = 32  # GroupNorm groups in the head towers (torchvision's default is 32)
     width_mult: float = 1.0  # MobileNetV2 only
     image_size: int = 128  # images are resized so that their longer side is this
     score_thresh: float = 0.05  # low, for AP; precision/recall apply their own threshold
@@ -125,6 +127,10 @@ def build_detector(role: str, preset: str = "cpu", num_classes: int = 20, **over
     backbone = build_backbone(spec)
     anchor_generator = AnchorGenerator(sizes=tuple((s,) for s in STRIDES), aspect_ratios=((1.0,),) * len(STRIDES))
     head = FCOSHead(backbone.out_channels, num_anchors=1, num_classes=num_classes, num_convs=spec.head_convs)
+    if spec.head_norm_groups != 32:  # FCOSHead does not pass a norm layer on; its towers do take one
+        norm = partial(nn.GroupNorm, spec.head_norm_groups)
+        head.classification_head = FCOSClassificationHead(backbone.out_channels, 1, num_classes, spec.head_convs, norm_layer=norm)
+        head.regression_head = FCOSRegressionHead(backbone.out_channels, 1, spec.head_convs, norm_layer=norm)
     detector = FCOS(
         backbone,
         num_classes,

@@ -277,31 +277,39 @@ def summarize_eval(result: dict) -> dict[str, float]:
     }
 
 
-def train_detector(
+def fit(
     detector: nn.Module,
+    compute_losses: LossFn,
     train_records: Sequence[ImageRecord],
     val_records: Sequence[ImageRecord],
     cfg: TrainConfig,
     *,
     class_indices: Sequence[int],
+    modules: nn.Module | Sequence[nn.Module] | None = None,
+    parameters: Sequence[nn.Parameter] | None = None,
     seed: int = 0,
     run: Run | None = None,
     name: str = "model",
     config=None,
     progress: bool = True,
 ) -> dict:
-    """Direct training of ``detector`` on ``train_records``; returns the last evaluation.
+    """Train with ``compute_losses`` and evaluate ``detector``; returns the last evaluation.
 
-    Each evaluation appends a row to ``run``'s metrics.jsonl; the final weights are saved as
-    ``checkpoints/<name>.pt`` with ``config`` embedded.
+    ``modules`` are put in train mode each epoch (default: the detector; a Distiller keeps its
+    teacher frozen); ``parameters`` are optimised (default: the detector's trainable ones).
+    Each epoch appends a row (every loss term, images/s, and the validation metrics when
+    evaluated) to ``run``'s metrics.jsonl; the final weights go to ``checkpoints/<name>.pt``
+    with ``config`` embedded.
     """
     loader = build_loader(train_records, batch_size=cfg.batch_size, train=True, seed=seed, hflip_prob=cfg.hflip_prob, num_workers=cfg.num_workers)
-    optimizer = build_optimizer(detector.parameters(), cfg)
+    optimizer = build_optimizer(parameters if parameters is not None else detector.parameters(), cfg)
     scheduler = build_scheduler(optimizer, cfg, cfg.epochs * len(loader))
     result: dict = {}
     for epoch in range(1, cfg.epochs + 1):
-        stats = train_one_epoch(detector, compute_task_losses(detector), optimizer, loader, epoch=epoch, scheduler=scheduler,
-                                grad_clip=cfg.grad_clip, desc=name, progress=progress)
+        if hasattr(loader.dataset, "set_epoch"):
+            loader.dataset.set_epoch(epoch)
+        stats = train_one_epoch(modules if modules is not None else detector, compute_losses, optimizer, loader, epoch=epoch,
+                                scheduler=scheduler, grad_clip=cfg.grad_clip, desc=name, progress=progress)
         row = {"stage": name, "epoch": epoch, "images_per_s": round(stats.images_per_second, 2), "seconds": round(stats.seconds, 2),
                "lr": scheduler.get_last_lr()[0], **{f"loss.{k}": v for k, v in stats.losses.items()}}
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
@@ -316,3 +324,32 @@ def train_detector(
     if run is not None:
         save_checkpoint(run.checkpoint_path(name), detector, config=config, epoch=cfg.epochs)
     return result
+
+
+def train_detector(detector: nn.Module, train_records, val_records, cfg: TrainConfig, **kwargs) -> dict:
+    """Direct training of any role on any split: FCOS's task losses only."""
+    return fit(detector, compute_task_losses(detector), train_records, val_records, cfg, **kwargs)
+
+
+def distill(teacher: nn.Module, student: nn.Module, train_records, val_records, cfg: TrainConfig, *,
+            feature_weight: float = 1.0, task_weight: float = 1.0, score_weight: float = 0.0, temperature: float = 1.5,
+            fgd: FGDConfig = FGDConfig(), **kwargs) -> dict:
+    """Distill A / B / C: FGD on neck features (+ optional class-score distillation) + the
+    student's task loss. The teacher is frozen. Evaluates the student."""
+    distiller = Distiller(teacher, student, feature_weight=feature_weight, task_weight=task_weight,
+                          score_weight=score_weight, temperature=temperature, fgd=fgd)
+    return fit(student, distiller, train_records, val_records, cfg, modules=distiller,
+               parameters=distiller.trainable_parameters(), **kwargs)
+
+
+def reverse_distill(edge: nn.Module, tutor_copy: nn.Module, train_records, val_records, cfg: TrainConfig, *,
+                    alpha: float = 1.0, beta: float = 1.0, freeze_backbone: bool = True, fgd: FGDConfig = FGDConfig(),
+                    **kwargs) -> dict:
+    """Reverse distillation: the edge model is the frozen teacher, a copy of the tutor the
+    student; loss ``alpha * L_RD + beta * L_task`` with L_RD the FGD loss on neck features.
+    With ``freeze_backbone`` (the default) only the tutor's neck and head move, so the delta
+    that travels matches the manufacturer's backbone exactly."""
+    distiller = Distiller(edge, tutor_copy, feature_weight=alpha, task_weight=beta, fgd=fgd,
+                          freeze_student_backbone=freeze_backbone)
+    return fit(tutor_copy, distiller, train_records, val_records, cfg, modules=distiller,
+               parameters=distiller.trainable_parameters(), **kwargs)
