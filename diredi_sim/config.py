@@ -48,15 +48,15 @@ class DataConfig:
 class TrainConfig:
     epochs: int = 12
     batch_size: int = 16
-    optimizer: str = "sgd"  # sgd | adamw
-    lr: float = 0.02
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_steps: int = 100
+    optimizer: str = "adamw"  # sgd | adamw (AdamW learned fastest from scratch in our measurements)
+    lr: float = 0.003
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
     grad_clip: float = 10.0  # max gradient norm; 0 disables
     hflip_prob: float = 0.5
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
-    score_threshold: float = 0.3  # for precision / recall / F1
+    score_threshold: float = 0.5  # for precision / recall / F1 (best F1 of 0.3-0.6 for the demo edge model)
     num_workers: int = 0  # DataLoader workers
     max_train_images: int = 0  # 0 = all; a cap for quick runs
     max_eval_images: int = 0

@@ -38,9 +38,10 @@ def test_check_data_reports_every_problem_in_one_pass(tmp_path):
     result = run_cli("check-data", root)
     assert result.returncode == 1
     lines = result.stdout.splitlines()
-    for image_id, what in [(ids[0], "missing"), (ids[1], ""), (ids[2], ""), (ids[3], "unicorn")]:
+    for image_id, what in [(ids[0], "image file is missing"), (ids[1], "corrupt or unreadable image"),
+                           (ids[2], "malformed XML"), (ids[3], "unknown class 'unicorn'")]:
         assert any(image_id in line and what in line for line in lines), (image_id, lines)
-    assert "4 problem(s)" in result.stderr or len(lines) >= 4
+    assert len(lines) == 4 and "4 problem(s) found" in result.stderr
 
 
 def test_eval_detections_prints_one_json_object():

@@ -96,14 +96,14 @@ class SyntheticConfig:
     num_val: int = 500
     num_test: int = 500
     min_objects: int = 1
-    max_objects: int = 6
-    min_object_size: int = 10        # px, longest side of an object's box, smallest draw
+    max_objects: int = 4             # 4 and 18 px below: measured to let the cpu edge model learn in minutes
+    min_object_size: int = 18        # px, longest side of an object's box, smallest draw
     max_object_frac: float = 0.7     # longest side of an object's box, largest draw, of the image side
     difficult_size: float = 10.0     # px: a visible box with sqrt(w*h) below this is difficult
     occluded_difficult: float = 0.6  # hidden fraction above which an object is difficult
     occluded_drop: float = 0.9       # hidden fraction above which an object is not annotated
     max_overlap: float = 0.5         # placement tries to keep box overlaps below this (of the smaller box)
-    clutter: float = 6.0             # mean number of background clutter shapes per image
+    clutter: float = 3.0             # mean number of background clutter shapes per image
     front_clutter: float = 0.4       # mean number of clutter shapes drawn over the objects
     noise: float = 6.0               # max std of the per-pixel Gaussian noise (0..255 scale)
     jpeg_quality: int = 90

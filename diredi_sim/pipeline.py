@@ -1,0 +1,651 @@
+"""The paper's whole flow for one customer, in one process (DESIGN.md section 4): the reference
+that the Flower simulation must reproduce.
+
+Manufacturer (cached on disk, keyed by everything that determines the weights):
+  1. train the teacher on the ``teacher`` split;
+  2. Distill A: teacher -> tutor, and Distill B: teacher -> edge, both on the ``presumed`` split.
+Customer:
+  3. Tutor1 = RD B: ``reverse_distill(edge, copy of tutor, presumed data)``;
+     Tutor2 = RD A: ``reverse_distill(edge, copy of tutor, the customer's data)``;
+  4. delta = gamma * (Tutor2 - Tutor1) over neck + head; its size at fp32 and fp16.
+Manufacturer:
+  5. verify ``tutor + delta_weight * delta`` on its own held-out presumed data (the val images
+     of the presumed classes); tutor' is the updated tutor if accepted, the unchanged tutor if not;
+  6. Distill C: tutor' -> a new edge model (starting from the deployed edge's weights) in each
+     data mode: ``public`` (manufacturer data only: the presumed train split) and
+     ``public+private`` (the customer's split: the paper's setting), with class-score
+     distillation (``distill_c_score_weight``, temperature ``distill_c_temperature``) so that a
+     class absent from the manufacturer's data can reach the edge model at all.
+Baseline:
+  7. direct training of a fresh edge model on the customer's split.
+Evaluation:
+  8. every model on the customer's test images filtered to the union of the customer's and the
+     presumed classes (so forgetting of dropped classes shows): mAP@0.5, P, R, F1 over the
+     customer's classes, per-class AP of every class of the union; knowledge gain (mean AP
+     change on the private classes), forgetting (mean AP drop on the kept presumed classes)
+     and the dropped classes' AP drop (reported apart: forgetting them is intended), each row
+     against its reference (edge rows vs the original edge, tutor rows vs the original tutor).
+     The manufacturer's three models are also evaluated on the test images of their own classes
+     (``own``), as in the top rows of the paper's Table III.
+  9. time and peak memory per stage. Memory is the process's peak resident set size so far
+     (``ru_maxrss``): the figure after a stage is the peak up to then, and ``peak_rss_growth_mb``
+     how much that peak rose during the stage (0 when the stage stayed below an earlier peak).
+
+Plain torch; never imports flwr or ray.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from diredi_sim.config import ConfigError, DataConfig, TrainConfig, config_from_dict
+from diredi_sim.data import VOC_CLASSES
+from diredi_sim.data.sources import resolve_data_folder
+from diredi_sim.data.splits import filter_split, resolve_split
+from diredi_sim.data.synthetic import default_cache_dir
+from diredi_sim.data.voc import ImageRecord, load_annotations
+from diredi_sim.deltas import apply_delta, compute_delta, compute_norm, count_bytes
+from diredi_sim.evaluate import compute_voc_ap, evaluate_detections
+from diredi_sim.losses import FGDConfig
+from diredi_sim.models import build_detector
+from diredi_sim.runs import (CheckpointError, Run, atomic_write_bytes, atomic_write_json, load_detector_weights,
+                             save_checkpoint, to_jsonable)
+from diredi_sim.train import (build_loader, distill, evaluate_detector, predict, records_to_ground_truth,
+                              reverse_distill, train_detector)
+from diredi_sim.verify import Verdict, VerifyConfig, verify_update
+
+DISTILL_C_MODES = ("public", "public+private")
+MANUFACTURER_CACHE_FORMAT = 1  # bump when the manufacturer's training code changes what it produces
+
+# Training-config fields that do not change the trained weights (left out of the cache key).
+_EVAL_ONLY_FIELDS = ("eval_every", "max_eval_images", "score_threshold")
+
+# Seed offsets per stage (same run seed, same numbers). RD A and RD B share one seed, so that
+# Tutor1 and Tutor2 differ by their data only.
+_SEED_OFFSETS = {"teacher": 0, "distill_a": 1, "distill_b": 2, "rd": 3, "distill_c": 5, "direct": 6}
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Settings of the paper's flow (the ``[pipeline]`` section of an experiment config).
+
+    The run seed, the model preset and the data come from the experiment config around it.
+    Each stage has its own :class:`TrainConfig` (epochs, batch, optimiser, lr, caps on images);
+    a partly given table keeps TrainConfig's defaults for the rest. The paper's values: KD
+    (Distill A/B) and RD 100 epochs, batch 16; Distill C 20 epochs, batch 8, temperature 1.5;
+    learning rates and RD's alpha/beta are not in the paper's text (settings here).
+    """
+
+    customer: str | tuple[str, ...] = ""  # the customer's split: a preset (exp1, exp2) or class names; "" = the experiment's name
+    teacher_split: str | tuple[str, ...] = "teacher"  # the teacher's classes
+    presumed_split: str | tuple[str, ...] = "presumed"  # the manufacturer's data (Distill A/B, RD B, Distill C public)
+    teacher: TrainConfig = field(default_factory=TrainConfig)  # teacher training on teacher_split
+    distill_a: TrainConfig = field(default_factory=TrainConfig)  # teacher -> tutor (paper: 100 epochs, batch 16)
+    distill_b: TrainConfig = field(default_factory=TrainConfig)  # teacher -> edge (paper: 100 epochs, batch 16)
+    rd: TrainConfig = field(default_factory=TrainConfig)  # RD A and RD B alike (paper: 100 epochs, batch 16)
+    distill_c: TrainConfig = field(default_factory=TrainConfig)  # tutor' -> edge (paper: 20 epochs, batch 8)
+    direct: TrainConfig = field(default_factory=TrainConfig)  # the "training" baseline: fresh edge on the customer's data
+    fgd: FGDConfig = field(default_factory=FGDConfig)  # FGD weights for every feature-distillation loss
+    distill_feature_weight: float = 1.0  # Distill A/B: weight of the FGD terms
+    distill_task_weight: float = 1.0  # Distill A/B: weight of the student's FCOS loss
+    distill_score_weight: float = 0.0  # Distill A/B: class-score distillation (0: FGD + task only)
+    distill_temperature: float = 1.5  # Distill A/B: temperature of the score distillation, when on
+    alpha: float = 1.0  # RD: weight of L_RD (FGD on neck features, edge as the frozen teacher)
+    beta: float = 1.0  # RD: weight of the tutor copy's task loss
+    freeze_backbone: bool = True  # RD: freeze the tutor copies' backbone (only neck + head travel)
+    gamma: float = 1.0  # delta = gamma * (Tutor2 - Tutor1) (paper: 1)
+    delta_weight: float = 1.0  # tutor' = tutor + delta_weight * delta (paper: 1)
+    distill_c_feature_weight: float = 1.0  # Distill C: weight of the FGD terms
+    distill_c_task_weight: float = 1.0  # Distill C: weight of the edge model's FCOS loss
+    distill_c_score_weight: float = 1.0  # Distill C: class-score distillation from tutor' (0 turns it off)
+    distill_c_temperature: float = 1.5  # Distill C: temperature (paper: 1.5)
+    distill_c_modes: tuple[str, ...] = DISTILL_C_MODES  # data of Distill C: public and/or public+private
+    verify: VerifyConfig = field(default_factory=VerifyConfig)  # critical classes () = every presumed class
+    cache_dir: str = ""  # manufacturer artefacts: <cache_dir>/manufacturer-<hash>/; "" = the data cache (.cache/diredi-sim)
+    eval_batch_size: int = 32
+    score_threshold: float = 0.3  # for precision / recall / F1
+    max_eval_images: int = 0  # caps the test and verification image sets (0 = all)
+
+    def __post_init__(self):
+        def check(ok: bool, key: str, requirement: str) -> None:
+            if not ok:
+                raise ConfigError(f"pipeline.{key} = {getattr(self, key)!r}: {requirement}")
+
+        for key in ("customer", "teacher_split", "presumed_split"):
+            value = getattr(self, key)
+            if key == "customer" and value == "":
+                continue
+            try:
+                resolve_split(value)
+            except ValueError as exc:
+                raise ConfigError(f"pipeline.{key} = {value!r}: {exc}") from None
+        for key in ("alpha", "beta", "distill_feature_weight", "distill_task_weight", "distill_score_weight",
+                    "distill_c_feature_weight", "distill_c_task_weight", "distill_c_score_weight"):
+            check(getattr(self, key) >= 0, key, "must be >= 0")
+        for key in ("distill_temperature", "distill_c_temperature"):
+            check(getattr(self, key) > 0, key, "must be > 0")
+        check(math.isfinite(self.gamma), "gamma", "must be finite")
+        check(math.isfinite(self.delta_weight), "delta_weight", "must be finite")
+        check(all(m in DISTILL_C_MODES for m in self.distill_c_modes) and len(set(self.distill_c_modes)) == len(self.distill_c_modes),
+              "distill_c_modes", f"must be distinct values among {list(DISTILL_C_MODES)}")
+        check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+        check(0 <= self.score_threshold <= 1, "score_threshold", "must be in [0, 1]")
+        check(self.max_eval_images >= 0, "max_eval_images", "must be >= 0")
+
+
+def load_pipeline_config(table: dict, prefix: str = "pipeline.") -> PipelineConfig:
+    """A PipelineConfig from a TOML table; unknown keys and wrong types name the key."""
+    try:
+        return config_from_dict(PipelineConfig, table, prefix=prefix)
+    except ConfigError:
+        raise
+    except ValueError as exc:  # VerifyConfig and FGDConfig check their values with ValueError
+        raise ConfigError(f"{prefix}{exc}") from None
+
+
+# ------------------------------------------------------------------------------------ classes
+
+
+@dataclass(frozen=True)
+class ClassSets:
+    """The class bookkeeping of one customer, every tuple in VOC order."""
+
+    customer: tuple[str, ...]  # the customer's target classes (headline metrics)
+    presumed: tuple[str, ...]
+    teacher: tuple[str, ...]
+    private: tuple[str, ...]  # customer - presumed: knowledge gain
+    kept: tuple[str, ...]  # presumed & customer: forgetting
+    dropped: tuple[str, ...]  # presumed - customer: reported apart
+    union: tuple[str, ...]  # customer | presumed: the test images and the per-class APs
+
+    @staticmethod
+    def of(customer, presumed, teacher="teacher") -> "ClassSets":
+        c, p, t = set(resolve_split(customer)), set(resolve_split(presumed)), set(resolve_split(teacher))
+        order = lambda names: tuple(n for n in VOC_CLASSES if n in names)  # noqa: E731
+        return ClassSets(order(c), order(p), order(t), order(c - p), order(c & p), order(p - c), order(c | p))
+
+    @staticmethod
+    def indices(names: Sequence[str]) -> list[int]:
+        return [VOC_CLASSES.index(n) for n in names]
+
+
+# ------------------------------------------------------------------------------- measurement
+
+
+def read_peak_rss_mb() -> float:
+    """The process's peak resident set size so far, in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+class StageRecorder:
+    """Wall time and peak memory of each stage, in order; each also goes to the run's metrics."""
+
+    def __init__(self, run: Run | None = None):
+        self.run = run
+        self.stages: list[dict] = []
+
+    @contextmanager
+    def measure(self, name: str, **info: Any):
+        entry: dict[str, Any] = {"stage": name, **info}
+        peak_before = read_peak_rss_mb()
+        start = time.perf_counter()
+        try:
+            yield entry
+        finally:
+            peak_after = read_peak_rss_mb()
+            entry["seconds"] = round(time.perf_counter() - start, 3)
+            entry["peak_rss_mb"] = round(peak_after, 1)
+            entry["peak_rss_growth_mb"] = round(peak_after - peak_before, 1)
+            self.stages.append(entry)
+            if self.run is not None:
+                self.run.log({"pipeline_stage": name, **{k: v for k, v in entry.items() if k != "stage"}})
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+class DataSets:
+    """Each image set's annotations read once; splits are filtered in memory."""
+
+    def __init__(self, data: DataConfig):
+        self.data = data
+        self.folder = resolve_data_folder(data)
+        self._records: dict[str, list[ImageRecord]] = {}
+
+    def records(self, image_set: str, split, limit: int = 0) -> list[ImageRecord]:
+        if image_set not in self._records:
+            on_problem = "warn" if self.data.source == "voc" else "raise"
+            self._records[image_set] = load_annotations(self.folder, image_set, on_problem=on_problem)
+        kept = filter_split(self._records[image_set], split)
+        return kept[:limit] if limit else kept
+
+    def train(self, split, cfg: TrainConfig) -> list[ImageRecord]:
+        return self.records(self.data.train_set, split, cfg.max_train_images)
+
+    def val(self, split, cfg: TrainConfig) -> list[ImageRecord]:
+        return self.records(self.data.val_set, split, cfg.max_eval_images)
+
+
+def copy_for_training(detector: nn.Module) -> nn.Module:
+    """A deep copy that can be trained: a Distiller freezes the teacher it is given (no
+    gradients, eval mode), and a copy of a frozen model would inherit that."""
+    return copy.deepcopy(detector).requires_grad_(True).train()
+
+
+# ------------------------------------------------------------------------------ manufacturer
+
+
+@dataclass
+class Manufacturer:
+    """The manufacturer's artefacts: the teacher, the tutor after Distill A, the edge after Distill B."""
+
+    teacher: nn.Module
+    tutor: nn.Module
+    edge: nn.Module
+    folder: Path
+    key: str
+    reused: bool
+    description: dict
+
+
+def describe_manufacturer(pipeline: PipelineConfig, data: DataConfig, *, preset: str, seed: int) -> dict:
+    """Everything that determines the manufacturer's weights (the cache key is its hash)."""
+
+    def train_settings(cfg: TrainConfig) -> dict:
+        return {k: v for k, v in asdict(cfg).items() if k not in _EVAL_ONLY_FIELDS}
+
+    if data.source == "synthetic":
+        source = {"source": "synthetic", "synthetic": asdict(data.synthetic)}
+    else:
+        source = {"source": "voc", "voc_root": str(Path(data.voc_root).expanduser().resolve()), "year": data.year}
+    return to_jsonable({
+        "format": MANUFACTURER_CACHE_FORMAT,
+        "preset": preset,
+        "seed": seed,
+        "data": {**source, "train_set": data.train_set, "val_set": data.val_set},
+        "teacher_split": list(resolve_split(pipeline.teacher_split)),
+        "presumed_split": list(resolve_split(pipeline.presumed_split)),
+        "teacher": train_settings(pipeline.teacher),
+        "distill_a": train_settings(pipeline.distill_a),
+        "distill_b": train_settings(pipeline.distill_b),
+        "fgd": asdict(pipeline.fgd),
+        "distill": {"feature_weight": pipeline.distill_feature_weight, "task_weight": pipeline.distill_task_weight,
+                    "score_weight": pipeline.distill_score_weight, "temperature": pipeline.distill_temperature},
+    })
+
+
+def compute_manufacturer_key(description: dict) -> str:
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_cache_dir(pipeline: PipelineConfig) -> Path:
+    return Path(pipeline.cache_dir).expanduser() if pipeline.cache_dir else default_cache_dir()
+
+
+def _load_cached(folder: Path, key: str, preset: str) -> tuple[dict[str, nn.Module], dict] | None:
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if manifest.get("key") != key:
+            return None
+        models = {}
+        for role in ("teacher", "tutor", "edge"):
+            detector = build_detector(role, preset, num_classes=len(VOC_CLASSES))
+            load_detector_weights(detector, folder / f"{role}.pt")
+            models[role] = detector
+        return models, manifest
+    except (OSError, ValueError, CheckpointError) as exc:
+        print(f"diredi-sim: cached manufacturer artefacts in {folder} unusable ({exc}); training them again",
+              file=sys.stderr, flush=True)
+        return None
+
+
+def prepare_manufacturer(
+    pipeline: PipelineConfig,
+    data: DataConfig,
+    *,
+    preset: str = "cpu",
+    seed: int = 0,
+    datasets: DataSets | None = None,
+    recorder: StageRecorder | None = None,
+    run: Run | None = None,
+    config: Any = None,
+    progress: bool = True,
+) -> Manufacturer:
+    """Teacher, Distill A (tutor) and Distill B (edge): loaded from the cache when a previous run
+    with the same description saved them, trained (and cached) otherwise.
+
+    The cache is ``<cache_dir>/manufacturer-<key>/{teacher,tutor,edge}.pt`` plus
+    ``manifest.json`` (the description and the training times), written last: a folder without
+    a matching manifest is never used.
+    """
+    recorder = recorder or StageRecorder(run)
+    description = describe_manufacturer(pipeline, data, preset=preset, seed=seed)
+    key = compute_manufacturer_key(description)
+    folder = resolve_cache_dir(pipeline) / f"manufacturer-{key}"
+    with recorder.measure("manufacturer_cache_load", cached=True, folder=str(folder)) as entry:
+        cached = _load_cached(folder, key, preset)
+        entry["hit"] = cached is not None
+    if cached is not None:
+        models, manifest = cached
+        for stage in manifest.get("stages", []):
+            recorder.stages.append({**stage, "cached": True, "seconds_when_trained": stage.get("seconds"), "seconds": 0.0})
+        if progress:
+            print(f"manufacturer: reusing teacher, tutor and edge from {folder}", file=sys.stderr, flush=True)
+        return Manufacturer(models["teacher"], models["tutor"], models["edge"], folder, key, True, description)
+
+    datasets = datasets or DataSets(data)
+    teacher_split, presumed = pipeline.teacher_split, pipeline.presumed_split
+    teacher_classes = ClassSets.indices(resolve_split(teacher_split))
+    presumed_classes = ClassSets.indices(resolve_split(presumed))
+    trained: list[dict] = []
+    common = dict(run=run, config=config, progress=progress)
+
+    cfg = pipeline.teacher
+    train = datasets.train(teacher_split, cfg)
+    with recorder.measure("teacher", cached=False, train_images=len(train), epochs=cfg.epochs) as entry:
+        torch.manual_seed(seed + _SEED_OFFSETS["teacher"])
+        teacher = build_detector("teacher", preset, num_classes=len(VOC_CLASSES))
+        train_detector(teacher, train, datasets.val(teacher_split, cfg), cfg, class_indices=teacher_classes,
+                       seed=seed + _SEED_OFFSETS["teacher"], name="teacher", **common)
+    trained.append(entry)
+
+    distill_settings = dict(feature_weight=pipeline.distill_feature_weight, task_weight=pipeline.distill_task_weight,
+                            score_weight=pipeline.distill_score_weight, temperature=pipeline.distill_temperature, fgd=pipeline.fgd)
+    students = {}
+    for stage, role in (("distill_a", "tutor"), ("distill_b", "edge")):
+        cfg = getattr(pipeline, stage)
+        train = datasets.train(presumed, cfg)
+        with recorder.measure(stage, cached=False, train_images=len(train), epochs=cfg.epochs) as entry:
+            torch.manual_seed(seed + _SEED_OFFSETS[stage])
+            student = build_detector(role, preset, num_classes=len(VOC_CLASSES))
+            distill(teacher, student, train, datasets.val(presumed, cfg), cfg, class_indices=presumed_classes,
+                    seed=seed + _SEED_OFFSETS[stage], name=f"{role}_{stage}", **distill_settings, **common)
+        trained.append(entry)
+        students[role] = student
+
+    with recorder.measure("manufacturer_cache_save", folder=str(folder)):
+        for role, detector in (("teacher", teacher), ("tutor", students["tutor"]), ("edge", students["edge"])):
+            save_checkpoint(folder / f"{role}.pt", detector, config=description, cache_key=key)
+        atomic_write_json(folder / "manifest.json", {"key": key, "description": description, "stages": trained,
+                                                     "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+    teacher.requires_grad_(True)  # Distill A/B froze it; leave the caller a plain model
+    return Manufacturer(teacher, students["tutor"], students["edge"], folder, key, False, description)
+
+
+# -------------------------------------------------------------------------------- evaluation
+
+
+def evaluate_row(detector: nn.Module, records: Sequence[ImageRecord], target: Sequence[str], union: Sequence[str], *,
+                 batch_size: int = 32, score_threshold: float = 0.3) -> dict:
+    """One table row's numbers: mAP@0.5 (VOC all-point), VOC07 mAP, COCO AP, precision, recall
+    and F1 over ``target`` classes; per-class AP (and ground-truth counts) of every ``union``
+    class. One prediction pass; AP per class does not depend on which classes are selected,
+    so ``mAP`` is the mean of ``per_class`` over the target classes that have ground truth."""
+    loader = build_loader(records, batch_size=batch_size, train=False)
+    detections = predict(detector, loader)
+    truth = records_to_ground_truth(records)
+    headline = evaluate_detections(detections, truth, VOC_CLASSES, class_indices=ClassSets.indices(target),
+                                   score_threshold=score_threshold)
+    every = compute_voc_ap(detections, truth, VOC_CLASSES, class_indices=ClassSets.indices(union))
+    prf = headline["prf"]
+    return {
+        "mAP": headline["voc"]["mAP"], "mAP_voc07": headline["voc07"]["mAP"], "coco_AP": headline["coco"]["AP"],
+        "precision": prf["precision"], "recall": prf["recall"], "f1": prf["f1"],
+        "tp": prf["tp"], "fp": prf["fp"], "fn": prf["fn"],
+        "per_class": every["per_class"], "num_gt": every["num_gt"],
+    }
+
+
+def _finite(value) -> bool:
+    return value is not None and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def compute_knowledge(per_class: dict[str, float], reference: dict[str, float], classes: ClassSets) -> dict:
+    """Knowledge measures of a row against its reference row, from per-class AP@0.5.
+
+    gain: mean over the private classes of (AP - AP_ref); forgetting: mean over the kept
+    presumed classes of (AP_ref - AP); dropped_forgetting: the same over the dropped classes
+    (intended). Classes whose AP is undefined (no ground truth) in either row are left out; a
+    mean over no class is NaN. ``change`` holds AP - AP_ref for every class of the union.
+    """
+    change = {n: per_class[n] - reference[n] for n in classes.union
+              if _finite(per_class.get(n)) and _finite(reference.get(n))}
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values) if values else math.nan
+
+    return {
+        "gain": mean([change[n] for n in classes.private if n in change]),
+        "forgetting": mean([-change[n] for n in classes.kept if n in change]),
+        "dropped_forgetting": mean([-change[n] for n in classes.dropped if n in change]),
+        "change": change,
+    }
+
+
+# Table rows: key, label, role, reference row, whose "own" classes (manufacturer rows only).
+ROWS = (
+    ("teacher", "large (teacher)", "teacher", None, "teacher"),
+    ("tutor_distill_a", "tutor after Distill A", "tutor", "tutor_original", "presumed"),
+    ("edge_distill_b", "edge after Distill B", "edge", "edge_original", "presumed"),
+    ("tutor1", "tutor1 (RD B: presumed data)", "tutor", "tutor_original", None),
+    ("tutor2", "tutor2 (RD A: presumed + private data)", "tutor", "tutor_original", None),
+    ("tutor_original", "original tutor", "tutor", "tutor_original", None),
+    ("tutor_updated", "updated tutor", "tutor", "tutor_original", None),
+    ("tutor_rejected_candidate", "updated tutor (rejected candidate, not deployed)", "tutor", "tutor_original", None),
+    ("edge_original", "original edge", "edge", "edge_original", None),
+    ("edge_direct", "direct training", "edge", "edge_original", None),
+    ("edge_distill_c_public", "edge after Distill C (public)", "edge", "edge_original", None),
+    ("edge_distill_c_public_private", "edge after Distill C (public+private)", "edge", "edge_original", None),
+)
+DISTILL_C_ROW = {"public": "edge_distill_c_public", "public+private": "edge_distill_c_public_private"}
+
+
+# ---------------------------------------------------------------------------------- pipeline
+
+
+@dataclass
+class PipelineResult:
+    rows: list[dict]  # one per model row, in table order
+    verdict: Verdict
+    delta: dict[str, Tensor]  # the neck+head delta that travelled (float32, by name)
+    delta_info: dict  # norm, tensors, values, bytes at fp32 / fp16
+    stages: list[dict]  # time and peak memory per stage
+    classes: ClassSets
+    manufacturer: dict  # cache folder, key, reused
+    settings: dict = field(default_factory=dict)  # settings worth reporting with the table
+
+    def row(self, key: str) -> dict:
+        for row in self.rows:
+            if row["key"] == key:
+                return row
+        raise KeyError(f"no row {key!r}; rows: {[r['key'] for r in self.rows]}")
+
+
+def run_pipeline(
+    pipeline: PipelineConfig,
+    data: DataConfig,
+    *,
+    preset: str = "cpu",
+    seed: int = 0,
+    run: Run | None = None,
+    config: Any = None,
+    progress: bool = True,
+) -> PipelineResult:
+    """The whole flow for one customer (module docstring). ``run`` (optional) receives every
+    stage's metrics rows and checkpoints; ``config`` is embedded in those checkpoints."""
+    if pipeline.customer == "":
+        raise ValueError("pipeline.customer is empty: name the customer's split (a preset such as exp1, or class names)")
+    classes = ClassSets.of(pipeline.customer, pipeline.presumed_split, pipeline.teacher_split)
+    if not classes.private and not classes.dropped:
+        print("diredi-sim: warning: the customer's split equals the presumed split; the delta carries nothing new",
+              file=sys.stderr)
+    recorder = StageRecorder(run)
+    common = dict(run=run, config=config, progress=progress)
+    say = (lambda text: print(text, file=sys.stderr, flush=True)) if progress else (lambda text: None)
+
+    with recorder.measure("data") as entry:
+        datasets = DataSets(data)
+        test = datasets.records(data.test_set, classes.union, pipeline.max_eval_images)
+        verify_records = datasets.records(data.val_set, classes.presumed, pipeline.max_eval_images)
+        entry.update(test_images=len(test), verify_images=len(verify_records), folder=str(datasets.folder))
+    say(f"data: {datasets.folder}; customer classes {', '.join(classes.customer)} (private: {', '.join(classes.private) or '-'}, "
+        f"dropped: {', '.join(classes.dropped) or '-'}); {len(test)} test images")
+
+    maker = prepare_manufacturer(pipeline, data, preset=preset, seed=seed, datasets=datasets, recorder=recorder,
+                                 progress=progress, **{k: v for k, v in common.items() if k != "progress"})
+    tutor, edge = maker.tutor, maker.edge
+    models: dict[str, nn.Module] = {"teacher": maker.teacher, "tutor_original": tutor, "edge_original": edge}
+
+    # Customer: RD B (Tutor1, presumed data) and RD A (Tutor2, the customer's data), both from the tutor.
+    rd_settings = dict(alpha=pipeline.alpha, beta=pipeline.beta, freeze_backbone=pipeline.freeze_backbone, fgd=pipeline.fgd)
+    cfg = pipeline.rd
+    for key, stage, split in (("tutor1", "rd_b", pipeline.presumed_split), ("tutor2", "rd_a", pipeline.customer)):
+        train = datasets.train(split, cfg)
+        with recorder.measure(stage, train_images=len(train), epochs=cfg.epochs):
+            torch.manual_seed(seed + _SEED_OFFSETS["rd"])
+            student = copy_for_training(tutor)
+            reverse_distill(edge, student, train, datasets.val(split, cfg), cfg, class_indices=ClassSets.indices(resolve_split(split)),
+                            seed=seed + _SEED_OFFSETS["rd"], name=f"{key}_{stage}", **rd_settings, **common)
+        models[key] = student
+
+    with recorder.measure("delta") as entry:
+        delta = compute_delta(models["tutor2"].state_dict(), models["tutor1"].state_dict(), pipeline.gamma)
+        delta_info = {"gamma": pipeline.gamma, "norm": compute_norm(delta), "tensors": len(delta),
+                      "values": sum(v.numel() for v in delta.values()),
+                      "bytes_fp32": count_bytes(delta, torch.float32), "bytes_fp16": count_bytes(delta, torch.float16)}
+        entry.update({k: delta_info[k] for k in ("bytes_fp32", "bytes_fp16")})
+        if run is not None:
+            buffer = io.BytesIO()
+            torch.save(delta, buffer)
+            atomic_write_bytes(run.folder / "delta.pt", buffer.getvalue())
+    say(f"delta: {delta_info['tensors']} neck/head tensors, {delta_info['values']} values, norm {delta_info['norm']:.4g}, "
+        f"{delta_info['bytes_fp32'] / 2**20:.2f} MiB at fp32 / {delta_info['bytes_fp16'] / 2**20:.2f} MiB at fp16")
+
+    # Manufacturer: verify tutor + delta_weight * delta on its own held-out presumed data.
+    presumed_indices = ClassSets.indices(classes.presumed)
+    verify_cfg = pipeline.verify
+    with recorder.measure("verify", verify_images=len(verify_records)) as entry:
+        def evaluate_presumed(model: nn.Module) -> dict:
+            return evaluate_detector(model, verify_records, presumed_indices, batch_size=pipeline.eval_batch_size,
+                                     score_threshold=pipeline.score_threshold)["voc"]
+
+        verdict, updated_state = verify_update(tutor, delta, evaluate_presumed, verify_cfg, weight=pipeline.delta_weight)
+        entry["accepted"] = verdict.accepted
+    say(f"verification: {'accepted' if verdict.accepted else 'REJECTED'} (presumed mAP {verdict.map_before:.3f} -> "
+        f"{verdict.map_after:.3f}){''.join(chr(10) + '  ' + r for r in verdict.reasons)}")
+    if verdict.accepted:
+        tutor_prime = copy.deepcopy(tutor)
+        tutor_prime.load_state_dict(updated_state)
+    else:
+        tutor_prime = copy.deepcopy(tutor)  # a rejected update leaves the tutor untouched
+        try:
+            candidate = copy.deepcopy(tutor)
+            candidate.load_state_dict(apply_delta(tutor.state_dict(), delta, pipeline.delta_weight))
+            models["tutor_rejected_candidate"] = candidate
+        except (ValueError, RuntimeError):
+            pass  # a malformed delta has no candidate to show
+    models["tutor_updated"] = tutor_prime
+
+    # Manufacturer: Distill C, tutor' -> a new edge model from the deployed edge, per data mode.
+    cfg = pipeline.distill_c
+    for mode in pipeline.distill_c_modes:
+        split = pipeline.presumed_split if mode == "public" else pipeline.customer
+        train = datasets.train(split, cfg)
+        key = DISTILL_C_ROW[mode]
+        with recorder.measure(f"distill_c_{mode}", train_images=len(train), epochs=cfg.epochs,
+                              score_weight=pipeline.distill_c_score_weight, temperature=pipeline.distill_c_temperature):
+            torch.manual_seed(seed + _SEED_OFFSETS["distill_c"])
+            student = copy_for_training(edge)
+            distill(copy.deepcopy(tutor_prime), student, train, datasets.val(split, cfg), cfg,
+                    class_indices=ClassSets.indices(resolve_split(split)), feature_weight=pipeline.distill_c_feature_weight,
+                    task_weight=pipeline.distill_c_task_weight, score_weight=pipeline.distill_c_score_weight,
+                    temperature=pipeline.distill_c_temperature, fgd=pipeline.fgd, seed=seed + _SEED_OFFSETS["distill_c"],
+                    name=key, **common)
+        models[key] = student
+
+    # Baseline: a fresh edge model trained directly on the customer's data.
+    cfg = pipeline.direct
+    train = datasets.train(pipeline.customer, cfg)
+    with recorder.measure("direct", train_images=len(train), epochs=cfg.epochs):
+        torch.manual_seed(seed + _SEED_OFFSETS["direct"])
+        direct = build_detector("edge", preset, num_classes=len(VOC_CLASSES))
+        train_detector(direct, train, datasets.val(pipeline.customer, cfg), cfg, class_indices=ClassSets.indices(classes.customer),
+                       seed=seed + _SEED_OFFSETS["direct"], name="edge_direct", **common)
+    models["edge_direct"] = direct
+
+    rows = evaluate_rows(models, test, classes, datasets, pipeline, recorder, say)
+    settings = {
+        "preset": preset, "seed": seed, "customer": list(classes.customer), "alpha": pipeline.alpha, "beta": pipeline.beta,
+        "freeze_backbone": pipeline.freeze_backbone, "gamma": pipeline.gamma, "delta_weight": pipeline.delta_weight,
+        "distill_c_score_weight": pipeline.distill_c_score_weight, "distill_c_temperature": pipeline.distill_c_temperature,
+        "distill_c_modes": list(pipeline.distill_c_modes), "verify": asdict(verify_cfg),
+        "score_threshold": pipeline.score_threshold, "test_images": len(test),
+        "epochs": {s: getattr(pipeline, s).epochs for s in ("teacher", "distill_a", "distill_b", "rd", "distill_c", "direct")},
+    }
+    return PipelineResult(rows, verdict, delta, delta_info, recorder.stages, classes,
+                          {"folder": str(maker.folder), "key": maker.key, "reused": maker.reused}, settings)
+
+
+def evaluate_rows(models: dict[str, nn.Module], test: Sequence[ImageRecord], classes: ClassSets, datasets: DataSets,
+                  pipeline: PipelineConfig, recorder: StageRecorder, say: Callable[[str], None]) -> list[dict]:
+    """Every row of the table (ROWS order), with knowledge measures against its reference row."""
+    settings = dict(batch_size=pipeline.eval_batch_size, score_threshold=pipeline.score_threshold)
+    aliases = {"tutor_distill_a": "tutor_original", "edge_distill_b": "edge_original"}  # the same models
+    measured: dict[str, dict] = {}
+    with recorder.measure("evaluate", test_images=len(test)):
+        for key, _, _, _, _ in ROWS:
+            model_key = aliases.get(key, key)
+            if model_key in models and model_key not in measured:
+                start = time.perf_counter()
+                measured[model_key] = evaluate_row(models[model_key], test, classes.customer, classes.union, **settings)
+                measured[model_key]["eval_seconds"] = round(time.perf_counter() - start, 2)
+        own_sets = {"teacher": classes.teacher, "presumed": classes.presumed}
+        own: dict[str, dict] = {}
+        for key, _, _, _, whose in ROWS:
+            if whose is not None and aliases.get(key, key) in models:
+                names = own_sets[whose]
+                records = datasets.records(datasets.data.test_set, names, pipeline.max_eval_images)
+                result = evaluate_row(models[aliases.get(key, key)], records, names, names, **settings)
+                own[key] = {"classes": whose, "test_images": len(records),
+                            **{k: result[k] for k in ("mAP", "precision", "recall", "f1", "coco_AP", "per_class")}}
+    rows = []
+    for key, label, role, reference, _ in ROWS:
+        model_key = aliases.get(key, key)
+        if model_key not in measured:
+            continue
+        row = {"key": key, "label": label, "role": role, "reference": reference, **copy.deepcopy(measured[model_key])}
+        if reference is not None and reference in measured:
+            row.update(compute_knowledge(row["per_class"], measured[reference]["per_class"], classes))
+        else:
+            row.update({"gain": math.nan, "forgetting": math.nan, "dropped_forgetting": math.nan, "change": {}})
+        if key in own:
+            row["own"] = own[key]
+        rows.append(row)
+        say(f"{label:48} mAP {row['mAP']:.3f}  P {row['precision']:.3f}  R {row['recall']:.3f}  F1 {row['f1']:.3f}")
+    return rows
+
+
+__all__ = [
+    "PipelineConfig", "PipelineResult", "ClassSets", "Manufacturer", "StageRecorder", "DataSets", "ROWS",
+    "load_pipeline_config", "prepare_manufacturer", "describe_manufacturer", "compute_manufacturer_key",
+    "run_pipeline", "evaluate_row", "compute_knowledge", "read_peak_rss_mb", "copy_for_training",
+]

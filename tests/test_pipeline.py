@@ -1,0 +1,273 @@
+"""The paper's flow end to end on tiny data (every stage 1 epoch), its outputs and its cache.
+
+One real pipeline run (Exp 2's split: a private class, a dropped class and kept classes) feeds
+most tests; a second real run (through run_paper) must reuse the manufacturer's artefacts.
+Torch runs on one thread here: two threads on two cores that other jobs also use are many
+times slower, not faster.
+"""
+import json
+import math
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import diredi_sim.pipeline as pipeline_module
+from diredi_sim.config import ConfigError, DataConfig, ExperimentConfig, TrainConfig
+from diredi_sim.data.synthetic import SyntheticConfig
+from diredi_sim.models import build_detector, part_of
+from diredi_sim.pipeline import (ROWS, ClassSets, PipelineConfig, compute_knowledge, compute_manufacturer_key,
+                                 describe_manufacturer, run_pipeline)
+from diredi_sim.runs import Run, load_checkpoint
+from diredi_sim.verify import VerifyConfig
+from experiments.paper import find_paper_config, load_paper_config, run_paper, write_paper_outputs
+
+# 24 train / 8 val / 16 test images; with this seed every class of exp2 | presumed (aeroplane,
+# bus, dog, horse, motorbike, person) has ground truth in the test images.
+TINY = SyntheticConfig(seed=3, num_train=24, num_val=8, num_test=16, min_objects=3, max_objects=5, min_object_size=24, clutter=2.0)
+STAGE = TrainConfig(epochs=1, batch_size=8, lr=0.01, warmup_steps=1)
+EXPECTED_KEYS = ["teacher", "tutor_distill_a", "edge_distill_b", "tutor1", "tutor2", "tutor_original", "tutor_updated",
+                 "edge_original", "edge_direct", "edge_distill_c_public", "edge_distill_c_public_private"]
+
+
+def tiny_pipeline(tmp_path, **changes) -> PipelineConfig:
+    settings = dict(customer="exp2", teacher=STAGE, distill_a=STAGE, distill_b=STAGE, rd=STAGE, distill_c=STAGE, direct=STAGE,
+                    cache_dir=str(tmp_path / "manufacturer-cache"), eval_batch_size=16, verify=VerifyConfig(max_ap_drop=0.05))
+    return PipelineConfig(**{**settings, **changes})
+
+
+class CallCounter:
+    """Wraps the real training functions the pipeline calls and records each call's name."""
+
+    def __init__(self, monkeypatch):
+        self.names: list[str] = []
+        for attr in ("train_detector", "distill", "reverse_distill"):
+            real = getattr(pipeline_module, attr)
+            monkeypatch.setattr(pipeline_module, attr, self._wrap(real))
+
+    def _wrap(self, real):
+        def wrapped(*args, **kwargs):
+            self.names.append(kwargs.get("name"))
+            return real(*args, **kwargs)
+
+        return wrapped
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory, one_thread):
+    """The first (cold) pipeline run: trains everything, fills the manufacturer cache."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    data = DataConfig(cache_dir=str(tmp / "data"), synthetic=TINY)
+    cfg = tiny_pipeline(tmp)
+    run = Run.create(tmp / "runs", "tiny-exp2", {"test": "pipeline"})
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        calls = CallCounter(monkeypatch)
+        result = run_pipeline(cfg, data, preset="cpu", seed=0, run=run, progress=False)
+    write_paper_outputs(run, result, "exp2")
+    return SimpleNamespace(tmp=tmp, data=data, cfg=cfg, run=run, result=result, calls=calls.names,
+                           table=json.loads((run.folder / "table.json").read_text()))
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def test_table_has_every_row_with_finite_numbers(first):
+    result, classes = first.result, first.result.classes
+    assert classes == ClassSets(("aeroplane", "bus", "dog", "motorbike", "person"), ("aeroplane", "bus", "horse", "motorbike", "person"),
+                                ("aeroplane", "bird", "bus", "car", "cow", "horse", "motorbike", "person", "sheep", "tvmonitor"),
+                                ("dog",), ("aeroplane", "bus", "motorbike", "person"), ("horse",),
+                                ("aeroplane", "bus", "dog", "horse", "motorbike", "person"))
+    keys = [row["key"] for row in result.rows]
+    expected = list(EXPECTED_KEYS)
+    if not result.verdict.accepted:
+        expected.insert(expected.index("tutor_updated") + 1, "tutor_rejected_candidate")
+    assert keys == expected
+    assert [r["key"] for r in first.table["rows"]] == expected
+    for row in result.rows:
+        for metric in ("mAP", "precision", "recall", "f1", "coco_AP"):
+            assert _finite(row[metric]) and 0 <= row[metric] <= 1, (row["key"], metric)
+        assert set(row["per_class"]) == set(classes.union)
+        for name in classes.union:
+            assert row["num_gt"][name] > 0 and _finite(row["per_class"][name]), (row["key"], name)
+        # one prediction pass: the headline mAP is the mean of the customer classes' per-class AP
+        assert row["mAP"] == pytest.approx(sum(row["per_class"][n] for n in classes.customer) / len(classes.customer))
+        if row["key"] == "teacher":
+            assert row["reference"] is None and math.isnan(row["gain"])
+        else:
+            for measure in ("gain", "forgetting", "dropped_forgetting"):
+                assert _finite(row[measure]), (row["key"], measure)
+    own = {row["key"]: row["own"] for row in result.rows if "own" in row}
+    assert set(own) == {"teacher", "tutor_distill_a", "edge_distill_b"}
+    assert own["teacher"]["classes"] == "teacher" and set(own["teacher"]["per_class"]) == set(classes.teacher)
+    assert all(_finite(o["mAP"]) and o["test_images"] > 0 for o in own.values())
+    # the same models under two names: identical numbers
+    assert result.row("tutor_distill_a")["per_class"] == result.row("tutor_original")["per_class"]
+    assert result.row("edge_distill_b")["per_class"] == result.row("edge_original")["per_class"]
+
+
+def test_knowledge_measures_follow_from_the_tables_own_per_class_ap(first):
+    """Recomputed from table.json as written (what a reader of the run folder sees)."""
+    table = first.table
+    rows = {row["key"]: row for row in table["rows"]}
+    private, kept, dropped = (table["classes"][k] for k in ("private", "kept", "dropped"))
+    assert (private, kept, dropped) == (["dog"], ["aeroplane", "bus", "motorbike", "person"], ["horse"])
+    checked = 0
+    for key, row in rows.items():
+        if row["reference"] is None:
+            assert row["gain"] is None and row["forgetting"] is None
+            continue
+        ref = rows[row["reference"]]["per_class"]
+        pc = row["per_class"]
+        assert row["gain"] == pytest.approx(sum(pc[n] - ref[n] for n in private) / len(private), abs=1e-12)
+        assert row["forgetting"] == pytest.approx(sum(ref[n] - pc[n] for n in kept) / len(kept), abs=1e-12)
+        assert row["dropped_forgetting"] == pytest.approx(sum(ref[n] - pc[n] for n in dropped) / len(dropped), abs=1e-12)
+        checked += 1
+    assert checked == len(rows) - 1
+    assert {rows[k]["reference"] for k in ("tutor1", "tutor2", "tutor_updated")} == {"tutor_original"}
+    assert {rows[k]["reference"] for k in ("edge_direct", "edge_distill_c_public", "edge_distill_c_public_private")} == {"edge_original"}
+    assert rows["tutor_original"]["gain"] == 0 and rows["edge_original"]["forgetting"] == 0
+
+
+def test_compute_knowledge_skips_undefined_classes():
+    classes = ClassSets.of(["aeroplane", "bus", "cat", "dog"], ["aeroplane", "bus", "horse"])
+    assert (classes.private, classes.kept, classes.dropped) == (("cat", "dog"), ("aeroplane", "bus"), ("horse",))
+    before = {"aeroplane": 0.5, "bus": 0.4, "cat": 0.0, "dog": math.nan, "horse": 0.6}
+    after = {"aeroplane": 0.3, "bus": 0.5, "cat": 0.2, "dog": 0.9, "horse": 0.1}
+    k = compute_knowledge(after, before, classes)
+    assert k["gain"] == pytest.approx(0.2)  # dog has no reference AP: left out
+    assert k["forgetting"] == pytest.approx((0.2 - 0.1) / 2)
+    assert k["dropped_forgetting"] == pytest.approx(0.5)
+    assert set(k["change"]) == {"aeroplane", "bus", "cat", "horse"}
+    assert math.isnan(compute_knowledge(after, before, ClassSets.of(["aeroplane"], ["aeroplane"]))["gain"])
+
+
+def test_delta_is_neck_and_head_only_and_is_saved(first):
+    delta, info = first.result.delta, first.result.delta_info
+    tutor = build_detector("tutor", "cpu")
+    expected = {k for k, v in tutor.state_dict().items() if part_of(k) in ("neck", "head") and v.is_floating_point()}
+    assert set(delta) == expected
+    assert all(part_of(k) in ("neck", "head") for k in delta)
+    assert all(v.dtype == torch.float32 for v in delta.values())
+    assert info["values"] == sum(v.numel() for v in delta.values())
+    assert info["bytes_fp32"] == 4 * info["values"] and info["bytes_fp16"] == 2 * info["values"]
+    assert info["norm"] > 0  # Tutor1 and Tutor2 saw different data
+    saved = torch.load(first.run.folder / "delta.pt", weights_only=True)
+    assert set(saved) == set(delta) and all(torch.equal(saved[k], delta[k]) for k in delta)
+
+
+def test_verdict_is_recorded_and_decides_the_deployed_tutor(first):
+    verdict = json.loads((first.run.folder / "verdict.json").read_text())
+    result = first.result
+    assert verdict["accepted"] is result.verdict.accepted
+    assert set(verdict["ap_before"]) == set(result.classes.presumed) == set(verdict["ap_after"])
+    assert verdict["delta"]["bytes_fp32"] == result.delta_info["bytes_fp32"]
+    updated, original = result.row("tutor_updated"), result.row("tutor_original")
+    if verdict["accepted"]:
+        assert verdict["reasons"] == [] and verdict["deployed"] == "updated tutor"
+    else:
+        assert verdict["reasons"] and verdict["deployed"] == "original tutor"
+        assert updated["per_class"] == original["per_class"]  # the tutor stays as it was
+        assert "tutor_rejected_candidate" in [r["key"] for r in result.rows]
+    stages = {s["stage"]: s for s in json.loads((first.run.folder / "stages.json").read_text())["stages"]}
+    assert stages["verify"]["accepted"] is result.verdict.accepted
+
+
+def test_outputs_table_markdown_and_stages(first):
+    folder = first.run.folder
+    markdown = (folder / "table.md").read_text()
+    for key, label, *_ in ROWS:
+        if key in [r["key"] for r in first.result.rows]:
+            assert f"| {label} |" in markdown
+    assert "| model | mAP | P | R | F1 | gain | forgetting | dropped |" in markdown
+    stages = json.loads((folder / "stages.json").read_text())
+    names = [s["stage"] for s in stages["stages"]]
+    for name in ("data", "teacher", "distill_a", "distill_b", "rd_b", "rd_a", "delta", "verify", "distill_c_public",
+                 "distill_c_public+private", "direct", "evaluate"):
+        assert name in names
+    for stage in stages["stages"]:
+        assert stage["seconds"] >= 0 and stage["peak_rss_mb"] > 0 and stage["peak_rss_growth_mb"] >= 0
+    assert "ru_maxrss" in stages["note"]
+    assert not any(s.get("cached") for s in stages["stages"] if s["stage"] in ("teacher", "distill_a", "distill_b"))
+    # every training stage ran once, with the seeds' names; checkpoints in the run folder
+    assert sorted(first.calls) == sorted(["teacher", "tutor_distill_a", "edge_distill_b", "tutor1_rd_b", "tutor2_rd_a",
+                                          "edge_distill_c_public", "edge_distill_c_public_private", "edge_direct"])
+    assert (folder / "checkpoints" / "tutor2_rd_a.pt").is_file()
+
+
+def test_manufacturer_artefacts_are_cached_and_reused(first, monkeypatch, capsys):
+    """A second real run (through run_paper) trains only the customer's stages and loads the
+    manufacturer's models from the cache: the very weights the first run trained."""
+    assert first.result.manufacturer["reused"] is False
+    folder = first.tmp / "manufacturer-cache" / f"manufacturer-{first.result.manufacturer['key']}"
+    assert {p.name for p in folder.iterdir()} == {"teacher.pt", "tutor.pt", "edge.pt", "manifest.json"}
+    calls = CallCounter(monkeypatch)
+    loaded = {}
+    real_load = pipeline_module.load_detector_weights
+
+    def record_load(detector, path):
+        loaded[path.stem] = detector
+        return real_load(detector, path)
+
+    monkeypatch.setattr(pipeline_module, "load_detector_weights", record_load)
+    config = ExperimentConfig(name="tiny-exp2-again", runs_dir=str(first.tmp / "runs"), data=first.data)
+    run = run_paper(config, "exp2", first.cfg, progress=False)
+    assert sorted(calls.names) == sorted(["tutor1_rd_b", "tutor2_rd_a", "edge_distill_c_public", "edge_distill_c_public_private",
+                                          "edge_direct"])  # no teacher, no Distill A / B
+    for role, trained_name in (("teacher", "teacher"), ("tutor", "tutor_distill_a"), ("edge", "edge_distill_b")):
+        trained = load_checkpoint(first.run.checkpoint_path(trained_name))["state_dict"]
+        for k, v in loaded[role].state_dict().items():
+            assert torch.equal(v, trained[k]), (role, k)
+    stages = {s["stage"]: s for s in json.loads((run.folder / "stages.json").read_text())["stages"]}
+    assert stages["manufacturer_cache_load"]["hit"] is True
+    assert all(stages[s]["cached"] and stages[s]["seconds"] == 0.0 and stages[s]["seconds_when_trained"] > 0
+               for s in ("teacher", "distill_a", "distill_b"))
+    table = json.loads((run.folder / "table.json").read_text())
+    assert table["manufacturer"]["reused"] is True
+    # same manufacturer, same seeds: the manufacturer rows come out the same
+    assert table["rows"][0]["per_class"] == first.table["rows"][0]["per_class"]
+    assert "| original edge |" in capsys.readouterr().out  # the table is printed
+
+
+def test_cache_key_covers_manufacturer_settings_only(first):
+    describe = lambda cfg, **kw: compute_manufacturer_key(describe_manufacturer(cfg, first.data, **{"preset": "cpu", "seed": 0, **kw}))  # noqa: E731
+    base = describe(first.cfg)
+    assert base == first.result.manufacturer["key"]
+    for change in ({"rd": TrainConfig(epochs=2)}, {"alpha": 0.5}, {"customer": "exp1"}, {"distill_c_score_weight": 0.0},
+                   {"teacher": replace(STAGE, eval_every=5, max_eval_images=3)}):
+        assert describe(replace(first.cfg, **change)) == base, change
+    for change in ({"teacher": TrainConfig(epochs=2, batch_size=8)}, {"distill_b": TrainConfig(epochs=1, batch_size=8, lr=0.5)},
+                   {"presumed_split": ("aeroplane", "bus")}, {"distill_feature_weight": 2.0}):
+        assert describe(replace(first.cfg, **change)) != base, change
+    assert describe(first.cfg, seed=1) != base and describe(first.cfg, preset="paper") != base
+
+
+def test_paper_configs_load_and_bad_keys_are_named():
+    for experiment, customer in (("exp1", "exp1"), ("exp2", "exp2")):
+        config, pipeline = load_paper_config(find_paper_config(experiment))
+        assert pipeline.customer == customer and config.preset == "cpu"
+        assert pipeline.distill_c_modes == ("public", "public+private") and pipeline.distill_c_temperature == 1.5
+        assert pipeline.teacher.epochs >= 1 and pipeline.distill_c.batch_size == 8
+    _, pipeline = load_paper_config(find_paper_config("exp2"), {"pipeline.rd.epochs": 1, "seed": 4})
+    assert pipeline.rd.epochs == 1 and pipeline.verify.critical_classes == ("aeroplane", "bus", "motorbike", "person")
+    with pytest.raises(ConfigError, match=r"pipeline\.rd\.epoch\b"):
+        load_paper_config(find_paper_config("exp1"), {"pipeline.rd.epoch": 1})
+    with pytest.raises(ConfigError, match=r"pipeline\.alpha: expected a number"):
+        load_paper_config(find_paper_config("exp1"), {"pipeline.alpha": "high"})
+    with pytest.raises(ConfigError, match=r"pipeline\.distill_c_modes"):
+        load_paper_config(find_paper_config("exp1"), {"pipeline.distill_c_modes": ["private"]})
+    with pytest.raises(ConfigError, match=r"pipeline\.verify\.critical_classes: unknown class 'unicorn'"):
+        load_paper_config(find_paper_config("exp1"), {"pipeline.verify.critical_classes": ["unicorn"]})
+    with pytest.raises(ConfigError, match=r"pipeline\.customer"):
+        PipelineConfig(customer="nonsense")
+    with pytest.raises(ConfigError, match="no config for experiment 'exp9'"):
+        find_paper_config("exp9")
