@@ -118,7 +118,7 @@ class PipelineConfig:
     verify: VerifyConfig = field(default_factory=VerifyConfig)  # critical classes () = every presumed class
     cache_dir: str = ""  # manufacturer artefacts: <cache_dir>/manufacturer-<hash>/; "" = the data cache (.cache/diredi-sim)
     eval_batch_size: int = 32
-    score_threshold: float = 0.3  # for precision / recall / F1
+    score_threshold: float = 0.5  # for precision / recall / F1
     max_eval_images: int = 0  # caps the test and verification image sets (0 = all)
 
     def __post_init__(self):
@@ -341,7 +341,7 @@ def prepare_manufacturer(
     description = describe_manufacturer(pipeline, data, preset=preset, seed=seed)
     key = compute_manufacturer_key(description)
     folder = resolve_cache_dir(pipeline) / f"manufacturer-{key}"
-    with recorder.measure("manufacturer_cache_load", cached=True, folder=str(folder)) as entry:
+    with recorder.measure("manufacturer_cache_load", folder=str(folder)) as entry:
         cached = _load_cached(folder, key, preset)
         entry["hit"] = cached is not None
     if cached is not None:

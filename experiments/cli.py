@@ -42,6 +42,18 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_paper(args) -> int:
+    from experiments.paper import find_paper_config, load_paper_config, run_paper
+
+    overrides = parse_overrides(args.set)
+    for key, value in (("data.source", args.data), ("data.voc_root", args.voc_root), ("preset", args.preset), ("seed", args.seed)):
+        if value is not None:
+            overrides[key] = value
+    config, pipeline = load_paper_config(args.config or find_paper_config(args.experiment), overrides)
+    run_paper(config, args.experiment, pipeline)
+    return 0
+
+
 def cmd_generate_data(args) -> int:
     from diredi_sim.config import load_config
     from diredi_sim.data.sources import resolve_data_folder
@@ -86,6 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="direct training of one role on one split")
     add_config(p, None)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("paper", help="the paper's Exp 1 / Exp 2 (Table III) in one process, without Flower")
+    p.add_argument("--experiment", choices=["exp1", "exp2"], required=True)
+    p.add_argument("--config", default=None, help="TOML config (default experiments/configs/<experiment>.toml)")
+    p.add_argument("--data", choices=["synthetic", "voc"])
+    p.add_argument("--voc-root")
+    p.add_argument("--preset", choices=["cpu", "paper"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.set_defaults(func=cmd_paper)
 
     p = sub.add_parser("generate-data", help="generate (or find) the synthetic dataset of a config and print its folder")
     add_config(p, str(CONFIG_DIR / "demo.toml"))

@@ -168,7 +168,8 @@ def format_paper_table(result: PipelineResult, experiment: str) -> str:
     lines += ["", "Stages (seconds; process peak RSS so far, MiB):", "", "| stage | seconds | peak RSS |", "|---|---|---|"]
     for st in stages:
         seconds = f"{st['seconds']:.1f}" if not st.get("cached") else f"cached ({st.get('seconds_when_trained', 0):.1f} when trained)"
-        lines.append(f"| {st['stage']} | {seconds} | {st.get('peak_rss_mb', 0):.0f} |")
+        peak = f"{st.get('peak_rss_mb', 0):.0f}" if not st.get("cached") else "-"
+        lines.append(f"| {st['stage']} | {seconds} | {peak} |")
     return "\n".join(lines)
 
 

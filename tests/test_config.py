@@ -12,8 +12,13 @@ def write(tmp_path, text):
 
 
 def test_shipped_configs_load():
-    for path in sorted(CONFIGS.glob("*.toml")):
-        assert isinstance(load_config(path), ExperimentConfig)
+    from experiments.paper import load_paper_config
+
+    paths = sorted(CONFIGS.glob("*.toml"))
+    assert {p.stem for p in paths} >= {"demo", "exp1", "exp2"}
+    for path in paths:
+        config = load_paper_config(path)[0] if path.stem.startswith("exp") else load_config(path)
+        assert isinstance(config, ExperimentConfig)
 
 
 def test_values_and_types(tmp_path):

@@ -204,9 +204,11 @@ def test_outputs_table_markdown_and_stages(first):
     assert (folder / "checkpoints" / "tutor2_rd_a.pt").is_file()
 
 
-def test_manufacturer_artefacts_are_cached_and_reused(first, monkeypatch, capsys):
+def test_second_run_reuses_the_manufacturer_and_a_rejected_update_keeps_the_tutor(first, monkeypatch, capsys):
     """A second real run (through run_paper) trains only the customer's stages and loads the
-    manufacturer's models from the cache: the very weights the first run trained."""
+    manufacturer's models from the cache: the very weights the first run trained. Its
+    verification bounds the delta norm so tightly that the update is rejected: the tutor stays,
+    and the rejected candidate is shown apart."""
     assert first.result.manufacturer["reused"] is False
     folder = first.tmp / "manufacturer-cache" / f"manufacturer-{first.result.manufacturer['key']}"
     assert {p.name for p in folder.iterdir()} == {"teacher.pt", "tutor.pt", "edge.pt", "manifest.json"}
@@ -220,7 +222,8 @@ def test_manufacturer_artefacts_are_cached_and_reused(first, monkeypatch, capsys
 
     monkeypatch.setattr(pipeline_module, "load_detector_weights", record_load)
     config = ExperimentConfig(name="tiny-exp2-again", runs_dir=str(first.tmp / "runs"), data=first.data)
-    run = run_paper(config, "exp2", first.cfg, progress=False)
+    rejecting = replace(first.cfg, verify=VerifyConfig(max_delta_norm=1e-9))  # verification is not part of the cache key
+    run = run_paper(config, "exp2", rejecting, progress=False)
     assert sorted(calls.names) == sorted(["tutor1_rd_b", "tutor2_rd_a", "edge_distill_c_public", "edge_distill_c_public_private",
                                           "edge_direct"])  # no teacher, no Distill A / B
     for role, trained_name in (("teacher", "teacher"), ("tutor", "tutor_distill_a"), ("edge", "edge_distill_b")):
@@ -235,7 +238,15 @@ def test_manufacturer_artefacts_are_cached_and_reused(first, monkeypatch, capsys
     assert table["manufacturer"]["reused"] is True
     # same manufacturer, same seeds: the manufacturer rows come out the same
     assert table["rows"][0]["per_class"] == first.table["rows"][0]["per_class"]
-    assert "| original edge |" in capsys.readouterr().out  # the table is printed
+    printed = capsys.readouterr().out
+    assert "| original edge |" in printed and "Verification: **rejected**" in printed  # the table is printed
+    verdict = json.loads((run.folder / "verdict.json").read_text())
+    assert verdict["accepted"] is False and verdict["deployed"] == "original tutor"
+    assert "exceeds the bound" in verdict["reasons"][0]
+    rows = {row["key"]: row for row in table["rows"]}
+    assert list(rows) == EXPECTED_KEYS[:7] + ["tutor_rejected_candidate"] + EXPECTED_KEYS[7:]
+    assert rows["tutor_updated"]["per_class"] == rows["tutor_original"]["per_class"]
+    assert table["verdict"] == {"accepted": False, "reasons": verdict["reasons"]}
 
 
 def test_cache_key_covers_manufacturer_settings_only(first):
