@@ -40,6 +40,11 @@ class FGDConfig:
     beta: float = 8e-4  # background
     gamma: float = 8e-4  # attention masks
     lambda_: float = 8e-6  # global (relation)
+    # Divide teacher and (aligned) student features by the teacher's per-image RMS before the
+    # loss. The authors' coefficients and temperature assume features of a pretrained detector;
+    # features of our from-scratch models reach |value| 5-7, which saturates the attention
+    # softmax and makes FGD hundreds of times the task loss.
+    normalize: bool = False
 
     def __post_init__(self):
         for name in ("temperature",):
@@ -124,6 +129,9 @@ class FGDLevelLoss(nn.Module):
             student = self.align(student)
         if student.shape != teacher.shape:
             raise ValueError(f"FGD: student features {tuple(student.shape)} do not match teacher features {tuple(teacher.shape)}")
+        if cfg.normalize:
+            scale = teacher.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-6)
+            teacher, student = teacher / scale, student / scale
         n = student.shape[0]
         spatial_t, channel_t = compute_attention(teacher, cfg.temperature)
         spatial_s, channel_s = compute_attention(student, cfg.temperature)

@@ -86,3 +86,16 @@ def test_score_distillation_is_zero_at_equality_and_positive_otherwise():
     loss = compute_score_distillation(student, logits)
     loss.backward()
     assert loss > 0 and student.grad.abs().sum() > 0
+
+
+def test_normalized_fgd_is_invariant_to_the_feature_scale():
+    loss = FGDLoss(16, 16, cfg=FGDConfig(normalize=True))
+    student, teacher = _features(16, 4), _features(16, 5)
+    boxes = [torch.tensor([[4.0, 4.0, 40.0, 30.0]]), torch.tensor([[10.0, 20.0, 60.0, 50.0]])]
+    small = loss(student, teacher, boxes, (64, 96))
+    large = loss([6 * s for s in student], [6 * t for t in teacher], boxes, (64, 96))
+    for key in small:
+        assert torch.isclose(small[key], large[key], rtol=1e-4), key
+    plain = FGDLoss(16, 16)(student, teacher, boxes, (64, 96))
+    assert plain["fg"] > 0 and not torch.isclose(plain["fg"], FGDLoss(16, 16)([6 * s for s in student], [6 * t for t in teacher], boxes, (64, 96))["fg"])
+    assert all(abs(v.item()) < 1e-9 for v in loss([t.clone() for t in teacher], teacher, boxes, (64, 96)).values())
