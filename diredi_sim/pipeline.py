@@ -280,8 +280,8 @@ def describe_manufacturer(pipeline: PipelineConfig, data: DataConfig, *, preset:
         "seed": seed,
         "data": {**source, "train_set": data.train_set, "val_set": data.val_set},
         "teacher_split": list(resolve_split(pipeline.teacher_split)),
-        "presumed_split": list(resolve_split(pipeline.presumed_split)),
         "teacher": train_settings(pipeline.teacher),
+        "presumed_split": list(resolve_split(pipeline.presumed_split)),
         "distill_a": train_settings(pipeline.distill_a),
         "distill_b": train_settings(pipeline.distill_b),
         "fgd": asdict(pipeline.fgd),
@@ -290,8 +290,33 @@ def describe_manufacturer(pipeline: PipelineConfig, data: DataConfig, *, preset:
     })
 
 
+# The part of the manufacturer's description that determines the teacher alone: the teacher is
+# cached on its own, so that changing how the tutor and the edge are distilled does not retrain it.
+_TEACHER_KEYS = ("format", "preset", "seed", "data", "teacher_split", "teacher")
+
+
 def compute_manufacturer_key(description: dict) -> str:
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def describe_teacher(description: dict) -> dict:
+    return {k: description[k] for k in _TEACHER_KEYS}
+
+
+def _load_cached_teacher(folder: Path, key: str, preset: str) -> tuple[nn.Module, dict] | None:
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if manifest.get("key") != key:
+            return None
+        teacher = build_detector("teacher", preset, num_classes=len(VOC_CLASSES))
+        load_detector_weights(teacher, folder / "teacher.pt")
+        return teacher, manifest
+    except (OSError, ValueError, CheckpointError) as exc:
+        print(f"diredi-sim: cached teacher in {folder} unusable ({exc}); training it again", file=sys.stderr, flush=True)
+        return None
 
 
 def resolve_cache_dir(pipeline: PipelineConfig) -> Path:
@@ -335,7 +360,9 @@ def prepare_manufacturer(
 
     The cache is ``<cache_dir>/manufacturer-<key>/{teacher,tutor,edge}.pt`` plus
     ``manifest.json`` (the description and the training times), written last: a folder without
-    a matching manifest is never used.
+    a matching manifest is never used. The teacher is also cached alone, in
+    ``<cache_dir>/teacher-<key>/``, keyed by the settings that determine it, so that new
+    distillation settings reuse it.
     """
     recorder = recorder or StageRecorder(run)
     description = describe_manufacturer(pipeline, data, preset=preset, seed=seed)
@@ -347,7 +374,8 @@ def prepare_manufacturer(
     if cached is not None:
         models, manifest = cached
         for stage in manifest.get("stages", []):
-            recorder.stages.append({**stage, "cached": True, "seconds_when_trained": stage.get("seconds"), "seconds": 0.0})
+            recorder.stages.append({**stage, "cached": True, "seconds_when_trained": stage.get("seconds_when_trained", stage.get("seconds")),
+                                    "seconds": 0.0})
         if progress:
             print(f"manufacturer: reusing teacher, tutor and edge from {folder}", file=sys.stderr, flush=True)
         return Manufacturer(models["teacher"], models["tutor"], models["edge"], folder, key, True, description)
@@ -359,13 +387,28 @@ def prepare_manufacturer(
     trained: list[dict] = []
     common = dict(run=run, config=config, progress=progress)
 
-    cfg = pipeline.teacher
-    train = datasets.train(teacher_split, cfg)
-    with recorder.measure("teacher", cached=False, train_images=len(train), epochs=cfg.epochs) as entry:
-        torch.manual_seed(seed + _SEED_OFFSETS["teacher"])
-        teacher = build_detector("teacher", preset, num_classes=len(VOC_CLASSES))
-        train_detector(teacher, train, datasets.val(teacher_split, cfg), cfg, class_indices=teacher_classes,
-                       seed=seed + _SEED_OFFSETS["teacher"], name="teacher", **common)
+    teacher_description = describe_teacher(description)
+    teacher_key = compute_manufacturer_key(teacher_description)
+    teacher_folder = resolve_cache_dir(pipeline) / f"teacher-{teacher_key}"
+    cached_teacher = _load_cached_teacher(teacher_folder, teacher_key, preset)
+    if cached_teacher is not None:
+        teacher, teacher_manifest = cached_teacher
+        entry = {**teacher_manifest["stage"], "cached": True, "seconds_when_trained": teacher_manifest["stage"].get("seconds"),
+                 "seconds": 0.0}
+        recorder.stages.append(entry)
+        if progress:
+            print(f"manufacturer: reusing the teacher from {teacher_folder}", file=sys.stderr, flush=True)
+    else:
+        cfg = pipeline.teacher
+        train = datasets.train(teacher_split, cfg)
+        with recorder.measure("teacher", cached=False, train_images=len(train), epochs=cfg.epochs) as entry:
+            torch.manual_seed(seed + _SEED_OFFSETS["teacher"])
+            teacher = build_detector("teacher", preset, num_classes=len(VOC_CLASSES))
+            train_detector(teacher, train, datasets.val(teacher_split, cfg), cfg, class_indices=teacher_classes,
+                           seed=seed + _SEED_OFFSETS["teacher"], name="teacher", **common)
+        save_checkpoint(teacher_folder / "teacher.pt", teacher, config=teacher_description, cache_key=teacher_key)
+        atomic_write_json(teacher_folder / "manifest.json", {"key": teacher_key, "description": teacher_description,
+                                                             "stage": entry, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
     trained.append(entry)
 
     distill_settings = dict(feature_weight=pipeline.distill_feature_weight, task_weight=pipeline.distill_task_weight,
@@ -646,6 +689,6 @@ def evaluate_rows(models: dict[str, nn.Module], test: Sequence[ImageRecord], cla
 
 __all__ = [
     "PipelineConfig", "PipelineResult", "ClassSets", "Manufacturer", "StageRecorder", "DataSets", "ROWS",
-    "load_pipeline_config", "prepare_manufacturer", "describe_manufacturer", "compute_manufacturer_key",
+    "load_pipeline_config", "prepare_manufacturer", "describe_manufacturer", "describe_teacher", "compute_manufacturer_key",
     "run_pipeline", "evaluate_row", "compute_knowledge", "read_peak_rss_mb", "copy_for_training",
 ]

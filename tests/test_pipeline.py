@@ -249,6 +249,18 @@ def test_second_run_reuses_the_manufacturer_and_a_rejected_update_keeps_the_tuto
     assert table["verdict"] == {"accepted": False, "reasons": verdict["reasons"]}
 
 
+def test_new_distillation_settings_reuse_the_cached_teacher(first, monkeypatch):
+    """The teacher is cached on its own: other Distill A/B settings train the tutor and the edge
+    again from the very teacher the first run trained."""
+    calls = CallCounter(monkeypatch)
+    changed = replace(first.cfg, distill_feature_weight=0.5)
+    maker = pipeline_module.prepare_manufacturer(changed, first.data, preset="cpu", seed=0, progress=False)
+    assert calls.names == ["tutor_distill_a", "edge_distill_b"]
+    assert maker.reused is False and maker.key != first.result.manufacturer["key"]
+    trained = load_checkpoint(first.run.checkpoint_path("teacher"))["state_dict"]
+    assert all(torch.equal(v, trained[k]) for k, v in maker.teacher.state_dict().items())
+
+
 def test_cache_key_covers_manufacturer_settings_only(first):
     describe = lambda cfg, **kw: compute_manufacturer_key(describe_manufacturer(cfg, first.data, **{"preset": "cpu", "seed": 0, **kw}))  # noqa: E731
     base = describe(first.cfg)
