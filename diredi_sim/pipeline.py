@@ -523,6 +523,139 @@ class PipelineResult:
         raise KeyError(f"no row {key!r}; rows: {[r['key'] for r in self.rows]}")
 
 
+@dataclass
+class CustomerUpdate:
+    """What a customer computes: Tutor1 (RD B), Tutor2 (RD A) and the neck+head delta that travels."""
+
+    tutor1: nn.Module
+    tutor2: nn.Module
+    delta: dict[str, Tensor]
+    delta_info: dict  # gamma, norm, tensors, values, bytes at fp32 / fp16
+    train_images: dict[str, int]  # per RD stage
+
+
+def describe_delta(delta: dict[str, Tensor], gamma: float = 1.0) -> dict:
+    return {"gamma": gamma, "norm": compute_norm(delta), "tensors": len(delta), "values": sum(v.numel() for v in delta.values()),
+            "bytes_fp32": count_bytes(delta, torch.float32), "bytes_fp16": count_bytes(delta, torch.float16)}
+
+
+def run_customer(
+    tutor: nn.Module,
+    edge: nn.Module,
+    pipeline: PipelineConfig,
+    datasets: DataSets,
+    customer,
+    *,
+    seed: int,
+    recorder: StageRecorder | None = None,
+    say: Callable[[str], None] = lambda text: None,
+    records: Callable[[list[ImageRecord]], list[ImageRecord]] = lambda r: r,
+    run: Run | None = None,
+    config: Any = None,
+    progress: bool = True,
+) -> CustomerUpdate:
+    """The customer's side (steps 3-4): RD B on the presumed data and RD A on the customer's data
+    (``customer``: a split), both from copies of ``tutor`` with ``edge`` as the frozen teacher,
+    then the delta. ``seed`` is the customer's seed (the run seed in the one-customer pipeline);
+    RD A and RD B share it, so that Tutor1 and Tutor2 differ by their data only. ``records``
+    picks the customer's share of a split's images (all of them by default)."""
+    recorder = recorder or StageRecorder(run)
+    common = dict(run=run, config=config, progress=progress)
+    rd_settings = dict(alpha=pipeline.alpha, beta=pipeline.beta, freeze_backbone=pipeline.freeze_backbone, fgd=pipeline.fgd)
+    cfg = pipeline.rd
+    trained, counts = {}, {}
+    for key, stage, split in (("tutor1", "rd_b", pipeline.presumed_split), ("tutor2", "rd_a", customer)):
+        train = records(datasets.train(split, cfg))
+        counts[stage] = len(train)
+        with recorder.measure(stage, train_images=len(train), epochs=cfg.epochs):
+            torch.manual_seed(seed + _SEED_OFFSETS["rd"])
+            student = copy_for_training(tutor)
+            reverse_distill(edge, student, train, records(datasets.val(split, cfg)), cfg,
+                            class_indices=ClassSets.indices(resolve_split(split)), seed=seed + _SEED_OFFSETS["rd"],
+                            name=f"{key}_{stage}", **rd_settings, **common)
+        trained[key] = student
+    with recorder.measure("delta") as entry:
+        delta = compute_delta(trained["tutor2"].state_dict(), trained["tutor1"].state_dict(), pipeline.gamma)
+        delta_info = describe_delta(delta, pipeline.gamma)
+        entry.update({k: delta_info[k] for k in ("bytes_fp32", "bytes_fp16")})
+    say(f"delta: {delta_info['tensors']} neck/head tensors, {delta_info['values']} values, norm {delta_info['norm']:.4g}, "
+        f"{delta_info['bytes_fp32'] / 2**20:.2f} MiB at fp32 / {delta_info['bytes_fp16'] / 2**20:.2f} MiB at fp16")
+    return CustomerUpdate(trained["tutor1"], trained["tutor2"], delta, delta_info, counts)
+
+
+@dataclass
+class ManufacturerStep:
+    """What the manufacturer makes of one customer's delta (steps 5-6)."""
+
+    verdict: Verdict
+    tutor_prime: nn.Module  # the updated tutor if accepted, the unchanged tutor if not
+    candidate: nn.Module | None  # the rejected tutor + delta (shown apart, never deployed)
+    edges: dict[str, nn.Module]  # Distill C's edge model per data mode
+
+
+def run_manufacturer_step(
+    tutor: nn.Module,
+    edge: nn.Module,
+    delta: dict[str, Tensor],
+    pipeline: PipelineConfig,
+    datasets: DataSets,
+    customer,
+    *,
+    seed: int,
+    recorder: StageRecorder | None = None,
+    say: Callable[[str], None] = lambda text: None,
+    records: Callable[[list[ImageRecord]], list[ImageRecord]] = lambda r: r,
+    run: Run | None = None,
+    config: Any = None,
+    progress: bool = True,
+) -> ManufacturerStep:
+    """Verify ``tutor + delta_weight * delta`` on the manufacturer's held-out presumed data (the
+    val images of the presumed classes), then Distill C from tutor' into a copy of ``edge`` in
+    each data mode. ``seed`` is the customer's seed; ``records`` picks the customer's share of
+    its own split's images for the public+private mode (the public mode uses the manufacturer's)."""
+    recorder = recorder or StageRecorder(run)
+    common = dict(run=run, config=config, progress=progress)
+    presumed = ClassSets.indices(resolve_split(pipeline.presumed_split))
+    verify_records = datasets.records(datasets.data.val_set, pipeline.presumed_split, pipeline.max_eval_images)
+    with recorder.measure("verify", verify_images=len(verify_records)) as entry:
+        def evaluate_presumed(model: nn.Module) -> dict:
+            return evaluate_detector(model, verify_records, presumed, batch_size=pipeline.eval_batch_size,
+                                     score_threshold=pipeline.score_threshold)["voc"]
+
+        verdict, updated_state = verify_update(tutor, delta, evaluate_presumed, pipeline.verify, weight=pipeline.delta_weight)
+        entry["accepted"] = verdict.accepted
+    say(f"verification: {'accepted' if verdict.accepted else 'REJECTED'} (presumed mAP {verdict.map_before:.3f} -> "
+        f"{verdict.map_after:.3f}){''.join(chr(10) + '  ' + r for r in verdict.reasons)}")
+    tutor_prime, candidate = copy.deepcopy(tutor), None  # a rejected update leaves the tutor untouched
+    if verdict.accepted:
+        tutor_prime.load_state_dict(updated_state)
+    else:
+        try:
+            candidate = copy.deepcopy(tutor)
+            candidate.load_state_dict(apply_delta(tutor.state_dict(), delta, pipeline.delta_weight))
+        except (ValueError, RuntimeError, KeyError):
+            candidate = None  # a malformed delta has no candidate to show
+
+    cfg = pipeline.distill_c
+    edges = {}
+    for mode in pipeline.distill_c_modes:
+        split = pipeline.presumed_split if mode == "public" else customer
+        pick = (lambda r: r) if mode == "public" else records
+        train = pick(datasets.train(split, cfg))
+        key = DISTILL_C_ROW[mode]
+        with recorder.measure(f"distill_c_{mode}", train_images=len(train), epochs=cfg.epochs,
+                              score_weight=pipeline.distill_c_score_weight, temperature=pipeline.distill_c_temperature):
+            torch.manual_seed(seed + _SEED_OFFSETS["distill_c"])
+            student = copy_for_training(edge)
+            distill(copy.deepcopy(tutor_prime), student, train, pick(datasets.val(split, cfg)), cfg,
+                    class_indices=ClassSets.indices(resolve_split(split)), feature_weight=pipeline.distill_c_feature_weight,
+                    task_weight=pipeline.distill_c_task_weight, score_weight=pipeline.distill_c_score_weight,
+                    temperature=pipeline.distill_c_temperature, fgd=pipeline.fgd, seed=seed + _SEED_OFFSETS["distill_c"],
+                    name=key, **common)
+        edges[mode] = student
+    return ManufacturerStep(verdict, tutor_prime, candidate, edges)
+
+
 def run_pipeline(
     pipeline: PipelineConfig,
     data: DataConfig,
@@ -558,72 +691,22 @@ def run_pipeline(
     tutor, edge = maker.tutor, maker.edge
     models: dict[str, nn.Module] = {"teacher": maker.teacher, "tutor_original": tutor, "edge_original": edge}
 
-    # Customer: RD B (Tutor1, presumed data) and RD A (Tutor2, the customer's data), both from the tutor.
-    rd_settings = dict(alpha=pipeline.alpha, beta=pipeline.beta, freeze_backbone=pipeline.freeze_backbone, fgd=pipeline.fgd)
-    cfg = pipeline.rd
-    for key, stage, split in (("tutor1", "rd_b", pipeline.presumed_split), ("tutor2", "rd_a", pipeline.customer)):
-        train = datasets.train(split, cfg)
-        with recorder.measure(stage, train_images=len(train), epochs=cfg.epochs):
-            torch.manual_seed(seed + _SEED_OFFSETS["rd"])
-            student = copy_for_training(tutor)
-            reverse_distill(edge, student, train, datasets.val(split, cfg), cfg, class_indices=ClassSets.indices(resolve_split(split)),
-                            seed=seed + _SEED_OFFSETS["rd"], name=f"{key}_{stage}", **rd_settings, **common)
-        models[key] = student
+    update = run_customer(tutor, edge, pipeline, datasets, pipeline.customer, seed=seed, recorder=recorder, say=say, **common)
+    models.update(tutor1=update.tutor1, tutor2=update.tutor2)
+    delta, delta_info = update.delta, update.delta_info
+    if run is not None:
+        buffer = io.BytesIO()
+        torch.save(delta, buffer)
+        atomic_write_bytes(run.folder / "delta.pt", buffer.getvalue())
 
-    with recorder.measure("delta") as entry:
-        delta = compute_delta(models["tutor2"].state_dict(), models["tutor1"].state_dict(), pipeline.gamma)
-        delta_info = {"gamma": pipeline.gamma, "norm": compute_norm(delta), "tensors": len(delta),
-                      "values": sum(v.numel() for v in delta.values()),
-                      "bytes_fp32": count_bytes(delta, torch.float32), "bytes_fp16": count_bytes(delta, torch.float16)}
-        entry.update({k: delta_info[k] for k in ("bytes_fp32", "bytes_fp16")})
-        if run is not None:
-            buffer = io.BytesIO()
-            torch.save(delta, buffer)
-            atomic_write_bytes(run.folder / "delta.pt", buffer.getvalue())
-    say(f"delta: {delta_info['tensors']} neck/head tensors, {delta_info['values']} values, norm {delta_info['norm']:.4g}, "
-        f"{delta_info['bytes_fp32'] / 2**20:.2f} MiB at fp32 / {delta_info['bytes_fp16'] / 2**20:.2f} MiB at fp16")
-
-    # Manufacturer: verify tutor + delta_weight * delta on its own held-out presumed data.
-    presumed_indices = ClassSets.indices(classes.presumed)
-    verify_cfg = pipeline.verify
-    with recorder.measure("verify", verify_images=len(verify_records)) as entry:
-        def evaluate_presumed(model: nn.Module) -> dict:
-            return evaluate_detector(model, verify_records, presumed_indices, batch_size=pipeline.eval_batch_size,
-                                     score_threshold=pipeline.score_threshold)["voc"]
-
-        verdict, updated_state = verify_update(tutor, delta, evaluate_presumed, verify_cfg, weight=pipeline.delta_weight)
-        entry["accepted"] = verdict.accepted
-    say(f"verification: {'accepted' if verdict.accepted else 'REJECTED'} (presumed mAP {verdict.map_before:.3f} -> "
-        f"{verdict.map_after:.3f}){''.join(chr(10) + '  ' + r for r in verdict.reasons)}")
-    if verdict.accepted:
-        tutor_prime = copy.deepcopy(tutor)
-        tutor_prime.load_state_dict(updated_state)
-    else:
-        tutor_prime = copy.deepcopy(tutor)  # a rejected update leaves the tutor untouched
-        try:
-            candidate = copy.deepcopy(tutor)
-            candidate.load_state_dict(apply_delta(tutor.state_dict(), delta, pipeline.delta_weight))
-            models["tutor_rejected_candidate"] = candidate
-        except (ValueError, RuntimeError):
-            pass  # a malformed delta has no candidate to show
-    models["tutor_updated"] = tutor_prime
-
-    # Manufacturer: Distill C, tutor' -> a new edge model from the deployed edge, per data mode.
-    cfg = pipeline.distill_c
-    for mode in pipeline.distill_c_modes:
-        split = pipeline.presumed_split if mode == "public" else pipeline.customer
-        train = datasets.train(split, cfg)
-        key = DISTILL_C_ROW[mode]
-        with recorder.measure(f"distill_c_{mode}", train_images=len(train), epochs=cfg.epochs,
-                              score_weight=pipeline.distill_c_score_weight, temperature=pipeline.distill_c_temperature):
-            torch.manual_seed(seed + _SEED_OFFSETS["distill_c"])
-            student = copy_for_training(edge)
-            distill(copy.deepcopy(tutor_prime), student, train, datasets.val(split, cfg), cfg,
-                    class_indices=ClassSets.indices(resolve_split(split)), feature_weight=pipeline.distill_c_feature_weight,
-                    task_weight=pipeline.distill_c_task_weight, score_weight=pipeline.distill_c_score_weight,
-                    temperature=pipeline.distill_c_temperature, fgd=pipeline.fgd, seed=seed + _SEED_OFFSETS["distill_c"],
-                    name=key, **common)
-        models[key] = student
+    step = run_manufacturer_step(tutor, edge, delta, pipeline, datasets, pipeline.customer, seed=seed, recorder=recorder,
+                                 say=say, **common)
+    verdict = step.verdict
+    models["tutor_updated"] = step.tutor_prime
+    if step.candidate is not None:
+        models["tutor_rejected_candidate"] = step.candidate
+    for mode, student in step.edges.items():
+        models[DISTILL_C_ROW[mode]] = student
 
     # Baseline: a fresh edge model trained directly on the customer's data.
     cfg = pipeline.direct
@@ -640,7 +723,7 @@ def run_pipeline(
         "preset": preset, "seed": seed, "customer": list(classes.customer), "alpha": pipeline.alpha, "beta": pipeline.beta,
         "freeze_backbone": pipeline.freeze_backbone, "gamma": pipeline.gamma, "delta_weight": pipeline.delta_weight,
         "distill_c_score_weight": pipeline.distill_c_score_weight, "distill_c_temperature": pipeline.distill_c_temperature,
-        "distill_c_modes": list(pipeline.distill_c_modes), "verify": asdict(verify_cfg),
+        "distill_c_modes": list(pipeline.distill_c_modes), "verify": asdict(pipeline.verify),
         "score_threshold": pipeline.score_threshold, "test_images": len(test),
         "epochs": {s: getattr(pipeline, s).epochs for s in ("teacher", "distill_a", "distill_b", "rd", "distill_c", "direct")},
     }
@@ -690,5 +773,6 @@ def evaluate_rows(models: dict[str, nn.Module], test: Sequence[ImageRecord], cla
 __all__ = [
     "PipelineConfig", "PipelineResult", "ClassSets", "Manufacturer", "StageRecorder", "DataSets", "ROWS",
     "load_pipeline_config", "prepare_manufacturer", "describe_manufacturer", "describe_teacher", "compute_manufacturer_key",
-    "run_pipeline", "evaluate_row", "compute_knowledge", "read_peak_rss_mb", "copy_for_training",
+    "run_pipeline", "run_customer", "run_manufacturer_step", "CustomerUpdate", "ManufacturerStep", "describe_delta",
+    "evaluate_row", "compute_knowledge", "read_peak_rss_mb", "copy_for_training",
 ]
