@@ -732,10 +732,14 @@ def run_pipeline(
 
 
 def evaluate_rows(models: dict[str, nn.Module], test: Sequence[ImageRecord], classes: ClassSets, datasets: DataSets,
-                  pipeline: PipelineConfig, recorder: StageRecorder, say: Callable[[str], None]) -> list[dict]:
-    """Every row of the table (ROWS order), with knowledge measures against its reference row."""
+                  pipeline: PipelineConfig, recorder: StageRecorder, say: Callable[[str], None],
+                  manufacturer_rows: bool = True) -> list[dict]:
+    """Every row of the table (ROWS order), with knowledge measures against its reference row.
+    ``manufacturer_rows=False`` leaves out the rows of Distill A/B on the manufacturer's classes."""
     settings = dict(batch_size=pipeline.eval_batch_size, score_threshold=pipeline.score_threshold)
     aliases = {"tutor_distill_a": "tutor_original", "edge_distill_b": "edge_original"}  # the same models
+    if not manufacturer_rows:
+        aliases = {key: "-" for key in aliases}
     measured: dict[str, dict] = {}
     with recorder.measure("evaluate", test_images=len(test)):
         for key, _, _, _, _ in ROWS:

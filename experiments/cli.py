@@ -54,6 +54,15 @@ def cmd_paper(args) -> int:
     return 0
 
 
+def cmd_simulate(args) -> int:
+    from diredi_sim.federation import load_federation_config
+    from experiments.simulate import run_simulate
+
+    config = load_federation_config(args.config, parse_overrides(args.set))
+    run_simulate(config, verbose=args.verbose)
+    return 0
+
+
 def cmd_generate_data(args) -> int:
     from diredi_sim.config import load_config
     from diredi_sim.data.sources import resolve_data_folder
@@ -108,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.set_defaults(func=cmd_paper)
+
+    p = sub.add_parser("simulate", help="the federation: a Flower ServerApp (manufacturer) and ClientApps (customers) on Ray")
+    add_config(p, str(CONFIG_DIR / "federation.toml"))
+    p.add_argument("--verbose", action="store_true", help="Flower's debug log")
+    p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("generate-data", help="generate (or find) the synthetic dataset of a config and print its folder")
     add_config(p, str(CONFIG_DIR / "demo.toml"))

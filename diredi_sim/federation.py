@@ -1,0 +1,357 @@
+"""Many customers, one manufacturer: the population, the federation's config and the work of
+each side, in plain torch (DESIGN.md sections 4 and 7). ``clients/`` and ``server/`` wrap these
+in Flower's ClientApp and ServerApp; nothing here imports flwr or ray.
+
+- :class:`PopulationConfig` / :func:`build_population`: customers listed one by one (split
+  presets such as ``exp1``, or class names joined by ``+``) followed by ``generated`` customers
+  drawn from a seed, each adding one or more private classes outside the presumed set and
+  possibly dropping presumed ones. A customer's partition id is its index in that list.
+- :func:`customer_seed`: the seed of a customer's stages, from (run seed, partition id); the
+  customer with partition id 0 uses the run seed itself, so that a one-customer federation
+  repeats :func:`diredi_sim.pipeline.run_pipeline` exactly.
+- :func:`customer_work`: the customer's step (RD B, RD A, delta) on its own data.
+- :func:`manufacturer_work`: the manufacturer's step for one reply (verification, Distill C per
+  data mode, per-class evaluation before and after); a top-level function of plain arguments,
+  so that the server can run several customers' steps in parallel processes.
+- :func:`merge_accepted`: the accepted deltas merged into the shared tutor by the configured
+  rule, itself verified before it replaces the tutor.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from diredi_sim.config import ConfigError, DataConfig, _check, config_from_dict, from_flat, to_flat
+from diredi_sim.data import VOC_CLASSES
+from diredi_sim.data.splits import SPLIT_PRESETS, resolve_split
+from diredi_sim.data.voc import ImageRecord
+from diredi_sim.deltas import MERGE_RULES, apply_delta, check_delta, compute_norm, merge_deltas
+from diredi_sim.models import build_detector
+from diredi_sim.pipeline import (DISTILL_C_MODES, ClassSets, DataSets, PipelineConfig, StageRecorder, evaluate_rows,
+                                 load_pipeline_config, run_customer, run_manufacturer_step)
+from diredi_sim.runs import to_jsonable
+from diredi_sim.verify import Verdict, verify_update
+
+PARTITIONS = ("shared", "disjoint")
+
+
+@dataclass(frozen=True)
+class PopulationConfig:
+    """The customers: ``customers`` listed one by one, then ``generated`` more from ``seed``."""
+
+    customers: tuple[str, ...] = ("exp1", "exp2")  # split presets, or class names joined by '+' ("aeroplane+bus+cat")
+    generated: int = 2  # customers drawn from `seed` after the listed ones
+    seed: int = 0
+    max_private: int = 2  # a generated customer adds 1..max_private private classes
+    drop_probability: float = 0.25  # each presumed class is dropped with this probability (at least one is kept)
+    partition: str = "shared"  # shared: each customer holds every image of its split; disjoint: images dealt out by partition id
+
+    def __post_init__(self):
+        _check(self.generated >= 0, "population.generated", self.generated, "must be >= 0")
+        _check(len(self.customers) + self.generated >= 1, "population.customers", self.customers,
+               "the population is empty: list customers or set population.generated >= 1")
+        _check(self.max_private >= 1, "population.max_private", self.max_private, "must be >= 1")
+        _check(0 <= self.drop_probability <= 1, "population.drop_probability", self.drop_probability, "must be in [0, 1]")
+        _check(self.partition in PARTITIONS, "population.partition", self.partition, f"must be one of {list(PARTITIONS)}")
+        for spec in self.customers:
+            try:
+                parse_customer(spec)
+            except ValueError as exc:
+                raise ConfigError(f"population.customers: {spec!r}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """How the federation runs (Flower's simulation engine on Ray)."""
+
+    num_rounds: int = 1
+    fraction_train: float = 1.0  # customers sampled per round
+    merge: str = "mean"  # how accepted deltas update the shared tutor: sum | mean | median | trimmed_mean
+    trim_fraction: float = 0.2  # trimmed_mean: share cut at each end
+    clip_norm: float = 0.0  # clip each delta to this norm before merging (0: off)
+    deploy_mode: str = "public+private"  # whose Distill C edge model a customer receives next round
+    client_cpus: float = 1.0  # Ray resources per customer actor
+    client_gpus: float = 0.0
+    client_threads: int = 1  # torch threads inside a customer actor
+    num_cpus: int = 0  # CPUs Ray may use (0: all of this machine's)
+    ray_address: str = ""  # an existing Ray cluster ("auto" or host:port); "" = a local Ray bound to 127.0.0.1
+    server_workers: int = 0  # processes for the manufacturer's per-customer steps (0: min(customers, CPUs))
+    round_timeout: float = 86400.0  # seconds the server waits for a round's replies
+
+    def __post_init__(self):
+        _check(self.num_rounds >= 1, "simulation.num_rounds", self.num_rounds, "must be >= 1")
+        _check(0 < self.fraction_train <= 1, "simulation.fraction_train", self.fraction_train, "must be in (0, 1]")
+        _check(self.merge in MERGE_RULES, "simulation.merge", self.merge, f"must be one of {list(MERGE_RULES)}")
+        _check(0 <= self.trim_fraction < 0.5, "simulation.trim_fraction", self.trim_fraction, "must be in [0, 0.5)")
+        _check(self.clip_norm >= 0, "simulation.clip_norm", self.clip_norm, "must be >= 0")
+        _check(self.deploy_mode in DISTILL_C_MODES, "simulation.deploy_mode", self.deploy_mode, f"must be one of {list(DISTILL_C_MODES)}")
+        _check(self.client_cpus > 0, "simulation.client_cpus", self.client_cpus, "must be > 0")
+        _check(self.client_gpus >= 0, "simulation.client_gpus", self.client_gpus, "must be >= 0")
+        _check(self.client_threads >= 1, "simulation.client_threads", self.client_threads, "must be >= 1")
+        _check(self.num_cpus >= 0, "simulation.num_cpus", self.num_cpus, "must be >= 0")
+        _check(self.server_workers >= 0, "simulation.server_workers", self.server_workers, "must be >= 0")
+        _check(self.round_timeout > 0, "simulation.round_timeout", self.round_timeout, "must be > 0")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """One experiment of the Flower simulation (``diredi-sim simulate CONFIG``, ``flwr run .``)."""
+
+    name: str = "federation"
+    seed: int = 0
+    preset: str = "cpu"
+    runs_dir: str = "runs"
+    threads: int = 0  # torch threads of the server process; 0 = torch's default
+    data: DataConfig = field(default_factory=DataConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # pipeline.customer is unused: see population
+    population: PopulationConfig = field(default_factory=PopulationConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    def __post_init__(self):
+        _check(self.preset in ("cpu", "paper"), "preset", self.preset, "must be 'cpu' or 'paper'")
+        _check(self.threads >= 0, "threads", self.threads, "must be >= 0")
+        _check(self.simulation.deploy_mode in self.pipeline.distill_c_modes, "simulation.deploy_mode",
+               self.simulation.deploy_mode, f"must be one of pipeline.distill_c_modes {list(self.pipeline.distill_c_modes)}")
+
+
+def federation_config_from_dict(data: dict, source: str = "") -> FederationConfig:
+    """A typed FederationConfig from a nested dict (a TOML document); errors name the key."""
+    data = dict(data)
+    pipeline_table = data.pop("pipeline", {})
+    try:
+        pipeline = load_pipeline_config(pipeline_table)
+        config = config_from_dict(FederationConfig, data)
+        return replace(config, pipeline=pipeline)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
+
+
+def load_federation_config(path: str | Path, overrides: dict[str, Any] | None = None) -> FederationConfig:
+    """Read a federation TOML file; ``overrides`` are flat dotted keys (``simulation.num-rounds``)."""
+    import tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    flat = {**to_flat_dict(data), **{k.replace("_", "-"): v for k, v in (overrides or {}).items()}}
+    return federation_from_flat(flat, source=str(path))
+
+
+def to_flat_dict(data: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested dict (TOML) as flat dotted kebab-case keys."""
+    flat = {}
+    for key, value in data.items():
+        name = prefix + key.replace("_", "-")
+        if isinstance(value, dict):
+            flat.update(to_flat_dict(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def federation_to_flat(config: FederationConfig) -> dict[str, Any]:
+    """The config as Flower run_config / ConfigRecord values: flat keys, scalars only (lists
+    become comma-separated strings; a customer's '+'-joined class names stay as they are)."""
+    flat = to_flat(config)
+    return {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in flat.items()}
+
+
+def federation_from_flat(flat: dict[str, Any], source: str = "") -> FederationConfig:
+    """Inverse of :func:`federation_to_flat`; also accepts real lists (a TOML file's)."""
+    list_keys = {k for k, v in to_flat(FederationConfig()).items() if isinstance(v, list)}  # comma-separated when flat
+    nested: dict = {}
+    for key, value in flat.items():
+        name = key.replace("_", "-")
+        if isinstance(value, str) and (name in list_keys or (name in _SPLIT_KEYS and "," in value)):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        parts = key.replace("-", "_").split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source + ': ' if source else ''}{key}: {'.'.join(parts[:-1])} is not a section")
+        node[parts[-1]] = value
+    return federation_config_from_dict(nested, source)
+
+
+# Keys that hold a split: a preset name, or class names (a list, comma-separated in the flat form).
+_SPLIT_KEYS = {"pipeline.customer", "pipeline.teacher-split", "pipeline.presumed-split"}
+
+
+# --------------------------------------------------------------------------------- population
+
+
+@dataclass(frozen=True)
+class Customer:
+    partition_id: int
+    name: str  # the preset or the '+'-joined class names it was listed as; "generated-<i>" otherwise
+    classes: tuple[str, ...]  # the customer's target classes, VOC order
+
+    def class_sets(self, pipeline: PipelineConfig) -> ClassSets:
+        return ClassSets.of(self.classes, pipeline.presumed_split, pipeline.teacher_split)
+
+
+def parse_customer(spec: str) -> tuple[str, ...]:
+    """``exp1`` (a split preset) or ``aeroplane+bus+cat`` (class names) -> class names in VOC order."""
+    names = resolve_split(spec) if spec in SPLIT_PRESETS else resolve_split([s.strip() for s in spec.split("+") if s.strip()])
+    return tuple(n for n in VOC_CLASSES if n in names)
+
+
+def build_population(population: PopulationConfig, presumed_split="presumed") -> list[Customer]:
+    """The listed customers, then the generated ones (deterministic from ``population.seed``)."""
+    customers = [Customer(i, spec, parse_customer(spec)) for i, spec in enumerate(population.customers)]
+    presumed = resolve_split(presumed_split)
+    outside = [c for c in VOC_CLASSES if c not in presumed]
+    rng = random.Random(population.seed)
+    for j in range(population.generated):
+        private = rng.sample(outside, rng.randint(1, min(population.max_private, len(outside))))
+        kept = [c for c in presumed if rng.random() >= population.drop_probability] or [rng.choice(presumed)]
+        names = set(private) | set(kept)
+        customers.append(Customer(len(customers), f"generated-{j}", tuple(n for n in VOC_CLASSES if n in names)))
+    return customers
+
+
+def customer_seed(run_seed: int, partition_id: int) -> int:
+    """The seed of a customer's stages; partition 0 uses the run seed (the one-customer pipeline's)."""
+    return run_seed + 1009 * partition_id
+
+
+def pick_share(population: PopulationConfig, partition_id: int, num_customers: int):
+    """The customer's share of a split's images: all (``shared``) or every n-th (``disjoint``)."""
+    if population.partition == "shared":
+        return lambda records: records
+    return lambda records: [r for i, r in enumerate(records) if i % num_customers == partition_id]
+
+
+def effective_pipeline(config: FederationConfig, customer: Customer) -> PipelineConfig:
+    """The pipeline settings for one customer: its split, and verification that does not hold
+    against it the presumed classes it drops on purpose (it declares its classes, not its data)."""
+    classes = customer.class_sets(config.pipeline)
+    critical = config.pipeline.verify.critical_classes or classes.presumed
+    verify = replace(config.pipeline.verify, critical_classes=tuple(c for c in critical if c not in classes.dropped))
+    return replace(config.pipeline, customer=customer.classes, verify=verify)
+
+
+# ------------------------------------------------------------------------------------- work
+
+
+def load_model(role: str, preset: str, state: dict[str, Tensor]) -> nn.Module:
+    model = build_detector(role, preset, num_classes=len(VOC_CLASSES))
+    model.load_state_dict(state)
+    return model
+
+
+def customer_work(config: FederationConfig, customer: Customer, num_customers: int, tutor_state: dict[str, Tensor],
+                  edge_state: dict[str, Tensor], *, datasets: DataSets | None = None, progress: bool = False) -> dict:
+    """The customer's step on its own data: RD B, RD A, the delta. Returns the delta (float32,
+    neck + head, by name) and scalar metrics only: nothing per image leaves this function."""
+    start = time.perf_counter()
+    datasets = datasets or DataSets(config.data)
+    pipeline = effective_pipeline(config, customer)
+    tutor, edge = load_model("tutor", config.preset, tutor_state), load_model("edge", config.preset, edge_state)
+    recorder = StageRecorder()
+    update = run_customer(tutor, edge, pipeline, datasets, customer.classes, seed=customer_seed(config.seed, customer.partition_id),
+                          recorder=recorder, records=pick_share(config.population, customer.partition_id, num_customers),
+                          progress=progress)
+    metrics = {
+        "partition-id": customer.partition_id,
+        "num-examples": update.train_images["rd_a"],
+        "rd-b-images": update.train_images["rd_b"],
+        "delta-norm": update.delta_info["norm"],
+        "delta-bytes-fp32": update.delta_info["bytes_fp32"],
+        "delta-bytes-fp16": update.delta_info["bytes_fp16"],
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    for stage in recorder.stages:
+        metrics[f"{stage['stage'].replace('_', '-')}-seconds"] = stage["seconds"]
+    return {"delta": {k: v.detach().float().contiguous() for k, v in update.delta.items()}, "metrics": metrics}
+
+
+def manufacturer_work(config: FederationConfig, customer: Customer, tutor_state: dict[str, Tensor],
+                      edge_state: dict[str, Tensor], delta: dict[str, Tensor], num_customers: int,
+                      threads: int = 0) -> dict:
+    """The manufacturer's step for one customer's delta: verification (the tutor is never
+    changed in place), Distill C per data mode, and every model's per-class AP on the customer's
+    test images with gain and forgetting. Plain arguments in, plain results out (state dicts,
+    JSON-able rows), so that it can run in a worker process."""
+    if threads:
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    datasets = DataSets(config.data)
+    pipeline = effective_pipeline(config, customer)
+    classes = customer.class_sets(config.pipeline)
+    tutor, edge = load_model("tutor", config.preset, tutor_state), load_model("edge", config.preset, edge_state)
+    recorder = StageRecorder()
+    step = run_manufacturer_step(tutor, edge, delta, pipeline, datasets, customer.classes,
+                                 seed=customer_seed(config.seed, customer.partition_id), recorder=recorder,
+                                 records=pick_share(config.population, customer.partition_id, num_customers), progress=False)
+    models = {"tutor_original": tutor, "tutor_updated": step.tutor_prime, "edge_original": edge}
+    if step.candidate is not None:
+        models["tutor_rejected_candidate"] = step.candidate
+    for mode, student in step.edges.items():
+        models[{"public": "edge_distill_c_public", "public+private": "edge_distill_c_public_private"}[mode]] = student
+    test = datasets.records(config.data.test_set, classes.union, pipeline.max_eval_images)
+    rows = evaluate_rows(models, test, classes, datasets, pipeline, recorder, lambda text: None, manufacturer_rows=False)
+    return {
+        "partition_id": customer.partition_id,
+        "verdict": verdict_to_dict(step.verdict),
+        "rows": to_jsonable(rows),
+        "edges": {mode: {k: v.detach().clone() for k, v in student.state_dict().items()} for mode, student in step.edges.items()},
+        "stages": recorder.stages,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def verdict_to_dict(verdict: Verdict) -> dict:
+    return to_jsonable(asdict(verdict))
+
+
+def merge_accepted(config: FederationConfig, tutor: nn.Module, deltas: Sequence[dict[str, Tensor]],
+                   weights: Sequence[float], datasets: DataSets | None = None) -> tuple[dict[str, Tensor] | None, dict]:
+    """Merge the accepted deltas by the configured rule and verify the shared tutor they make
+    against every critical class (no customer's dropped classes spared: the shared tutor serves
+    them all). Returns (the new tutor state or None when it stays, a report)."""
+    sim = config.simulation
+    if not deltas:
+        return None, {"merged": 0, "accepted": False, "reasons": ["no accepted delta this round"]}
+    merged = merge_deltas(list(deltas), sim.merge, weights=list(weights) if sim.merge == "mean" else None,
+                          max_norm=sim.clip_norm or None, trim_fraction=sim.trim_fraction)
+    datasets = datasets or DataSets(config.data)
+    pipeline = config.pipeline
+    presumed = ClassSets.indices(resolve_split(pipeline.presumed_split))
+    records = datasets.records(config.data.val_set, pipeline.presumed_split, pipeline.max_eval_images)
+    from diredi_sim.train import evaluate_detector
+
+    def evaluate_presumed(model: nn.Module) -> dict:
+        return evaluate_detector(model, records, presumed, batch_size=pipeline.eval_batch_size,
+                                 score_threshold=pipeline.score_threshold)["voc"]
+
+    verdict, state = verify_update(tutor, merged, evaluate_presumed, pipeline.verify, weight=pipeline.delta_weight)
+    report = {"merged": len(deltas), "rule": sim.merge, "norm": compute_norm(merged), **verdict_to_dict(verdict)}
+    return (state if verdict.accepted else None), report
+
+
+def reply_problems(delta: dict[str, Tensor], tutor_state: dict[str, Tensor]) -> list[str]:
+    """Why a customer's delta cannot even be verified (keys, shapes, dtypes, values); [] if it can."""
+    return check_delta(delta, tutor_state)
+
+
+__all__ = [
+    "PopulationConfig", "SimulationConfig", "FederationConfig", "Customer", "build_population", "parse_customer",
+    "customer_seed", "pick_share", "effective_pipeline", "customer_work", "manufacturer_work", "merge_accepted",
+    "load_federation_config", "federation_config_from_dict", "federation_to_flat", "federation_from_flat",
+    "reply_problems", "verdict_to_dict", "load_model", "to_flat_dict",
+]

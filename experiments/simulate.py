@@ -1,0 +1,57 @@
+"""``diredi-sim simulate CONFIG``: the federation on Flower's simulation engine (Ray backend).
+
+One SuperNode per customer; Ray runs one customer actor per ``simulation.client_cpus`` CPUs
+(one per core by default), bound to 127.0.0.1, or joins an existing cluster
+(``simulation.ray_address``). The ServerApp is bound to the typed config directly; ``flwr run .``
+runs the same apps with the settings from pyproject.toml's [tool.flwr.app.config].
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from diredi_sim.federation import FederationConfig, build_population
+from diredi_sim.pipeline import DataSets
+
+
+def build_backend_config(config: FederationConfig) -> dict:
+    """Flower's Ray backend settings: resources per customer actor, and where Ray runs."""
+    sim = config.simulation
+    if sim.ray_address:
+        init_args = {"address": sim.ray_address}
+    else:
+        init_args = {"num_cpus": sim.num_cpus or os.cpu_count() or 1, "_node_ip_address": "127.0.0.1",
+                     "include_dashboard": False}
+    return {"client_resources": {"num_cpus": sim.client_cpus, "num_gpus": sim.client_gpus}, "init_args": init_args}
+
+
+def run_simulate(config: FederationConfig, run_folder: str | Path | None = None, verbose: bool = False):
+    """Run the federation; returns the outcome (run folder, per-customer summary)."""
+    from flwr.simulation import run_simulation
+
+    from clients.client_app import app as client_app
+    from server.server_app import FederationOutcome, format_summary, make_server_app
+
+    population = build_population(config.population, config.pipeline.presumed_split)
+    DataSets(config.data)  # generate the synthetic data here, once, before any actor needs it
+    outcome = FederationOutcome()
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
+        run_simulation(server_app=make_server_app(config, outcome, run_folder), client_app=client_app,
+                       num_supernodes=len(population), backend_config=build_backend_config(config),
+                       verbose_logging=verbose)
+    seconds = time.perf_counter() - start
+    if outcome.folder is None or not (outcome.folder / "summary.json").is_file():
+        raise RuntimeError(f"the simulation ended without results (run folder: {outcome.folder}); see the log above")
+    print(format_summary(outcome.summary))
+    print(f"\n{len(population)} customers, {config.simulation.num_rounds} round(s) in {seconds:.0f} s; "
+          f"results in {outcome.folder} (summary.md, summary.json, round*/customer*.json, checkpoints/)")
+    logging.getLogger("flwr").info("done")
+    sys.stdout.flush()
+    return outcome

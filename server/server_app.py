@@ -1,0 +1,115 @@
+"""The DiReDi manufacturer as a Flower ServerApp.
+
+``app`` reads the run's settings from Flower's run_config (``flwr run .``: the defaults in
+pyproject.toml's [tool.flwr.app.config] plus ``--run-config`` overrides); ``make_server_app``
+binds a typed config directly (``diredi-sim simulate CONFIG``). Both run :func:`run_federation`:
+the manufacturer's models (cached), the population, the DiReDi strategy for the configured
+rounds, and the per-customer summary in the run folder.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from diredi_sim.federation import FederationConfig, build_population, federation_from_flat, federation_to_flat
+from diredi_sim.pipeline import prepare_manufacturer
+from diredi_sim.runs import Run, atomic_write_text, to_jsonable
+from server.strategy import SUMMARY_COLUMNS, DiReDiStrategy
+
+
+@dataclass
+class FederationOutcome:
+    folder: Path | None = None
+    summary: list[dict] = field(default_factory=list)
+
+
+def run_federation(grid: Grid, config: FederationConfig, outcome: FederationOutcome | None = None,
+                   run_folder: str | Path | None = None) -> FederationOutcome:
+    """The whole federation on ``grid``; results go to ``run_folder`` (a new run folder under
+    ``config.runs_dir`` when None)."""
+    outcome = outcome or FederationOutcome()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    run = Run.create(config.runs_dir, config.name, config) if run_folder is None else _open_run(run_folder, config)
+    outcome.folder = run.folder
+    print(f"diredi-sim: federation run folder {run.folder}", file=sys.stderr, flush=True)
+    population = build_population(config.population, config.pipeline.presumed_split)
+    run.write_json("customers.json", to_jsonable([{**vars(c), "private": c.class_sets(config.pipeline).private,
+                                                    "dropped": c.class_sets(config.pipeline).dropped} for c in population]))
+    maker = prepare_manufacturer(config.pipeline, config.data, preset=config.preset, seed=config.seed)
+    strategy = DiReDiStrategy(config, population, {k: v.detach().clone() for k, v in maker.edge.state_dict().items()}, run)
+    strategy.start(grid, initial_arrays=ArrayRecord(maker.tutor.state_dict()), num_rounds=config.simulation.num_rounds,
+                   timeout=config.simulation.round_timeout, train_config=ConfigRecord(federation_to_flat(config)))
+    outcome.summary = strategy.summary_rows
+    write_summary(run, strategy.summary_rows, strategy.round_reports)
+    return outcome
+
+
+def _open_run(folder: str | Path, config: FederationConfig) -> Run:
+    run = Run(folder)
+    run.folder.mkdir(parents=True, exist_ok=True)
+    run.write_json("config.json", to_jsonable(config))
+    return run
+
+
+def format_summary(rows: list[dict]) -> str:
+    """The per-customer table (markdown): one line per customer and round."""
+
+    def cell(value) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return "-" if math.isnan(value) else f"{value:+.3f}" if abs(value) < 1 else f"{value:.1f}"
+        if isinstance(value, list):
+            return ", ".join(value) or "-"
+        return str(value)
+
+    header = "| " + " | ".join(SUMMARY_COLUMNS) + " |"
+    lines = [header, "|" + "---|" * len(SUMMARY_COLUMNS)]
+    for row in sorted(rows, key=lambda r: (r.get("round", 0), r.get("partition_id", 0))):
+        values = []
+        for column in SUMMARY_COLUMNS:
+            value = row.get(column, "")
+            if column in ("mAP_before", "mAP_after") and isinstance(value, float) and not math.isnan(value):
+                value = f"{value:.3f}"
+            elif column == "uplink_bytes":
+                value = f"{value / 2**20:.2f} MiB"
+            values.append(cell(value))
+        lines.append("| " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def write_summary(run: Run, rows: list[dict], rounds: list[dict]) -> None:
+    run.write_json("summary.json", to_jsonable({"customers": rows, "rounds": rounds}))
+    text = ("gain: mean AP change on the customer's private classes; forgetting: mean AP lost on its kept presumed classes; "
+            "dropped_forgetting: AP lost on the presumed classes it dropped (intended). The deployed edge model "
+            "(Distill C) against the original edge, on the customer's test images.\n\n" + format_summary(rows) + "\n")
+    atomic_write_text(run.folder / "summary.md", text)
+
+
+def make_server_app(config: FederationConfig, outcome: FederationOutcome | None = None,
+                    run_folder: str | Path | None = None) -> ServerApp:
+    """A ServerApp bound to ``config`` (run_config is ignored); ``outcome`` receives the results."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(grid, config, outcome, run_folder)
+
+    return server_app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """``flwr run .``: the settings come from the run_config (flat keys, as pyproject.toml lists them)."""
+    run_federation(grid, federation_from_flat(dict(context.run_config), source="run_config"))

@@ -1,0 +1,186 @@
+"""The DiReDi manufacturer as a Flower strategy: FedAvg with two methods overridden.
+
+``configure_train`` sends every sampled customer the shared tutor, its own deployed edge model
+and the run's settings. ``aggregate_train`` takes each customer's neck+head delta through the
+manufacturer's step (substitution, verification, Distill C, per-class AP before and after:
+:func:`diredi_sim.federation.manufacturer_work`), in parallel worker processes, records every
+verdict and failure, and merges the accepted deltas into the shared tutor by the configured
+rule (the merged tutor is verified too). Everything it learns goes to the run folder.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from diredi_sim.federation import (Customer, FederationConfig, load_model, manufacturer_work, merge_accepted,
+                                   reply_problems)
+from diredi_sim.runs import Run, atomic_write_json, save_checkpoint, to_jsonable
+
+# Columns of the per-customer summary (summary.md), in order.
+SUMMARY_COLUMNS = ("round", "partition_id", "customer", "private", "dropped", "verdict", "gain", "forgetting",
+                   "dropped_forgetting", "mAP_before", "mAP_after", "uplink_bytes", "seconds")
+
+
+class DiReDiStrategy(FedAvg):
+    """FedAvg's sampling and round loop; DiReDi's downlink and aggregation."""
+
+    def __init__(self, config: FederationConfig, population: list[Customer], edge_state: dict, run: Run,
+                 manufacturer_step: Callable[..., dict] = manufacturer_work):
+        sim = config.simulation
+        super().__init__(fraction_train=sim.fraction_train, fraction_evaluate=0.0, min_train_nodes=1,
+                         min_available_nodes=len(population), arrayrecord_key="tutor")
+        self.config = config
+        self.population = population
+        self.original_edge = edge_state
+        self.deployed_edges: dict[int, dict] = {}  # partition id -> the edge model the customer runs now
+        self.partition_of_node: dict[int, int] = {}  # learnt from the replies
+        self.run = run
+        self.manufacturer_step = manufacturer_step
+        self.tutor_state: dict | None = None
+        self.summary_rows: list[dict] = []
+        self.round_reports: list[dict] = []
+
+    def summary(self) -> None:
+        super().summary()
+        sim = self.config.simulation
+        log(INFO, "\t└──> DiReDi: %d customers, merge '%s', deploy '%s', server workers %s", len(self.population), sim.merge,
+            sim.deploy_mode, sim.server_workers or "auto")
+
+    # ------------------------------------------------------------------------------ downlink
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """FedAvg's sampling; each message carries the tutor, that customer's edge and the settings."""
+        self.tutor_state = arrays.to_torch_state_dict()
+        messages = []
+        for message in super().configure_train(server_round, arrays, config, grid):
+            node = message.metadata.dst_node_id
+            edge = self.deployed_edges.get(self.partition_of_node.get(node, -1), self.original_edge)
+            content = RecordDict({"tutor": arrays, "edge": ArrayRecord(edge), "config": config})
+            messages.append(Message(content=content, message_type=message.metadata.message_type, dst_node_id=node))
+        return messages
+
+    # ----------------------------------------------------------------------------- aggregation
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Each reply through the manufacturer's step; accepted deltas merged into the shared tutor."""
+        valid, errors = self._check_and_log_replies(list(replies), is_train=True, validate=False)
+        failures = [{"round": server_round, "node": m.metadata.src_node_id, "reason": m.error.reason} for m in errors]
+        jobs, seen = [], set()
+        for message in valid:
+            try:
+                job = self._read_reply(message)
+                if job["customer"].partition_id in seen:
+                    raise ValueError(f"a second reply for partition-id {job['customer'].partition_id} this round")
+            except (KeyError, ValueError, TypeError) as exc:
+                failures.append({"round": server_round, "node": message.metadata.src_node_id,
+                                 "reason": f"malformed reply: {exc}"})
+                continue
+            seen.add(job["customer"].partition_id)
+            jobs.append(job)
+        for failure in failures:
+            log(WARNING, "round %d: customer on node %s failed: %s", server_round, failure["node"], failure["reason"])
+            self.run.log({"event": "customer_failed", **failure})
+
+        results = self._run_manufacturer_steps(jobs)
+        accepted, weights = [], []
+        for job, result in zip(jobs, results):
+            self._record(server_round, job, result)
+            if result["verdict"]["accepted"]:
+                accepted.append(job["delta"])
+                weights.append(float(job["metrics"].get("num-examples", 1)))
+                self.deployed_edges[job["customer"].partition_id] = result["edges"][self.config.simulation.deploy_mode]
+
+        tutor = load_model("tutor", self.config.preset, self.tutor_state)
+        merged_state, report = merge_accepted(self.config, tutor, accepted, weights)
+        report = {"round": server_round, "replies": len(valid), "failures": len(failures),
+                  "accepted": len(accepted), **report}
+        self.round_reports.append(report)
+        self.run.log({"event": "round", **to_jsonable(report)})
+        self.run.write_json("rounds.json", to_jsonable(self.round_reports))
+        if merged_state is not None:
+            tutor.load_state_dict(merged_state)
+            save_checkpoint(self.run.checkpoint_path(f"tutor_round{server_round}"), tutor, config=self.config, round=server_round)
+        log(INFO, "round %d: %d replies, %d failures, %d accepted; shared tutor %s", server_round, len(valid), len(failures),
+            len(accepted), "updated" if merged_state is not None else "unchanged")
+        metrics = MetricRecord({"replies": len(valid), "failures": len(failures), "accepted": len(accepted),
+                                "tutor-updated": int(merged_state is not None)})
+        return (ArrayRecord(merged_state) if merged_state is not None else None), metrics
+
+    def _read_reply(self, message: Message) -> dict:
+        metrics = dict(message.content["metrics"])
+        partition_id = int(metrics["partition-id"])
+        if not 0 <= partition_id < len(self.population):
+            raise ValueError(f"partition-id {partition_id} is outside the population of {len(self.population)}")
+        delta = message.content["delta"].to_torch_state_dict()
+        self.partition_of_node[message.metadata.src_node_id] = partition_id
+        return {"customer": self.population[partition_id], "delta": delta, "metrics": metrics,
+                "node": message.metadata.src_node_id,
+                "edge": self.deployed_edges.get(partition_id, self.original_edge)}
+
+    def _run_manufacturer_steps(self, jobs: list[dict]) -> list[dict]:
+        """The manufacturer's step per customer: a malformed delta is rejected at once; the rest
+        run in parallel processes (server_workers, or as many as CPUs and customers allow)."""
+        results: list[dict | None] = [None] * len(jobs)
+        runnable = []
+        for i, job in enumerate(jobs):
+            problems = reply_problems(job["delta"], self.tutor_state)
+            if problems:
+                results[i] = {"verdict": {"accepted": False, "reasons": problems, "delta_norm": math.nan}, "rows": [],
+                              "edges": {}, "stages": [], "seconds": 0.0}
+            else:
+                runnable.append(i)
+        workers = self.config.simulation.server_workers or min(len(runnable), os.cpu_count() or 1)
+        args = lambda i, threads: (self.config, jobs[i]["customer"], self.tutor_state, jobs[i]["edge"], jobs[i]["delta"],  # noqa: E731
+                                   len(self.population), threads)
+        if workers <= 1 or len(runnable) <= 1:
+            for i in runnable:
+                results[i] = self.manufacturer_step(*args(i, 0))
+        else:
+            threads = max(1, (os.cpu_count() or 1) // workers)
+            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = {i: pool.submit(self.manufacturer_step, *args(i, threads)) for i in runnable}
+                for i, future in futures.items():
+                    results[i] = future.result()
+        return results
+
+    def _record(self, server_round: int, job: dict, result: dict) -> None:
+        customer = job["customer"]
+        classes = customer.class_sets(self.config.pipeline)
+        rows = {row["key"]: row for row in result["rows"]}
+        deployed = rows.get("edge_distill_c_" + self.config.simulation.deploy_mode.replace("+", "_"), {})
+        before = rows.get("edge_original", {})
+        verdict = result["verdict"]
+        summary = {
+            "round": server_round, "partition_id": customer.partition_id, "customer": customer.name,
+            "classes": list(customer.classes), "private": list(classes.private), "dropped": list(classes.dropped),
+            "verdict": "accepted" if verdict["accepted"] else "rejected", "reasons": verdict["reasons"],
+            "gain": deployed.get("gain", math.nan), "forgetting": deployed.get("forgetting", math.nan),
+            "dropped_forgetting": deployed.get("dropped_forgetting", math.nan),
+            "mAP_before": before.get("mAP", math.nan), "mAP_after": deployed.get("mAP", math.nan),
+            "uplink_bytes": int(job["metrics"].get("delta-bytes-fp32", 0)),
+            "seconds": round(float(job["metrics"].get("seconds", 0.0)) + result["seconds"], 3),
+            "customer_seconds": job["metrics"].get("seconds"), "manufacturer_seconds": result["seconds"],
+        }
+        self.summary_rows.append(summary)
+        self.run.log({"event": "customer", **to_jsonable(summary), "customer_metrics": job["metrics"]})
+        atomic_write_json(self.run.folder / f"round{server_round}" / f"customer{customer.partition_id}.json",
+                          to_jsonable({**summary, "verdict_detail": verdict, "rows": result["rows"], "stages": result["stages"],
+                                       "customer_metrics": job["metrics"]}))
+        if verdict["accepted"] and result["edges"]:
+            edge = load_model("edge", self.config.preset, result["edges"][self.config.simulation.deploy_mode])
+            save_checkpoint(self.run.checkpoint_path(f"edge_customer{customer.partition_id}"), edge, config=self.config,
+                            round=server_round, customer=customer.name)
+
+
+__all__ = ["DiReDiStrategy", "SUMMARY_COLUMNS"]
