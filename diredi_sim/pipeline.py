@@ -665,9 +665,13 @@ def run_pipeline(
     run: Run | None = None,
     config: Any = None,
     progress: bool = True,
+    customer_seed: int | None = None,
 ) -> PipelineResult:
     """The whole flow for one customer (module docstring). ``run`` (optional) receives every
-    stage's metrics rows and checkpoints; ``config`` is embedded in those checkpoints."""
+    stage's metrics rows and checkpoints; ``config`` is embedded in those checkpoints.
+    ``customer_seed`` seeds the customer's stages and Distill C (default: ``seed``); the
+    manufacturer's stages and the direct baseline always use ``seed``."""
+    customer_seed = seed if customer_seed is None else customer_seed
     if pipeline.customer == "":
         raise ValueError("pipeline.customer is empty: name the customer's split (a preset such as exp1, or class names)")
     classes = ClassSets.of(pipeline.customer, pipeline.presumed_split, pipeline.teacher_split)
@@ -691,7 +695,8 @@ def run_pipeline(
     tutor, edge = maker.tutor, maker.edge
     models: dict[str, nn.Module] = {"teacher": maker.teacher, "tutor_original": tutor, "edge_original": edge}
 
-    update = run_customer(tutor, edge, pipeline, datasets, pipeline.customer, seed=seed, recorder=recorder, say=say, **common)
+    update = run_customer(tutor, edge, pipeline, datasets, pipeline.customer, seed=customer_seed, recorder=recorder, say=say,
+                          **common)
     models.update(tutor1=update.tutor1, tutor2=update.tutor2)
     delta, delta_info = update.delta, update.delta_info
     if run is not None:
@@ -699,7 +704,7 @@ def run_pipeline(
         torch.save(delta, buffer)
         atomic_write_bytes(run.folder / "delta.pt", buffer.getvalue())
 
-    step = run_manufacturer_step(tutor, edge, delta, pipeline, datasets, pipeline.customer, seed=seed, recorder=recorder,
+    step = run_manufacturer_step(tutor, edge, delta, pipeline, datasets, pipeline.customer, seed=customer_seed, recorder=recorder,
                                  say=say, **common)
     verdict = step.verdict
     models["tutor_updated"] = step.tutor_prime

@@ -1,0 +1,102 @@
+"""A real Flower simulation (Ray backend, 2 customers, 1 round) on tiny data, and its
+equivalence with the plain pipeline: the same customers and seeds through
+diredi_sim/pipeline.py give the same per-customer results."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from diredi_sim.config import DataConfig, TrainConfig
+from diredi_sim.data.synthetic import SyntheticConfig
+from diredi_sim.federation import (FederationConfig, PopulationConfig, SimulationConfig, build_population, customer_seed,
+                                   effective_pipeline)
+from diredi_sim.pipeline import PipelineConfig, run_pipeline
+from diredi_sim.verify import VerifyConfig
+
+pytestmark = pytest.mark.slow
+
+TINY = SyntheticConfig(seed=3, num_train=24, num_val=8, num_test=16, min_objects=3, max_objects=5, min_object_size=24, clutter=2.0)
+STAGE = TrainConfig(epochs=1, batch_size=8, lr=0.01, warmup_steps=1)
+
+
+def child_processes() -> dict[int, str]:
+    """Live processes whose parent is this process, with their command lines."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if fields[0] != "Z" and int(fields[1]) == os.getpid():
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                children[int(entry)] = cmdline[:200]
+    return children
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("simulation")
+    pipeline = PipelineConfig(teacher=STAGE, distill_a=STAGE, distill_b=STAGE, rd=STAGE, distill_c=STAGE, direct=STAGE,
+                              cache_dir=str(tmp / "manufacturer-cache"), eval_batch_size=16,
+                              verify=VerifyConfig(max_ap_drop=0.05))
+    config = FederationConfig(name="tiny-federation", runs_dir=str(tmp / "runs"),
+                              data=DataConfig(cache_dir=str(tmp / "data"), synthetic=TINY), pipeline=pipeline,
+                              population=PopulationConfig(customers=("exp1", "exp2"), generated=0),
+                              simulation=SimulationConfig(num_rounds=1, client_threads=1, num_cpus=2))
+    from experiments.simulate import run_simulate
+
+    before = child_processes()
+    torch.set_num_threads(1)
+    outcome = run_simulate(config)
+    deadline = time.monotonic() + 30  # Ray's processes take a moment to exit after ray.shutdown()
+    # multiprocessing's resource tracker (started by the first spawn-context pool) lives as long
+    # as this interpreter, by design; everything else must be gone.
+    while (leftover := {p: c for p, c in child_processes().items() if p not in before and "resource_tracker" not in c}) \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return config, outcome, leftover, tmp
+
+
+def test_simulation_runs_two_customers_and_writes_the_run_folder(simulated):
+    config, outcome, leftover, _ = simulated
+    assert not leftover, f"processes left running after the simulation: {leftover}"
+    folder = outcome.folder
+    summary = json.loads((folder / "summary.json").read_text())
+    assert sorted(row["customer"] for row in summary["customers"]) == ["exp1", "exp2"]
+    for row in summary["customers"]:
+        assert row["verdict"] in ("accepted", "rejected") and row["uplink_bytes"] > 0
+        detail = json.loads((folder / "round1" / f"customer{row['partition_id']}.json").read_text())
+        assert {r["key"] for r in detail["rows"]} >= {"tutor_original", "tutor_updated", "edge_original",
+                                                      "edge_distill_c_public", "edge_distill_c_public_private"}
+        assert detail["customer_metrics"]["num-examples"] > 0
+    assert json.loads((folder / "rounds.json").read_text())[0]["replies"] == 2
+    assert "| exp1 |" in (folder / "summary.md").read_text()
+    events = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert sum(e.get("event") == "customer" for e in events) == 2
+
+
+def test_flower_and_the_plain_pipeline_give_the_same_per_customer_results(simulated):
+    config, outcome, _, tmp = simulated
+    torch.set_num_threads(1)
+    for customer in build_population(config.population):
+        flower = json.loads((outcome.folder / "round1" / f"customer{customer.partition_id}.json").read_text())
+        plain = run_pipeline(effective_pipeline(config, customer), config.data, preset=config.preset, seed=config.seed,
+                             customer_seed=customer_seed(config.seed, customer.partition_id), progress=False)
+        assert plain.manufacturer["reused"] is True  # the simulation's manufacturer, from the cache
+        assert plain.verdict.accepted == flower["verdict_detail"]["accepted"], customer.name
+        assert math.isclose(plain.delta_info["norm"], flower["verdict_detail"]["delta_norm"], rel_tol=1e-6), customer.name
+        rows = {row["key"]: row for row in flower["rows"]}
+        for key in ("tutor_original", "tutor_updated", "edge_original", "edge_distill_c_public", "edge_distill_c_public_private"):
+            mine, theirs = plain.row(key), rows[key]
+            assert mine["per_class"] == pytest.approx(theirs["per_class"], abs=1e-9), (customer.name, key)
+            assert (mine["tp"], mine["fp"]) == (theirs["tp"], theirs["fp"]), (customer.name, key)
+        assert flower["gain"] == pytest.approx(plain.row("edge_distill_c_public_private")["gain"], nan_ok=True)
