@@ -100,9 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", nargs="?" if default else None, default=default, help="TOML config file")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
 
-    p = sub.add_parser("demo", help="the main job on the embedded synthetic data")
-    add_config(p, str(CONFIG_DIR / "demo.toml"))
-    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("demo", help="the main job: the federation (4 customers, 1 round) on the embedded synthetic data")
+    add_config(p, str(CONFIG_DIR / "federation.toml"))
+    p.add_argument("--verbose", action="store_true", help="Flower's debug log")
+    p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("train", help="direct training of one role on one split")
     add_config(p, None)
@@ -124,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("generate-data", help="generate (or find) the synthetic dataset of a config and print its folder")
-    add_config(p, str(CONFIG_DIR / "demo.toml"))
+    add_config(p, str(CONFIG_DIR / "edge.toml"))
     p.set_defaults(func=cmd_generate_data)
 
     p = sub.add_parser("check-data", help="report every problem of a VOC-format dataset in one pass")

@@ -67,7 +67,7 @@ def test_bad_config_is_one_clear_line(tmp_path):
 
 
 def test_train_end_to_end_on_tiny_synthetic_data(tmp_path):
-    result = run_cli("train", ROOT / "experiments" / "configs" / "demo.toml",
+    result = run_cli("train", ROOT / "experiments" / "configs" / "edge.toml",
                      "--set", f'runs_dir="{tmp_path / "runs"}"', "--set", f'data.cache_dir="{tmp_path / "cache"}"',
                      "--set", "data.synthetic.num_train=16", "--set", "data.synthetic.num_val=8", "--set", "data.synthetic.num_test=8",
                      "--set", "train.epochs=1", "--set", "train.batch_size=8")

@@ -14,9 +14,14 @@ def write(tmp_path, text):
 def test_shipped_configs_load():
     from experiments.paper import load_paper_config
 
+    from diredi_sim.federation import FederationConfig, load_federation_config
+
     paths = sorted(CONFIGS.glob("*.toml"))
-    assert {p.stem for p in paths} >= {"demo", "exp1", "exp2"}
+    assert {p.stem for p in paths} >= {"edge", "exp1", "exp2", "federation"}
     for path in paths:
+        if path.stem == "federation":
+            assert isinstance(load_federation_config(path), FederationConfig)
+            continue
         config = load_paper_config(path)[0] if path.stem.startswith("exp") else load_config(path)
         assert isinstance(config, ExperimentConfig)
 
