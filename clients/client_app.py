@@ -41,6 +41,6 @@ def train(msg: Message, context: Context) -> Message:
     customer = population[read_partition_id(context, len(population))]
     torch.set_num_threads(config.simulation.client_threads)
     result = customer_work(config, customer, len(population), msg.content["tutor"].to_torch_state_dict(),
-                           msg.content["edge"].to_torch_state_dict())
+                           msg.content["edge"].to_torch_state_dict(), progress=True)
     metrics = MetricRecord({**result["metrics"], "server-round": int(msg.content["config"].get("server-round", 0))})
     return Message(RecordDict({"delta": ArrayRecord(result["delta"]), "metrics": metrics}), reply_to=msg)

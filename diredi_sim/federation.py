@@ -259,13 +259,16 @@ def customer_work(config: FederationConfig, customer: Customer, num_customers: i
     """The customer's step on its own data: RD B, RD A, the delta. Returns the delta (float32,
     neck + head, by name) and scalar metrics only: nothing per image leaves this function."""
     start = time.perf_counter()
+    say = (lambda text: print(f"customer {customer.partition_id} ({customer.name}): {text}", flush=True)) if progress \
+        else (lambda text: None)
     datasets = datasets or DataSets(config.data)
     pipeline = effective_pipeline(config, customer)
     tutor, edge = load_model("tutor", config.preset, tutor_state), load_model("edge", config.preset, edge_state)
     recorder = StageRecorder()
+    say(f"RD B (presumed data) and RD A ({', '.join(customer.classes)}), {pipeline.rd.epochs} epoch(s) each")
     update = run_customer(tutor, edge, pipeline, datasets, customer.classes, seed=customer_seed(config.seed, customer.partition_id),
                           recorder=recorder, records=pick_share(config.population, customer.partition_id, num_customers),
-                          progress=progress)
+                          say=say, progress=False)
     metrics = {
         "partition-id": customer.partition_id,
         "num-examples": update.train_images["rd_a"],
@@ -277,6 +280,7 @@ def customer_work(config: FederationConfig, customer: Customer, num_customers: i
     }
     for stage in recorder.stages:
         metrics[f"{stage['stage'].replace('_', '-')}-seconds"] = stage["seconds"]
+    say(f"done in {metrics['seconds']:.0f} s (RD B {metrics.get('rd-b-seconds', 0):.0f} s, RD A {metrics.get('rd-a-seconds', 0):.0f} s)")
     return {"delta": {k: v.detach().float().contiguous() for k, v in update.delta.items()}, "metrics": metrics}
 
 

@@ -26,7 +26,7 @@ def build_backend_config(config: FederationConfig) -> dict:
         init_args = {"address": sim.ray_address}
     else:
         init_args = {"num_cpus": sim.num_cpus or os.cpu_count() or 1, "_node_ip_address": "127.0.0.1",
-                     "include_dashboard": False}
+                     "include_dashboard": False, "log_to_driver": True}  # customers' progress lines reach this terminal
     return {"client_resources": {"num_cpus": sim.client_cpus, "num_gpus": sim.client_gpus}, "init_args": init_args}
 
 

@@ -15,7 +15,7 @@ import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -104,7 +104,7 @@ class DiReDiStrategy(FedAvg):
         tutor = load_model("tutor", self.config.preset, self.tutor_state)
         merged_state, report = merge_accepted(self.config, tutor, accepted, weights)
         report = {"round": server_round, "replies": len(valid), "failures": len(failures),
-                  "accepted": len(accepted), **report}
+                  "accepted_customers": len(accepted), "shared_tutor_updated": merged_state is not None, "merge": report}
         self.round_reports.append(report)
         self.run.log({"event": "round", **to_jsonable(report)})
         self.run.write_json("rounds.json", to_jsonable(self.round_reports))
@@ -136,6 +136,8 @@ class DiReDiStrategy(FedAvg):
         for i, job in enumerate(jobs):
             problems = reply_problems(job["delta"], self.tutor_state)
             if problems:
+                log(WARNING, "customer %d (%s): malformed delta rejected: %s", job["customer"].partition_id, job["customer"].name,
+                    "; ".join(problems))
                 results[i] = {"verdict": {"accepted": False, "reasons": problems, "delta_norm": math.nan}, "rows": [],
                               "edges": {}, "stages": [], "seconds": 0.0}
             else:
@@ -143,15 +145,24 @@ class DiReDiStrategy(FedAvg):
         workers = self.config.simulation.server_workers or min(len(runnable), os.cpu_count() or 1)
         args = lambda i, threads: (self.config, jobs[i]["customer"], self.tutor_state, jobs[i]["edge"], jobs[i]["delta"],  # noqa: E731
                                    len(self.population), threads)
+        def report(i: int) -> None:
+            verdict = results[i]["verdict"]
+            log(INFO, "customer %d (%s): %s; manufacturer's step %.0f s", jobs[i]["customer"].partition_id,
+                jobs[i]["customer"].name, "accepted" if verdict["accepted"] else "rejected: " + "; ".join(verdict["reasons"]),
+                results[i]["seconds"])
+
         if workers <= 1 or len(runnable) <= 1:
             for i in runnable:
                 results[i] = self.manufacturer_step(*args(i, 0))
+                report(i)
         else:
             threads = max(1, (os.cpu_count() or 1) // workers)
+            log(INFO, "manufacturer: %d customers' steps in %d processes (%d torch threads each)", len(runnable), workers, threads)
             with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = {i: pool.submit(self.manufacturer_step, *args(i, threads)) for i in runnable}
-                for i, future in futures.items():
-                    results[i] = future.result()
+                futures = {pool.submit(self.manufacturer_step, *args(i, threads)): i for i in runnable}
+                for future in as_completed(futures):
+                    results[futures[future]] = future.result()
+                    report(futures[future])
         return results
 
     def _record(self, server_round: int, job: dict, result: dict) -> None:

@@ -117,7 +117,8 @@ def test_strategy_merges_accepted_deltas_and_records_everything_else(setup):
     smuggled_row = json.loads((run.folder / "round1" / "customer3.json").read_text())
     assert smuggled_row["verdict"] == "rejected" and any("backbone" in r for r in smuggled_row["reasons"])
     report = json.loads((run.folder / "rounds.json").read_text())[0]
-    assert report["merged"] == 2 and report["accepted"] is True
+    assert report["accepted_customers"] == 2 and report["shared_tutor_updated"] is True
+    assert report["merge"]["merged"] == 2 and report["merge"]["accepted"] is True and report["merge"]["rule"] == "mean"
 
     # deployed edges: the accepted customers get their Distill C model next round; partition 2 keeps the original
     assert set(strategy.deployed_edges) == {0, 1}

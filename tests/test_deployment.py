@@ -1,0 +1,157 @@
+"""Flower's deployment engine: one SuperLink and two SuperNodes on 127.0.0.1 run one round of
+the same ClientApp and ServerApp through ``flwr run``; the test stops exactly the processes it
+started (each in its own process group, with its children) and nothing else."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (Flower detaches some children into new sessions, so
+    process groups are not enough)."""
+    parent_of = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                parent_of[int(entry)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parent_of.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def stop(process: subprocess.Popen, tree: set[int]) -> None:
+    """SIGTERM to the process and the descendants recorded for it, SIGKILL to what lingers."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in [process.pid, *sorted(tree)]:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in tree | {process.pid}) and time.monotonic() < deadline:
+            process.poll()
+            time.sleep(0.2)
+    process.wait(timeout=15)
+
+
+TINY_RUN_CONFIG = """\
+"name" = "deployment-test"
+"runs-dir" = "{runs}"
+"data.cache-dir" = "{cache}"
+"data.synthetic.seed" = 3
+"data.synthetic.num-train" = 24
+"data.synthetic.num-val" = 8
+"data.synthetic.num-test" = 16
+"data.synthetic.min-objects" = 3
+"data.synthetic.max-objects" = 5
+"data.synthetic.min-object-size" = 24
+"pipeline.cache-dir" = "{cache}"
+"pipeline.max-eval-images" = 0
+"pipeline.eval-batch-size" = 16
+"population.customers" = "exp1,exp2"
+"population.generated" = 0
+"simulation.num-rounds" = 1
+"simulation.server-workers" = 1
+"""
+STAGES = ("teacher", "distill-a", "distill-b", "rd", "distill-c", "direct")
+
+
+def test_superlink_and_two_supernodes_run_one_round(tmp_path):
+    home, runs, cache = tmp_path / "flwr-home", tmp_path / "runs", tmp_path / "cache"
+    home.mkdir()
+    http = free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "127.0.0.1:{http}"\ninsecure = true\n')
+    lines = [TINY_RUN_CONFIG.format(runs=runs, cache=cache)]
+    for stage in STAGES:
+        lines.append(f'"pipeline.{stage}.epochs" = 1\n"pipeline.{stage}.batch-size" = 8\n'
+                     f'"pipeline.{stage}.max-train-images" = 0\n"pipeline.{stage}.max-eval-images" = 0\n')
+    run_config = tmp_path / "run-config.toml"
+    run_config.write_text("".join(lines))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    started: list[subprocess.Popen] = []
+
+    def start(name: str, *args: str) -> tuple[subprocess.Popen, Path]:
+        log = tmp_path / f"{name}.log"
+        process = subprocess.Popen([str(BIN / args[0]), *args[1:]], cwd=tmp_path, env=env, stdout=log.open("w"),
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        started.append(process)
+        return process, log
+
+    try:
+        # Flower 1.41 serves the Fleet, Control and Runtime APIs over one HTTP address.
+        superlink, log = start("superlink", "flower-superlink", "--insecure", "--isolation", "subprocess",
+                               "--host", "127.0.0.1", "--port", str(http), "--disable-runtime-dependency-installation")
+        wait_for_port(http, superlink, log)
+        for partition in (0, 1):
+            start(f"supernode{partition}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{http}",
+                                   "--node-config", f"partition-id={partition} num-partitions=2", "--isolation", "subprocess",
+                                   "--host", "127.0.0.1", "--port", str(free_port()))
+        result = subprocess.run([str(BIN / "flwr"), "run", str(ROOT), "deploy", "--run-config", str(run_config), "--stream"],
+                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output[-4000:]
+        deadline = time.monotonic() + 120
+        summaries = []
+        while not summaries and time.monotonic() < deadline:
+            summaries = list(runs.glob("*-deployment-test/summary.json"))
+            time.sleep(1)
+        logs = "\n".join(p.read_text()[-2000:] for p in tmp_path.glob("*.log"))
+        assert summaries, f"no summary.json under {runs}\n{output[-3000:]}\n{logs}"
+        summary = json.loads(summaries[0].read_text())
+        assert sorted(row["customer"] for row in summary["customers"]) == ["exp1", "exp2"]
+        assert summary["rounds"][0]["replies"] == 2 and summary["rounds"][0]["failures"] == 0
+    finally:
+        trees = {process.pid: descendants(process.pid) for process in started}
+        for process in reversed(started):
+            stop(process, trees[process.pid])
+    for process in started:
+        assert process.poll() is not None and not any(alive(p) for p in trees[process.pid])
