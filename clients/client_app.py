@@ -9,11 +9,13 @@ an ArrayRecord keyed by parameter name) and a MetricRecord of scalars. Nothing e
 
 from __future__ import annotations
 
+import time
+
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from diredi_sim.federation import build_population, customer_work, federation_from_flat
+from diredi_sim.federation import build_population, customer_work, federation_from_flat, parse_faults
 
 app = ClientApp()
 
@@ -39,8 +41,15 @@ def train(msg: Message, context: Context) -> Message:
     config = federation_from_flat(settings, source="the round's config")
     population = build_population(config.population, config.pipeline.presumed_split)
     customer = population[read_partition_id(context, len(population))]
+    fault = parse_faults(config.simulation.inject_faults).get(customer.partition_id)
+    if fault == "raise":
+        raise RuntimeError(f"injected fault: customer {customer.partition_id} raises")
+    if fault == "hang":
+        time.sleep(config.simulation.round_timeout * 10)
     torch.set_num_threads(config.simulation.client_threads)
     result = customer_work(config, customer, len(population), msg.content["tutor"].to_torch_state_dict(),
                            msg.content["edge"].to_torch_state_dict(), progress=True)
     metrics = MetricRecord({**result["metrics"], "server-round": int(msg.content["config"].get("server-round", 0))})
+    if fault == "malformed":  # a reply without its metrics, and a delta that lost a tensor
+        return Message(RecordDict({"delta": ArrayRecord(dict(list(result["delta"].items())[1:]))}), reply_to=msg)
     return Message(RecordDict({"delta": ArrayRecord(result["delta"]), "metrics": metrics}), reply_to=msg)

@@ -60,7 +60,6 @@ __all__ = [
     "evaluate_detections",
     "read_class_names",
     "read_detection_folder",
-    "to_jsonable",
 ]
 
 # Detection status after matching.

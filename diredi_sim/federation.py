@@ -19,7 +19,6 @@ in Flower's ClientApp and ServerApp; nothing here imports flwr or ray.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Sequence
@@ -30,11 +29,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diredi_sim.config import ConfigError, DataConfig, _check, config_from_dict, from_flat, to_flat
+from diredi_sim.config import ConfigError, DataConfig, _check, config_from_dict, to_flat
 from diredi_sim.data import VOC_CLASSES
 from diredi_sim.data.splits import SPLIT_PRESETS, resolve_split
-from diredi_sim.data.voc import ImageRecord
-from diredi_sim.deltas import MERGE_RULES, apply_delta, check_delta, compute_norm, merge_deltas
+from diredi_sim.deltas import MERGE_RULES, check_delta, compute_norm, merge_deltas
 from diredi_sim.models import build_detector
 from diredi_sim.pipeline import (DISTILL_C_MODES, ClassSets, DataSets, PipelineConfig, StageRecorder, evaluate_rows,
                                  load_pipeline_config, run_customer, run_manufacturer_step)
@@ -42,6 +40,7 @@ from diredi_sim.runs import to_jsonable
 from diredi_sim.verify import Verdict, verify_update
 
 PARTITIONS = ("shared", "disjoint")
+SELECTIONS = ("all", "krum", "multikrum")
 
 
 @dataclass(frozen=True)
@@ -78,6 +77,9 @@ class SimulationConfig:
     merge: str = "mean"  # how accepted deltas update the shared tutor: sum | mean | median | trimmed_mean
     trim_fraction: float = 0.2  # trimmed_mean: share cut at each end
     clip_norm: float = 0.0  # clip each delta to this norm before merging (0: off)
+    select: str = "all"  # which accepted deltas are merged: all | krum | multikrum (Flower's selection)
+    num_malicious: int = 0  # krum / multikrum: customers assumed malicious (f)
+    num_selected: int = 0  # multikrum: deltas kept (0: n - f)
     deploy_mode: str = "public+private"  # whose Distill C edge model a customer receives next round
     client_cpus: float = 1.0  # Ray resources per customer actor
     client_gpus: float = 0.0
@@ -86,6 +88,9 @@ class SimulationConfig:
     ray_address: str = ""  # an existing Ray cluster ("auto" or host:port); "" = a local Ray bound to 127.0.0.1
     server_workers: int = 0  # processes for the manufacturer's per-customer steps (0: min(customers, CPUs))
     round_timeout: float = 86400.0  # seconds the server waits for a round's replies
+    # Test only: faults injected into customers, "<partition id>:<fault>" comma-separated, with
+    # fault one of raise | hang | malformed (e.g. "1:raise,2:hang"). Empty in every real run.
+    inject_faults: str = ""
 
     def __post_init__(self):
         _check(self.num_rounds >= 1, "simulation.num_rounds", self.num_rounds, "must be >= 1")
@@ -93,6 +98,9 @@ class SimulationConfig:
         _check(self.merge in MERGE_RULES, "simulation.merge", self.merge, f"must be one of {list(MERGE_RULES)}")
         _check(0 <= self.trim_fraction < 0.5, "simulation.trim_fraction", self.trim_fraction, "must be in [0, 0.5)")
         _check(self.clip_norm >= 0, "simulation.clip_norm", self.clip_norm, "must be >= 0")
+        _check(self.select in SELECTIONS, "simulation.select", self.select, f"must be one of {list(SELECTIONS)}")
+        _check(self.num_malicious >= 0, "simulation.num_malicious", self.num_malicious, "must be >= 0")
+        _check(self.num_selected >= 0, "simulation.num_selected", self.num_selected, "must be >= 0")
         _check(self.deploy_mode in DISTILL_C_MODES, "simulation.deploy_mode", self.deploy_mode, f"must be one of {list(DISTILL_C_MODES)}")
         _check(self.client_cpus > 0, "simulation.client_cpus", self.client_cpus, "must be > 0")
         _check(self.client_gpus >= 0, "simulation.client_gpus", self.client_gpus, "must be >= 0")
@@ -100,6 +108,24 @@ class SimulationConfig:
         _check(self.num_cpus >= 0, "simulation.num_cpus", self.num_cpus, "must be >= 0")
         _check(self.server_workers >= 0, "simulation.server_workers", self.server_workers, "must be >= 0")
         _check(self.round_timeout > 0, "simulation.round_timeout", self.round_timeout, "must be > 0")
+        try:
+            parse_faults(self.inject_faults)
+        except ValueError as exc:
+            raise ConfigError(f"simulation.inject_faults = {self.inject_faults!r}: {exc}") from None
+
+
+FAULTS = ("raise", "hang", "malformed")
+
+
+def parse_faults(spec: str) -> dict[int, str]:
+    """``"1:raise,2:hang"`` -> {1: "raise", 2: "hang"} (the test-only fault injection)."""
+    faults = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        partition, _, fault = item.partition(":")
+        if not partition.isdigit() or fault not in FAULTS:
+            raise ValueError(f"{item!r}: expected <partition id>:<fault> with fault one of {list(FAULTS)}")
+        faults[int(partition)] = fault
+    return faults
 
 
 @dataclass(frozen=True)
@@ -357,5 +383,5 @@ __all__ = [
     "PopulationConfig", "SimulationConfig", "FederationConfig", "Customer", "build_population", "parse_customer",
     "customer_seed", "pick_share", "effective_pipeline", "customer_work", "manufacturer_work", "merge_accepted",
     "load_federation_config", "federation_config_from_dict", "federation_to_flat", "federation_from_flat",
-    "reply_problems", "verdict_to_dict", "load_model", "to_flat_dict",
+    "reply_problems", "verdict_to_dict", "load_model", "to_flat_dict", "parse_faults", "FAULTS",
 ]

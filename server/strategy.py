@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from logging import INFO, WARNING
@@ -22,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.multikrum import select_multikrum
 
 from diredi_sim.federation import (Customer, FederationConfig, load_model, manufacturer_work, merge_accepted,
                                    reply_problems)
@@ -48,6 +48,7 @@ class DiReDiStrategy(FedAvg):
         self.run = run
         self.manufacturer_step = manufacturer_step
         self.tutor_state: dict | None = None
+        self.sampled_nodes: list[int] = []  # this round's
         self.summary_rows: list[dict] = []
         self.round_reports: list[dict] = []
 
@@ -62,20 +63,28 @@ class DiReDiStrategy(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """FedAvg's sampling; each message carries the tutor, that customer's edge and the settings."""
         self.tutor_state = arrays.to_torch_state_dict()
+        self.sampled_nodes = []
         messages = []
         for message in super().configure_train(server_round, arrays, config, grid):
             node = message.metadata.dst_node_id
             edge = self.deployed_edges.get(self.partition_of_node.get(node, -1), self.original_edge)
             content = RecordDict({"tutor": arrays, "edge": ArrayRecord(edge), "config": config})
             messages.append(Message(content=content, message_type=message.metadata.message_type, dst_node_id=node))
+            self.sampled_nodes.append(node)
         return messages
 
     # ----------------------------------------------------------------------------- aggregation
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Each reply through the manufacturer's step; accepted deltas merged into the shared tutor."""
-        valid, errors = self._check_and_log_replies(list(replies), is_train=True, validate=False)
+        replies = list(replies)
+        valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
         failures = [{"round": server_round, "node": m.metadata.src_node_id, "reason": m.error.reason} for m in errors]
+        answered = {m.metadata.src_node_id for m in replies}
+        for node in self.sampled_nodes:
+            if node not in answered:
+                failures.append({"round": server_round, "node": node, "partition_id": self.partition_of_node.get(node),
+                                 "reason": f"no reply within simulation.round_timeout = {self.config.simulation.round_timeout} s"})
         jobs, seen = [], set()
         for message in valid:
             try:
@@ -101,8 +110,10 @@ class DiReDiStrategy(FedAvg):
                 weights.append(float(job["metrics"].get("num-examples", 1)))
                 self.deployed_edges[job["customer"].partition_id] = result["edges"][self.config.simulation.deploy_mode]
 
+        selected, selected_weights, selection = self._select(accepted, weights)
         tutor = load_model("tutor", self.config.preset, self.tutor_state)
-        merged_state, report = merge_accepted(self.config, tutor, accepted, weights)
+        merged_state, report = merge_accepted(self.config, tutor, selected, selected_weights)
+        report["selection"] = selection
         report = {"round": server_round, "replies": len(valid), "failures": len(failures),
                   "accepted_customers": len(accepted), "shared_tutor_updated": merged_state is not None, "merge": report}
         self.round_reports.append(report)
@@ -116,6 +127,18 @@ class DiReDiStrategy(FedAvg):
         metrics = MetricRecord({"replies": len(valid), "failures": len(failures), "accepted": len(accepted),
                                 "tutor-updated": int(merged_state is not None)})
         return (ArrayRecord(merged_state) if merged_state is not None else None), metrics
+
+    def _select(self, deltas: list[dict], weights: list[float]) -> tuple[list[dict], list[float], dict]:
+        """Krum / Multi-Krum (Flower's selection) over the accepted deltas, before merging."""
+        sim = self.config.simulation
+        if sim.select == "all" or len(deltas) <= 1:
+            return deltas, weights, {"rule": sim.select, "kept": list(range(len(deltas)))}
+        contents = [RecordDict({"delta": ArrayRecord(delta)}) for delta in deltas]
+        keep = 1 if sim.select == "krum" else (sim.num_selected or max(1, len(deltas) - sim.num_malicious))
+        chosen = select_multikrum(contents, sim.num_malicious, keep)
+        kept = [i for i, content in enumerate(contents) if any(content is c for c in chosen)]
+        log(INFO, "%s kept %d of %d accepted deltas: %s", sim.select, len(kept), len(deltas), kept)
+        return [deltas[i] for i in kept], [weights[i] for i in kept], {"rule": sim.select, "kept": kept}
 
     def _read_reply(self, message: Message) -> dict:
         metrics = dict(message.content["metrics"])

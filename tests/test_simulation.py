@@ -100,3 +100,33 @@ def test_flower_and_the_plain_pipeline_give_the_same_per_customer_results(simula
             assert mine["per_class"] == pytest.approx(theirs["per_class"], abs=1e-9), (customer.name, key)
             assert (mine["tp"], mine["fp"]) == (theirs["tp"], theirs["fp"]), (customer.name, key)
         assert flower["gain"] == pytest.approx(plain.row("edge_distill_c_public_private")["gain"], nan_ok=True)
+
+
+def test_a_round_completes_when_customers_raise_hang_or_reply_malformed(tmp_path, simulated):
+    """Customer 1 raises, customer 2 hangs past the round timeout, customer 3 replies without
+    metrics: the round completes with customer 0, and each failure is in the run folder.
+    Customer 0 is the first simulation's customer 0 (same data, seeds and settings, manufacturer
+    trained again from scratch): its results must be identical (determinism on the CPU)."""
+    pipeline = PipelineConfig(teacher=STAGE, distill_a=STAGE, distill_b=STAGE, rd=STAGE, distill_c=STAGE, direct=STAGE,
+                              cache_dir=str(tmp_path / "manufacturer-cache"), eval_batch_size=16)
+    config = FederationConfig(name="faults", runs_dir=str(tmp_path / "runs"),
+                              data=DataConfig(cache_dir=str(tmp_path / "data"), synthetic=TINY), pipeline=pipeline,
+                              population=PopulationConfig(customers=("exp1", "exp2", "exp1", "exp2"), generated=0),
+                              simulation=SimulationConfig(num_rounds=1, client_threads=1, num_cpus=2, round_timeout=60,
+                                                          inject_faults="1:raise,2:hang,3:malformed"))
+    from experiments.simulate import run_simulate
+
+    torch.set_num_threads(1)
+    outcome = run_simulate(config)
+    summary = json.loads((outcome.folder / "summary.json").read_text())
+    assert [row["partition_id"] for row in summary["customers"]] == [0]
+    assert summary["rounds"][0]["failures"] == 3 and summary["rounds"][0]["replies"] == 3
+    failures = [json.loads(line) for line in (outcome.folder / "metrics.jsonl").read_text().splitlines()]
+    reasons = " | ".join(f["reason"] for f in failures if f.get("event") == "customer_failed")
+    assert "injected fault: customer 1 raises" in reasons
+    assert "no reply within simulation.round_timeout" in reasons
+    assert "malformed reply" in reasons
+    mine = json.loads((outcome.folder / "round1" / "customer0.json").read_text())
+    first = json.loads((simulated[1].folder / "round1" / "customer0.json").read_text())
+    untimed = lambda rows: [{k: v for k, v in row.items() if k != "eval_seconds"} for row in rows]  # noqa: E731
+    assert untimed(mine["rows"]) == untimed(first["rows"]) and mine["verdict_detail"] == first["verdict_detail"]

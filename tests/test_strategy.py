@@ -138,3 +138,29 @@ def test_a_round_without_accepted_deltas_keeps_the_tutor(setup):
     new_arrays, metrics = strategy.aggregate_train(1, [reply_to(message, 2, delta, 10)])
     assert new_arrays is None and metrics["accepted"] == 0 and metrics["tutor-updated"] == 0
     assert strategy.deployed_edges == {}
+
+
+def test_krum_keeps_a_poisoned_delta_out_of_the_shared_tutor(setup, tmp_path):
+    """Three honest customers send similar small deltas, one sends a large one that passed its
+    own verification (the stub accepts it): Flower's Krum selection keeps it out of the merge."""
+    config, _, tutor, edge, run = setup
+    from dataclasses import replace
+
+    krum = replace(config, simulation=replace(config.simulation, select="multikrum", num_malicious=1))
+    strategy = DiReDiStrategy(krum, build_population(krum.population), edge.state_dict(), run,
+                              manufacturer_step=lambda *args: {**stub_step(*args), "verdict": {"accepted": True, "reasons": [],
+                                                                                              "delta_norm": 1.0}})
+    tutor_state = {k: v.clone() for k, v in tutor.state_dict().items()}
+    grid = FakeGrid([31, 32, 33, 34])
+    by_node = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, ArrayRecord(tutor.state_dict()), ConfigRecord({}), grid)}
+    neck_head = select_neck_head(tutor_state)
+    honest = [{k: torch.full_like(v, value, dtype=torch.float32) for k, v in neck_head.items()} for value in (0.010, 0.011, 0.012)]
+    poisoned = {k: torch.full_like(v, -5.0, dtype=torch.float32) for k, v in neck_head.items()}
+    replies = [reply_to(by_node[31 + i], i, delta, 100) for i, delta in enumerate(honest)]
+    replies.append(reply_to(by_node[34], 3, poisoned, 100))
+    new_arrays, metrics = strategy.aggregate_train(1, replies)
+    report = json.loads((run.folder / "rounds.json").read_text())[-1]
+    assert report["merge"]["selection"]["kept"] == [0, 1, 2]
+    new_state = new_arrays.to_torch_state_dict()
+    key = next(iter(neck_head))
+    assert torch.allclose(new_state[key], tutor_state[key] + 0.011, atol=1e-6)
