@@ -29,14 +29,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diredi_sim.config import ConfigError, DataConfig, _check, config_from_dict, to_flat
+from diredi_sim.config import ConfigError, DataConfig, TrainConfig, _check, config_from_dict, to_flat
 from diredi_sim.data import VOC_CLASSES
 from diredi_sim.data.splits import SPLIT_PRESETS, resolve_split
 from diredi_sim.deltas import MERGE_RULES, check_delta, compute_norm, merge_deltas
 from diredi_sim.models import build_detector
-from diredi_sim.pipeline import (DISTILL_C_MODES, ClassSets, DataSets, PipelineConfig, StageRecorder, evaluate_rows,
-                                 load_pipeline_config, run_customer, run_manufacturer_step)
+from diredi_sim.pipeline import (DISTILL_C_MODES, ClassSets, DataSets, PipelineConfig, StageRecorder, compute_knowledge,
+                                 evaluate_row, evaluate_rows, load_pipeline_config, run_customer, run_manufacturer_step)
 from diredi_sim.runs import to_jsonable
+from diredi_sim.train import finetune
 from diredi_sim.verify import Verdict, verify_update
 
 PARTITIONS = ("shared", "disjoint")
@@ -128,6 +129,27 @@ def parse_faults(spec: str) -> dict[int, str]:
     return faults
 
 
+METHODS = ("diredi", "fedavg", "fedprox", "direct", "local")
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """The methods DiReDi is compared with, on the same customers, splits and seeds."""
+
+    methods: tuple[str, ...] = METHODS  # what `diredi-sim compare` runs
+    rounds: int = 3  # FedAvg / FedProx rounds
+    local: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=1, lr=0.001, warmup_steps=10, eval_every=100, max_train_images=600, max_eval_images=100))
+    # ^ a FedAvg / FedProx customer's fine-tuning per round; local fine-tuning runs it for `rounds` times the epochs
+    proximal_mu: float = 0.01  # FedProx
+
+    def __post_init__(self):
+        _check(all(m in METHODS for m in self.methods) and len(set(self.methods)) == len(self.methods), "baselines.methods",
+               self.methods, f"must be distinct values among {list(METHODS)}")
+        _check(self.rounds >= 1, "baselines.rounds", self.rounds, "must be >= 1")
+        _check(self.proximal_mu >= 0, "baselines.proximal_mu", self.proximal_mu, "must be >= 0")
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     """One experiment of the Flower simulation (``diredi-sim simulate CONFIG``, ``flwr run .``)."""
@@ -141,6 +163,11 @@ class FederationConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # pipeline.customer is unused: see population
     population: PopulationConfig = field(default_factory=PopulationConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    replicate: int = 0  # the customers' seeds of replicate k differ; the manufacturer's models stay (compare --seeds)
+
+    def customer_seed(self, partition_id: int) -> int:
+        return customer_seed(self.seed + 100_003 * self.replicate, partition_id)
 
     def __post_init__(self):
         _check(self.preset in ("cpu", "paper"), "preset", self.preset, "must be 'cpu' or 'paper'")
@@ -292,7 +319,7 @@ def customer_work(config: FederationConfig, customer: Customer, num_customers: i
     tutor, edge = load_model("tutor", config.preset, tutor_state), load_model("edge", config.preset, edge_state)
     recorder = StageRecorder()
     say(f"RD B (presumed data) and RD A ({', '.join(customer.classes)}), {pipeline.rd.epochs} epoch(s) each")
-    update = run_customer(tutor, edge, pipeline, datasets, customer.classes, seed=customer_seed(config.seed, customer.partition_id),
+    update = run_customer(tutor, edge, pipeline, datasets, customer.classes, seed=config.customer_seed(customer.partition_id),
                           recorder=recorder, records=pick_share(config.population, customer.partition_id, num_customers),
                           say=say, progress=False)
     metrics = {
@@ -326,7 +353,7 @@ def manufacturer_work(config: FederationConfig, customer: Customer, tutor_state:
     tutor, edge = load_model("tutor", config.preset, tutor_state), load_model("edge", config.preset, edge_state)
     recorder = StageRecorder()
     step = run_manufacturer_step(tutor, edge, delta, pipeline, datasets, customer.classes,
-                                 seed=customer_seed(config.seed, customer.partition_id), recorder=recorder,
+                                 seed=config.customer_seed(customer.partition_id), recorder=recorder,
                                  records=pick_share(config.population, customer.partition_id, num_customers), progress=False)
     models = {"tutor_original": tutor, "tutor_updated": step.tutor_prime, "edge_original": edge}
     if step.candidate is not None:
@@ -343,6 +370,46 @@ def manufacturer_work(config: FederationConfig, customer: Customer, tutor_state:
         "stages": recorder.stages,
         "seconds": round(time.perf_counter() - start, 3),
     }
+
+
+def baseline_customer_work(config: FederationConfig, customer: Customer, num_customers: int, edge_state: dict[str, Tensor],
+                           *, proximal_mu: float = 0.0, epochs: int | None = None, datasets: DataSets | None = None) -> dict:
+    """A FedAvg / FedProx customer's step (and local fine-tuning): fine-tune the edge model on
+    the customer's data (its presumed and private classes), with FedProx's proximal term when
+    ``proximal_mu`` > 0. Returns the whole edge model (what FedAvg sends up) and scalar metrics."""
+    start = time.perf_counter()
+    datasets = datasets or DataSets(config.data)
+    cfg = config.baselines.local if epochs is None else replace(config.baselines.local, epochs=epochs)
+    pick = pick_share(config.population, customer.partition_id, num_customers)
+    edge = load_model("edge", config.preset, edge_state)
+    train = pick(datasets.train(customer.classes, cfg))
+    seed = config.customer_seed(customer.partition_id) + 7
+    torch.manual_seed(seed)
+    finetune(edge, train, pick(datasets.val(customer.classes, cfg)), cfg, class_indices=ClassSets.indices(customer.classes),
+             proximal_mu=proximal_mu, seed=seed, name=f"edge_customer{customer.partition_id}", progress=False)
+    state = {k: v.detach().clone() for k, v in edge.state_dict().items()}
+    return {"arrays": state, "metrics": {"partition-id": customer.partition_id, "num-examples": len(train),
+                                         "seconds": round(time.perf_counter() - start, 3)}}
+
+
+def evaluate_for_customer(config: FederationConfig, customer: Customer, edge: nn.Module,
+                          reference: dict[str, float] | None = None, datasets: DataSets | None = None) -> dict:
+    """One edge model on the customer's test images: mAP / P / R / F1 over its classes, per-class
+    AP of its classes and the presumed ones, and gain / forgetting against ``reference``
+    (per-class AP of the original edge) when given."""
+    datasets = datasets or DataSets(config.data)
+    classes = customer.class_sets(config.pipeline)
+    pipeline = config.pipeline
+    test = datasets.records(config.data.test_set, classes.union, pipeline.max_eval_images)
+    row = evaluate_row(edge, test, classes.customer, classes.union, batch_size=pipeline.eval_batch_size,
+                       score_threshold=pipeline.score_threshold)
+    if reference is not None:
+        row.update(compute_knowledge(row["per_class"], reference, classes))
+    return to_jsonable(row)
+
+
+def count_state_bytes(state: dict[str, Tensor]) -> int:
+    return sum(v.numel() * v.element_size() for v in state.values())
 
 
 def verdict_to_dict(verdict: Verdict) -> dict:
@@ -383,5 +450,6 @@ __all__ = [
     "PopulationConfig", "SimulationConfig", "FederationConfig", "Customer", "build_population", "parse_customer",
     "customer_seed", "pick_share", "effective_pipeline", "customer_work", "manufacturer_work", "merge_accepted",
     "load_federation_config", "federation_config_from_dict", "federation_to_flat", "federation_from_flat",
-    "reply_problems", "verdict_to_dict", "load_model", "to_flat_dict", "parse_faults", "FAULTS",
+    "reply_problems", "verdict_to_dict", "BaselineConfig", "METHODS", "baseline_customer_work", "evaluate_for_customer",
+    "count_state_bytes", "load_model", "to_flat_dict", "parse_faults", "FAULTS",
 ]

@@ -353,3 +353,29 @@ def reverse_distill(edge: nn.Module, tutor_copy: nn.Module, train_records, val_r
                           freeze_student_backbone=freeze_backbone)
     return fit(tutor_copy, distiller, train_records, val_records, cfg, modules=distiller,
                parameters=distiller.trainable_parameters(), **kwargs)
+
+
+def compute_proximal_losses(detector: nn.Module, reference: dict[str, Tensor], mu: float) -> LossFn:
+    """FCOS's task losses plus FedProx's proximal term ``mu / 2 * ||w - w_reference||^2`` over
+    the trainable parameters (``proximal``; left out when ``mu`` is 0)."""
+    task = compute_task_losses(detector)
+    anchors = {name: reference[name].detach().clone() for name, p in detector.named_parameters() if p.requires_grad}
+
+    def losses(images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        out = task(images, targets)
+        if mu > 0:
+            out["proximal"] = 0.5 * mu * sum((p - anchors[n]).pow(2).sum() for n, p in detector.named_parameters()
+                                             if n in anchors)
+        return out
+
+    return losses
+
+
+def finetune(detector: nn.Module, train_records, val_records, cfg: TrainConfig, *, proximal_mu: float = 0.0,
+             **kwargs) -> dict:
+    """Fine-tune a trained model on new data (local fine-tuning, a FedAvg / FedProx customer's
+    step): the task losses, plus the proximal term towards the starting weights when
+    ``proximal_mu`` > 0 (FedProx)."""
+    start = {k: v.detach().clone() for k, v in detector.state_dict().items()}
+    return fit(detector, compute_proximal_losses(detector, start, proximal_mu), train_records, val_records, cfg, **kwargs)
+

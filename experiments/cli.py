@@ -63,6 +63,30 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from diredi_sim.federation import load_federation_config
+    from experiments.compare import run_compare
+
+    config = load_federation_config(args.config, parse_overrides(args.set))
+    run_compare(config, seeds=args.seeds)
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from experiments.plots import plot_comparison
+
+    for path in plot_comparison(args.run_dir):
+        print(path)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from experiments.report import render_report
+
+    print(render_report(args.run_dir))
+    return 0
+
+
 def cmd_generate_data(args) -> int:
     from diredi_sim.config import load_config
     from diredi_sim.data.sources import resolve_data_folder
@@ -123,6 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_config(p, str(CONFIG_DIR / "federation.toml"))
     p.add_argument("--verbose", action="store_true", help="Flower's debug log")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("compare", help="DiReDi against FedAvg, FedProx, direct training and local fine-tuning")
+    add_config(p, str(CONFIG_DIR / "federation.toml"))
+    p.add_argument("--seeds", type=int, default=1, help="replicates (the customers' seeds change); mean and std over them")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("plot", help="redraw a comparison's plots from its saved results")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("report", help="one self-contained HTML report of a comparison run")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("generate-data", help="generate (or find) the synthetic dataset of a config and print its folder")
     add_config(p, str(CONFIG_DIR / "edge.toml"))

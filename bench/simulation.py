@@ -1,0 +1,91 @@
+"""Flower's cost and Ray's parallelism, measured side by side on the same work.
+
+    python bench/simulation.py [--config experiments/configs/federation.toml] [--customers 2]
+
+1. overhead: the same customers' work (RD B, RD A, delta; verification, Distill C, evaluation;
+   the merge) done in one process by plain function calls, then through Flower's simulation
+   engine with one customer actor and one manufacturer process. Prints both wall times and
+   their ratio (target: at most 1.10).
+2. parallelism: the simulation with one actor per core (torch threads = 1 each, manufacturer's
+   steps in as many processes) against one actor holding every core. Prints the speed-up
+   (target: at least 1.8x on 2 cores with 2 customers).
+The manufacturer's models come from the cache (trained first if missing, not timed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+for key, value in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                   "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0"}.items():
+    os.environ.setdefault(key, value)
+
+from diredi_sim.federation import (build_population, customer_work, load_federation_config,  # noqa: E402
+                                   manufacturer_work, merge_accepted)
+from diredi_sim.pipeline import DataSets, prepare_manufacturer  # noqa: E402
+
+
+def run_plain(config) -> float:
+    """Every customer's step, then the manufacturer's step for each, then the merge, in this process."""
+    maker = prepare_manufacturer(config.pipeline, config.data, preset=config.preset, seed=config.seed, progress=False)
+    population = build_population(config.population, config.pipeline.presumed_split)
+    tutor_state, edge_state = maker.tutor.state_dict(), maker.edge.state_dict()
+    start = time.perf_counter()
+    datasets = DataSets(config.data)
+    replies = [customer_work(config, c, len(population), tutor_state, edge_state, datasets=datasets) for c in population]
+    accepted, weights = [], []
+    for customer, reply in zip(population, replies):
+        result = manufacturer_work(config, customer, tutor_state, edge_state, reply["delta"], len(population))
+        if result["verdict"]["accepted"]:
+            accepted.append(reply["delta"])
+            weights.append(reply["metrics"]["num-examples"])
+    merge_accepted(config, maker.tutor, accepted, weights, datasets)
+    return time.perf_counter() - start
+
+
+def run_flower(config) -> float:
+    from experiments.simulate import run_simulate
+
+    start = time.perf_counter()
+    run_simulate(config)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(ROOT / "experiments/configs/federation.toml"))
+    parser.add_argument("--customers", type=int, default=2)
+    parser.add_argument("--runs-dir", default="/tmp/diredi-bench-runs")
+    args = parser.parse_args()
+    cores = os.cpu_count() or 1
+    base = load_federation_config(args.config)
+    listed = base.population.customers[: args.customers]
+    base = replace(base, runs_dir=args.runs_dir,
+                   population=replace(base.population, customers=listed, generated=max(0, args.customers - len(listed))))
+    serial = replace(base, simulation=replace(base.simulation, client_cpus=float(cores), client_threads=cores,
+                                              server_workers=1))
+    parallel = replace(base, simulation=replace(base.simulation, client_cpus=1.0, client_threads=1, server_workers=0))
+    prepare_manufacturer(base.pipeline, base.data, preset=base.preset, seed=base.seed)  # warm the cache, untimed
+
+    torch.set_num_threads(cores)
+    plain = run_plain(serial)
+    flower_serial = run_flower(serial)
+    flower_parallel = run_flower(parallel)
+    print(f"\nmachine: {cores} cores; {args.customers} customers; config {args.config}")
+    print(f"1. plain pipeline calls, one process:           {plain:7.1f} s")
+    print(f"   Flower simulation, 1 actor x {cores} threads:      {flower_serial:7.1f} s   ratio {flower_serial / plain:.3f} (target <= 1.10)")
+    print(f"2. Flower simulation, {cores} actors x 1 thread:     {flower_parallel:7.1f} s   speed-up {flower_serial / flower_parallel:.2f}x "
+          f"over 1 actor (target >= 1.8x)")
+
+
+if __name__ == "__main__":
+    main()

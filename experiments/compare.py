@@ -1,0 +1,170 @@
+"""``diredi-sim compare CONFIG [--seeds K]``: DiReDi against FedAvg, FedProx, direct training and
+local fine-tuning, on the same customers, splits and seeds.
+
+Per method and customer: mAP, precision, recall and F1 on the customer's classes, gain on its
+private classes and forgetting on its presumed classes (against the original edge model), bytes
+up and down, wall time. With K seeds (replicates: the customers' seeds change, the manufacturer's
+models stay), the mean and standard deviation over seeds. Writes ``compare.json`` and
+``compare.md`` to a new run folder; every method's own run folder is listed there.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from diredi_sim.config import ConfigError
+from diredi_sim.federation import (FederationConfig, baseline_customer_work, build_population, count_state_bytes,
+                                   evaluate_for_customer, load_model)
+from diredi_sim.models import build_detector
+from diredi_sim.pipeline import ClassSets, DataSets, prepare_manufacturer
+from diredi_sim.runs import Run, atomic_write_text, to_jsonable
+from diredi_sim.train import train_detector
+
+MEASURES = ("mAP", "precision", "recall", "f1", "gain", "forgetting", "uplink_bytes", "downlink_bytes", "seconds")
+
+
+def run_flower_baseline(config: FederationConfig, method: str) -> tuple[list[dict], Path]:
+    from flwr.simulation import run_simulation
+
+    from clients.baseline_app import app as baseline_client
+    from experiments.simulate import build_backend_config
+    from server.baseline_app import make_baseline_app
+    from server.server_app import FederationOutcome
+
+    outcome = FederationOutcome()
+    population = build_population(config.population, config.pipeline.presumed_split)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
+        run_simulation(server_app=make_baseline_app(config, method, outcome), client_app=baseline_client,
+                       num_supernodes=len(population), backend_config=build_backend_config(config))
+    if outcome.folder is None or not outcome.summary:
+        raise RuntimeError(f"{method}: the simulation ended without results (run folder: {outcome.folder})")
+    return outcome.summary, outcome.folder
+
+
+def run_diredi(config: FederationConfig) -> tuple[list[dict], Path]:
+    """The DiReDi federation; per customer the deployed edge model's row of the last round."""
+    import json
+
+    from experiments.simulate import run_simulate
+
+    outcome = run_simulate(config)
+    rounds = config.simulation.num_rounds
+    tutor_bytes = count_state_bytes(build_detector("tutor", config.preset).state_dict())
+    edge_bytes = count_state_bytes(build_detector("edge", config.preset).state_dict())
+    mode_key = "edge_distill_c_" + config.simulation.deploy_mode.replace("+", "_")
+    rows = []
+    for summary in outcome.summary:
+        if summary["round"] != rounds:
+            continue
+        detail = json.loads((outcome.folder / f"round{rounds}" / f"customer{summary['partition_id']}.json").read_text())
+        by_key = {r["key"]: r for r in detail["rows"]}
+        deployed = by_key[mode_key] if summary["verdict"] == "accepted" else by_key["edge_original"]
+        rows.append({"partition_id": summary["partition_id"], "customer": summary["customer"], "verdict": summary["verdict"],
+                     **{k: deployed.get(k) for k in ("mAP", "precision", "recall", "f1", "gain", "forgetting", "per_class", "change")},
+                     "uplink_bytes": summary["uplink_bytes"] * rounds, "downlink_bytes": (tutor_bytes + edge_bytes) * rounds})
+    return rows, outcome.folder
+
+
+def run_local(config: FederationConfig, method: str) -> list[dict]:
+    """``direct``: a fresh edge model trained on the customer's data (pipeline.direct);
+    ``local``: the deployed edge fine-tuned on it for as many epochs as FedAvg's rounds give."""
+    maker = prepare_manufacturer(config.pipeline, config.data, preset=config.preset, seed=config.seed, progress=False)
+    population = build_population(config.population, config.pipeline.presumed_split)
+    datasets = DataSets(config.data)
+    rows = []
+    for customer in population:
+        reference = evaluate_for_customer(config, customer, maker.edge, datasets=datasets)["per_class"]
+        if method == "direct":
+            seed = config.customer_seed(customer.partition_id) + 6
+            torch.manual_seed(seed)
+            edge = build_detector("edge", config.preset)
+            cfg = config.pipeline.direct
+            train_detector(edge, datasets.train(customer.classes, cfg), datasets.val(customer.classes, cfg), cfg,
+                           class_indices=ClassSets.indices(customer.classes), seed=seed, progress=False)
+        else:
+            epochs = config.baselines.rounds * config.baselines.local.epochs
+            result = baseline_customer_work(config, customer, len(population), maker.edge.state_dict(), epochs=epochs,
+                                            datasets=datasets)
+            edge = load_model("edge", config.preset, result["arrays"])
+        row = evaluate_for_customer(config, customer, edge, reference, datasets)
+        rows.append({"partition_id": customer.partition_id, "customer": customer.name, "uplink_bytes": 0, "downlink_bytes": 0,
+                     **{k: row.get(k) for k in ("mAP", "precision", "recall", "f1", "gain", "forgetting", "per_class", "change")}})
+    return rows
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """Mean and standard deviation over seeds of every measure, per method and customer, and
+    per method over customers (``customer = "all"``)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in results:
+        groups.setdefault((row["method"], row["customer"]), []).append(row)
+        groups.setdefault((row["method"], "all"), []).append(row)
+    out = []
+    for (method, customer), rows in groups.items():
+        entry = {"method": method, "customer": customer, "n": len(rows)}
+        for measure in MEASURES:
+            values = [float(r[measure]) for r in rows if r.get(measure) is not None and math.isfinite(float(r[measure]))]
+            entry[measure] = statistics.fmean(values) if values else math.nan
+            entry[f"{measure}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0 if values else math.nan
+        out.append(entry)
+    return out
+
+
+def format_comparison(summary: list[dict], seeds: int) -> str:
+    def cell(entry, measure, scale=1.0, fmt="{:.3f}"):
+        mean, std = entry[measure], entry[f"{measure}_std"]
+        if math.isnan(mean):
+            return "-"
+        text = fmt.format(mean * scale)
+        return text + (f" ± {fmt.format(std * scale)}" if seeds > 1 else "")
+
+    lines = ["| method | customer | mAP | P | R | F1 | gain | forgetting | uplink MiB | downlink MiB | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for entry in sorted(summary, key=lambda e: (e["customer"] != "all", e["customer"], e["method"])):
+        lines.append("| " + " | ".join([entry["method"], entry["customer"], cell(entry, "mAP"), cell(entry, "precision"),
+                                         cell(entry, "recall"), cell(entry, "f1"), cell(entry, "gain"), cell(entry, "forgetting"),
+                                         cell(entry, "uplink_bytes", 2**-20, "{:.2f}"),
+                                         cell(entry, "downlink_bytes", 2**-20, "{:.2f}"), cell(entry, "seconds", 1, "{:.0f}")]) + " |")
+    return "\n".join(lines)
+
+
+def run_compare(config: FederationConfig, seeds: int = 1) -> Path:
+    if seeds < 1:
+        raise ConfigError(f"--seeds {seeds}: must be >= 1")
+    run = Run.create(config.runs_dir, f"{config.name}-compare", config)
+    results, folders = [], []
+    for replicate in range(seeds):
+        seeded = replace(config, replicate=replicate)
+        for method in config.baselines.methods:
+            print(f"compare: replicate {replicate}, {method}", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            if method == "diredi":
+                rows, folder = run_diredi(seeded)
+            elif method in ("fedavg", "fedprox"):
+                rows, folder = run_flower_baseline(seeded, method)
+            else:
+                rows, folder = run_local(seeded, method), None
+            seconds = time.perf_counter() - start
+            folders.append({"replicate": replicate, "method": method, "folder": str(folder) if folder else None,
+                            "seconds": round(seconds, 1)})
+            for row in rows:
+                results.append({"replicate": replicate, "method": method, "seconds": seconds / max(1, len(rows)), **row})
+            run.write_json("compare.json", to_jsonable({"results": results, "summary": summarize(results), "runs": folders}))
+    summary = summarize(results)
+    text = (f"{seeds} seed(s). mAP, precision, recall, F1 over each customer's classes (score >= "
+            f"{config.pipeline.score_threshold}); gain: mean AP change on its private classes, forgetting: mean AP lost on "
+            f"its kept presumed classes, both against the original edge model; seconds: the method's wall time per "
+            f"customer.\n\n" + format_comparison(summary, seeds) + "\n")
+    atomic_write_text(run.folder / "compare.md", text)
+    print(text)
+    print(f"comparison in {run.folder} (compare.md, compare.json)")
+    return run.folder
