@@ -15,6 +15,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from diredi_sim.deltas import select_neck_head
 from diredi_sim.federation import build_population, customer_work, federation_from_flat, parse_faults
 
 app = ClientApp()
@@ -45,11 +46,13 @@ def train(msg: Message, context: Context) -> Message:
     if fault == "raise":
         raise RuntimeError(f"injected fault: customer {customer.partition_id} raises")
     if fault == "hang":
-        time.sleep(config.simulation.round_timeout * 10)
+        time.sleep(config.simulation.round_timeout + 15)  # answers too late: the round has gone on without it
+    if fault == "malformed":  # no metrics, and a delta that lost a tensor
+        zeros = {k: torch.zeros_like(v, dtype=torch.float32)
+                 for k, v in select_neck_head(msg.content["tutor"].to_torch_state_dict()).items()}
+        return Message(RecordDict({"delta": ArrayRecord(dict(list(zeros.items())[1:]))}), reply_to=msg)
     torch.set_num_threads(config.simulation.client_threads)
     result = customer_work(config, customer, len(population), msg.content["tutor"].to_torch_state_dict(),
                            msg.content["edge"].to_torch_state_dict(), progress=True)
     metrics = MetricRecord({**result["metrics"], "server-round": int(msg.content["config"].get("server-round", 0))})
-    if fault == "malformed":  # a reply without its metrics, and a delta that lost a tensor
-        return Message(RecordDict({"delta": ArrayRecord(dict(list(result["delta"].items())[1:]))}), reply_to=msg)
     return Message(RecordDict({"delta": ArrayRecord(result["delta"]), "metrics": metrics}), reply_to=msg)
