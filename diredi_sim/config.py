@@ -160,15 +160,21 @@ def config_from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         raise
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """Read a TOML config file; ``overrides`` are flat dotted keys (``train.epochs``)."""
+def read_toml(path: str | Path) -> dict:
+    """A TOML file as a dict; a missing or malformed file is a ConfigError naming it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read a TOML config file; ``overrides`` are flat dotted keys (``train.epochs``)."""
+    path = Path(path)
+    data = read_toml(path)
     for key, value in (overrides or {}).items():
         _set_dotted(data, key.replace("-", "_"), value)
     try:
@@ -222,5 +228,5 @@ def with_overrides(config: Any, **changes: Any) -> Any:
 
 __all__ = [
     "ConfigError", "DataConfig", "TrainConfig", "ExperimentConfig", "SyntheticConfig",
-    "config_from_dict", "load_config", "to_flat", "from_flat", "with_overrides",
+    "config_from_dict", "load_config", "read_toml", "to_flat", "from_flat", "with_overrides",
 ]

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diredi_sim.config import ConfigError, DataConfig, TrainConfig, _check, config_from_dict, to_flat
+from diredi_sim.config import ConfigError, DataConfig, TrainConfig, _check, config_from_dict, read_toml, to_flat
 from diredi_sim.data import VOC_CLASSES
 from diredi_sim.data.splits import SPLIT_PRESETS, resolve_split
 from diredi_sim.deltas import MERGE_RULES, check_delta, compute_norm, merge_deltas
@@ -190,15 +190,7 @@ def federation_config_from_dict(data: dict, source: str = "") -> FederationConfi
 
 def load_federation_config(path: str | Path, overrides: dict[str, Any] | None = None) -> FederationConfig:
     """Read a federation TOML file; ``overrides`` are flat dotted keys (``simulation.num-rounds``)."""
-    import tomllib
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    data = read_toml(path)
     flat = {**to_flat_dict(data), **{k.replace("_", "-"): v for k, v in (overrides or {}).items()}}
     return federation_from_flat(flat, source=str(path))
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 import math
 import sys
 import time
-import tomllib
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from diredi_sim.config import ConfigError, ExperimentConfig, config_from_dict
+from diredi_sim.config import ConfigError, ExperimentConfig, config_from_dict, read_toml
 from diredi_sim.pipeline import PipelineConfig, PipelineResult, load_pipeline_config, run_pipeline
 from diredi_sim.runs import Run, to_jsonable
 
@@ -50,12 +49,7 @@ def load_paper_config(path: str | Path, overrides: dict[str, Any] | None = None)
     dotted keys (``pipeline.rd.epochs``, ``seed``). Works whether or not ExperimentConfig has a
     ``pipeline`` field: if it has, the section is set on it too."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    data = read_toml(path)
     for key, value in (overrides or {}).items():
         _set_dotted(data, key.replace("-", "_"), value)
     table = data.pop("pipeline", {})

@@ -9,7 +9,6 @@ import json
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from diredi_sim.config import DataConfig
 from diredi_sim.data.synthetic import SyntheticConfig
@@ -23,13 +22,7 @@ from server.strategy import DiReDiStrategy
 TINY = SyntheticConfig(seed=3, num_train=16, num_val=8, num_test=8, min_objects=3, max_objects=5, min_object_size=24)
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages need a run identity; the simulation engine sets it, here the test does."""
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # Messages need a run identity
 
 
 class FakeGrid:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import app as client_app
 from diredi_sim.config import DataConfig, TrainConfig
@@ -20,12 +19,7 @@ TINY = SyntheticConfig(seed=3, num_train=16, num_val=8, num_test=8, min_objects=
 STAGE = TrainConfig(epochs=1, batch_size=8, lr=0.01, warmup_steps=1)
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # Messages need a run identity
 
 
 def call_client(tmp_path, partition_id: int, **simulation) -> tuple[Message, dict]:
