@@ -1,6 +1,6 @@
 """Flower's cost and Ray's parallelism, measured side by side on the same work.
 
-    python bench/simulation.py [--config experiments/configs/federation.toml] [--customers 2]
+    python bench/simulation.py [--config experiments/configs/federation.toml] [--customers 2] [--set KEY=VALUE ...]
 
 1. overhead: the same customers' work (RD B, RD A, delta; verification, Distill C, evaluation;
    the merge) done in one process by plain function calls, then through Flower's simulation
@@ -65,9 +65,12 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "experiments/configs/federation.toml"))
     parser.add_argument("--customers", type=int, default=2)
     parser.add_argument("--runs-dir", default="/tmp/diredi-bench-runs")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    base = load_federation_config(args.config)
+    from experiments.cli import parse_overrides
+
+    base = load_federation_config(args.config, parse_overrides(args.set))
     listed = base.population.customers[: args.customers]
     base = replace(base, runs_dir=args.runs_dir,
                    population=replace(base.population, customers=listed, generated=max(0, args.customers - len(listed))))
