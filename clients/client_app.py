@@ -5,6 +5,17 @@ Downlink, in the message: the shared tutor (``tutor``) and this customer's deplo
 keys). The customer loads its own data from its partition id, runs RD B and RD A through
 :func:`diredi_sim.federation.customer_work`, and replies with the neck+head delta (``delta``,
 an ArrayRecord keyed by parameter name) and a MetricRecord of scalars. Nothing else goes up.
+
+With ``simulation.dp_clip_norm`` > 0, :func:`local_dp_mod` clips that delta and adds Gaussian
+noise before the reply leaves (local differential privacy). Flower's own ``LocalDpMod`` does not
+fit this reply: it reads the legacy ``fitins.parameters`` / ``fitres.parameters`` records, takes
+the update as the returned model minus the received one (here the reply is already a delta, of
+neck and head only, and the message carries two models), and draws its noise from NumPy's
+global, unseeded generator.
+
+Then :func:`uplink_compression_mod` encodes the delta by ``simulation.uplink_compression``
+(:func:`diredi_sim.deltas.compress_delta`: fp16, int8 or top-k entries; none by default) and
+records the bytes actually sent as the ``uplink-bytes`` metric.
 """
 
 from __future__ import annotations
@@ -15,10 +26,9 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from diredi_sim.deltas import select_neck_head
-from diredi_sim.federation import build_population, customer_work, federation_from_flat, parse_faults
-
-app = ClientApp()
+from diredi_sim.deltas import compress_delta, compute_norm, payload_bytes, select_neck_head
+from diredi_sim.federation import (FederationConfig, build_population, customer_work, federation_from_flat, parse_faults,
+                                   privatize_delta)
 
 # Keys the strategy adds to the round's config that are not settings of the run.
 ROUND_KEYS = ("server-round",)
@@ -35,11 +45,54 @@ def read_partition_id(context: Context, num_customers: int) -> int:
     return partition_id
 
 
+def read_config(msg: Message) -> FederationConfig:
+    settings = {k: v for k, v in msg.content["config"].items() if k not in ROUND_KEYS}
+    return federation_from_flat(settings, source="the round's config")
+
+
+def local_dp_mod(msg: Message, context: Context, call_next) -> Message:
+    """Local differential privacy on the reply's ``delta`` (simulation.dp_clip_norm and
+    dp_noise_multiplier; nothing when dp_clip_norm is 0): the whole delta clipped to the norm,
+    then Gaussian noise added. The reply's ``delta-norm`` becomes the norm of what is sent."""
+    reply = call_next(msg, context)
+    if reply.has_error() or "delta" not in reply.content:
+        return reply
+    config = read_config(msg)
+    if config.simulation.dp_clip_norm <= 0:
+        return reply
+    partition_id = read_partition_id(context, len(build_population(config.population, config.pipeline.presumed_split)))
+    delta = privatize_delta(config, partition_id, reply.content["delta"].to_torch_state_dict(),
+                            int(msg.content["config"].get("server-round", 1)))
+    reply.content["delta"] = ArrayRecord(delta)
+    if "metrics" in reply.content:
+        reply.content["metrics"]["delta-norm"] = compute_norm(delta)
+    return reply
+
+
+def uplink_compression_mod(msg: Message, context: Context, call_next) -> Message:
+    """The reply's ``delta`` as it goes on the wire (simulation.uplink_compression; listed before
+    :func:`local_dp_mod`, so it compresses the privatized delta), and ``uplink-bytes``: the bytes
+    of the tensors actually sent."""
+    reply = call_next(msg, context)
+    if reply.has_error() or "delta" not in reply.content:
+        return reply
+    sim = read_config(msg).simulation
+    payload = reply.content["delta"].to_torch_state_dict()
+    if sim.uplink_compression != "none":
+        payload = compress_delta(payload, sim.uplink_compression, topk_fraction=sim.topk_fraction)
+        reply.content["delta"] = ArrayRecord(payload)
+    if "metrics" in reply.content:
+        reply.content["metrics"]["uplink-bytes"] = payload_bytes(payload)
+    return reply
+
+
+app = ClientApp(mods=[uplink_compression_mod, local_dp_mod])  # the first mod is the outermost: DP, then compression
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """RD B and RD A on this customer's data; reply with the delta and scalar metrics."""
-    settings = {k: v for k, v in msg.content["config"].items() if k not in ROUND_KEYS}
-    config = federation_from_flat(settings, source="the round's config")
+    config = read_config(msg)
     population = build_population(config.population, config.pipeline.presumed_split)
     customer = population[read_partition_id(context, len(population))]
     fault = parse_faults(config.simulation.inject_faults).get(customer.partition_id)

@@ -1,4 +1,5 @@
-"""Neck+head weight deltas: selection, delta, substitution, merging, size accounting.
+"""Neck+head weight deltas: selection, delta, substitution, merging, size accounting, uplink
+compression.
 
 A delta is a named float32 CPU state dict holding exactly the neck (``backbone.fpn.*``) and
 head (``head.*``) parameters of a tutor: ``delta = gamma * (Tutor2 - Tutor1)``. The
@@ -8,7 +9,9 @@ uses gamma = weight = 1). Nothing is matched by position, everything by name.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -94,6 +97,24 @@ def clip_norm(delta: Mapping[str, Tensor], max_norm: float) -> dict[str, Tensor]
     return {k: v * scale for k, v in delta.items()}
 
 
+def privatize(delta: Mapping[str, Tensor], clip: float, noise_multiplier: float = 0.0,
+              seed: int = 0) -> dict[str, Tensor]:
+    """Local differential privacy on a customer's delta (the Gaussian mechanism): scale the whole
+    delta, as one vector, to an L2 norm of at most ``clip``, then add noise of standard deviation
+    ``noise_multiplier * clip`` to every value, drawn from a generator seeded with ``seed``.
+    ``clip`` = 0 returns the delta unchanged. (The seed makes simulations repeatable; a real
+    customer must keep it secret, or the manufacturer could draw the same noise and subtract it.)"""
+    if clip <= 0:
+        return dict(delta)
+    clipped = clip_norm(delta, clip)
+    if noise_multiplier <= 0:
+        return clipped
+    generator = torch.Generator().manual_seed(seed)
+    std = noise_multiplier * clip
+    noise = {k: std * torch.randn(clipped[k].shape, generator=generator) for k in sorted(clipped)}  # by name, not by position
+    return {k: (v + noise[k].to(v.dtype)) for k, v in clipped.items()}
+
+
 def merge_deltas(
     deltas: Sequence[Mapping[str, Tensor]],
     rule: str = "mean",
@@ -136,3 +157,124 @@ def merge_deltas(
             ordered = stack.sort(0).values
             merged[key] = ordered[k: len(deltas) - k].mean(0)
     return merged
+
+
+# ------------------------------------------------------------------------- uplink compression
+#
+# What goes on the wire for one delta, per parameter ``<name>`` (flat tensors, keyed by name):
+#   none       <name>: float32 (the delta itself)
+#   fp16       <name>: float16
+#   int8       <name>: int8, <name>::scale: float32 [1]   (symmetric: value = q * scale, |q| <= 127)
+#   topk       <name>::index: int32 [k] (flat, ascending), <name>::value: float16 [k]
+#   topk-int8  <name>::index: int32 [k], <name>::value: int8 [k], <name>::scale: float32 [1]
+# Top-k keeps, per tensor, the ceil(fraction * numel) entries of largest magnitude; the rest are 0.
+# The payload describes itself: decompression needs only the parameter names and shapes.
+
+COMPRESSIONS = ("none", "fp16", "int8", "topk", "topk-int8")
+_SUFFIXES = ("scale", "index", "value")
+
+
+def _quantize_int8(values: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-tensor int8: (q, scale) with values ~= q * scale, scale = max|values| / 127."""
+    scale = values.abs().max() / 127 if values.numel() else torch.tensor(0.0)
+    q = torch.round(values / scale).clamp(-127, 127) if scale > 0 else torch.zeros_like(values)
+    return q.to(torch.int8), scale.reshape(1).float()
+
+
+def compress_delta(delta: Mapping[str, Tensor], method: str = "none", *, topk_fraction: float = 0.1) -> dict[str, Tensor]:
+    """The delta as it goes up under ``method`` (one of :data:`COMPRESSIONS`): a dict of plain
+    CPU tensors, keyed as described above."""
+    if method not in COMPRESSIONS:
+        raise ValueError(f"unknown uplink compression {method!r}; choose one of {list(COMPRESSIONS)}")
+    if not 0 < topk_fraction <= 1:
+        raise ValueError(f"topk_fraction must be in (0, 1], got {topk_fraction}")
+    payload = {}
+    for name, value in delta.items():
+        if "::" in name:
+            raise ValueError(f"parameter name {name!r} contains '::'")
+        flat = value.detach().float().cpu().reshape(-1)
+        if method == "none":
+            payload[name] = value.detach().float().cpu().contiguous()
+        elif method == "fp16":
+            payload[name] = value.detach().cpu().to(torch.float16).contiguous()
+        elif method == "int8":
+            payload[name], payload[f"{name}::scale"] = _quantize_int8(flat)
+            payload[name] = payload[name].reshape(value.shape)
+        else:
+            k = min(flat.numel(), max(1, math.ceil(topk_fraction * flat.numel())))
+            index = torch.topk(flat.abs(), k, sorted=False).indices.sort().values
+            payload[f"{name}::index"] = index.to(torch.int32)
+            if method == "topk":
+                payload[f"{name}::value"] = flat[index].to(torch.float16)
+            else:
+                payload[f"{name}::value"], payload[f"{name}::scale"] = _quantize_int8(flat[index])
+    return payload
+
+
+def decompress_delta(payload: Mapping[str, Tensor], reference_shapes: Mapping[str, Any]) -> dict[str, Tensor]:
+    """float32 tensors with exactly the names and shapes of ``reference_shapes`` (name -> shape,
+    or a state dict) from a payload of :func:`compress_delta`, whatever its method. A malformed
+    payload (unknown or missing key, wrong dtype, shape or length, index out of range) raises
+    ValueError naming the key."""
+    shapes = {k: tuple(v.shape if isinstance(v, Tensor) else v) for k, v in reference_shapes.items()}
+    parts: dict[str, dict[str, Tensor]] = {}
+    for key, value in payload.items():
+        name, _, suffix = key.partition("::")
+        if name not in shapes:
+            raise ValueError(f"payload key {key}: unknown parameter {name}")
+        if suffix and suffix not in _SUFFIXES:
+            raise ValueError(f"payload key {key}: unknown suffix '::{suffix}' (expected one of {list(_SUFFIXES)})")
+        if not isinstance(value, Tensor):
+            raise ValueError(f"payload key {key}: a {type(value).__name__}, not a tensor")
+        parts.setdefault(name, {})[suffix or "dense"] = value
+    missing = sorted(set(shapes) - set(parts))
+    if missing:
+        raise ValueError(f"payload key {missing[0]}: missing ({len(missing)} parameters missing)")
+    delta = {}
+    for name, shape in shapes.items():
+        entries, numel = parts[name], math.prod(shape)
+
+        def dequantize(key: str, value: Tensor) -> Tensor:
+            if value.dtype in (torch.float32, torch.float16):
+                if "scale" in entries:
+                    raise ValueError(f"payload key {name}::scale: a scale next to float values")
+                return value.float()
+            if value.dtype != torch.int8:
+                raise ValueError(f"payload key {key}: dtype {value.dtype}, expected float32, float16 or int8")
+            scale = entries.get("scale")
+            if scale is None:
+                raise ValueError(f"payload key {name}::scale: missing (needed by the int8 {key})")
+            if scale.numel() != 1 or not scale.is_floating_point() or not torch.isfinite(scale).all():
+                raise ValueError(f"payload key {name}::scale: expected one finite float, got {tuple(scale.shape)} {scale.dtype}")
+            return value.float() * scale.float().reshape(())
+
+        if "dense" in entries:
+            if "index" in entries or "value" in entries:
+                raise ValueError(f"payload key {name}: both dense and sparse entries")
+            value = entries["dense"]
+            if tuple(value.shape) != shape:
+                raise ValueError(f"payload key {name}: shape {tuple(value.shape)}, expected {shape}")
+            delta[name] = dequantize(name, value).contiguous()
+            continue
+        index, value = entries.get("index"), entries.get("value")
+        if index is None and value is None:
+            raise ValueError(f"payload key {name}: missing (neither {name} nor {name}::index / ::value)")
+        if index is None or value is None:
+            raise ValueError(f"payload key {name}::{'index' if index is None else 'value'}: missing")
+        if index.dtype not in (torch.int32, torch.int64) or index.dim() != 1:
+            raise ValueError(f"payload key {name}::index: expected a 1-d int32 tensor, got {tuple(index.shape)} {index.dtype}")
+        if value.shape != index.shape:
+            raise ValueError(f"payload key {name}::value: shape {tuple(value.shape)}, expected {tuple(index.shape)} like its index")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= numel):
+            raise ValueError(f"payload key {name}::index: indices outside [0, {numel})")
+        if index.unique().numel() != index.numel():
+            raise ValueError(f"payload key {name}::index: repeated indices")
+        flat = torch.zeros(numel, dtype=torch.float32)
+        flat[index.long()] = dequantize(f"{name}::value", value)
+        delta[name] = flat.reshape(shape)
+    return delta
+
+
+def payload_bytes(payload: Mapping[str, Tensor]) -> int:
+    """Bytes of a payload's tensor data (every value, index and scale; names and framing not counted)."""
+    return sum(v.numel() * v.element_size() for v in payload.values())

@@ -9,7 +9,8 @@ in Flower's ClientApp and ServerApp; nothing here imports flwr or ray.
 - :func:`customer_seed`: the seed of a customer's stages, from (run seed, partition id); the
   customer with partition id 0 uses the run seed itself, so that a one-customer federation
   repeats :func:`diredi_sim.pipeline.run_pipeline` exactly.
-- :func:`customer_work`: the customer's step (RD B, RD A, delta) on its own data.
+- :func:`customer_work`: the customer's step (RD B, RD A, delta) on its own data;
+  :func:`privatize_delta`: local differential privacy on that delta, when configured.
 - :func:`manufacturer_work`: the manufacturer's step for one reply (verification, Distill C per
   data mode, per-class evaluation before and after); a top-level function of plain arguments,
   so that the server can run several customers' steps in parallel processes.
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 from diredi_sim.config import ConfigError, DataConfig, TrainConfig, _check, config_from_dict, read_toml, to_flat
 from diredi_sim.data import VOC_CLASSES
 from diredi_sim.data.splits import SPLIT_PRESETS, resolve_split
-from diredi_sim.deltas import MERGE_RULES, check_delta, compute_norm, merge_deltas
+from diredi_sim.deltas import COMPRESSIONS, MERGE_RULES, check_delta, compute_norm, merge_deltas, privatize
 from diredi_sim.models import build_detector
 from diredi_sim.pipeline import (DISTILL_C_MODES, ClassSets, DataSets, PipelineConfig, StageRecorder, compute_knowledge,
                                  evaluate_row, evaluate_rows, load_pipeline_config, run_customer, run_manufacturer_step)
@@ -81,7 +82,17 @@ class SimulationConfig:
     select: str = "all"  # which accepted deltas are merged: all | krum | multikrum (Flower's selection)
     num_malicious: int = 0  # krum / multikrum: customers assumed malicious (f)
     num_selected: int = 0  # multikrum: deltas kept (0: n - f)
+    # Local differential privacy on each customer's delta before it goes up: L2 clipping of the
+    # whole delta to dp_clip_norm, then Gaussian noise of std dp_noise_multiplier * dp_clip_norm.
+    dp_clip_norm: float = 0.0  # 0: off
+    dp_noise_multiplier: float = 0.0  # 0: clipping only
+    # How the delta travels (after DP, when on): none (float32) | fp16 | int8 (per-tensor symmetric)
+    # | topk / topk-int8 (per tensor the topk_fraction largest entries, fp16 / int8 values, int32 indices).
+    uplink_compression: str = "none"
+    topk_fraction: float = 0.1
     deploy_mode: str = "public+private"  # whose Distill C edge model a customer receives next round
+    distill_rejected: bool = False  # Distill C for a rejected update too (from the unchanged tutor), to show
+    # what the customer would have got; either way a rejected customer keeps its edge model
     client_cpus: float = 1.0  # Ray resources per customer actor
     client_gpus: float = 0.0
     client_threads: int = 1  # torch threads inside a customer actor
@@ -102,6 +113,13 @@ class SimulationConfig:
         _check(self.select in SELECTIONS, "simulation.select", self.select, f"must be one of {list(SELECTIONS)}")
         _check(self.num_malicious >= 0, "simulation.num_malicious", self.num_malicious, "must be >= 0")
         _check(self.num_selected >= 0, "simulation.num_selected", self.num_selected, "must be >= 0")
+        _check(self.dp_clip_norm >= 0, "simulation.dp_clip_norm", self.dp_clip_norm, "must be >= 0")
+        _check(self.dp_noise_multiplier >= 0, "simulation.dp_noise_multiplier", self.dp_noise_multiplier, "must be >= 0")
+        _check(self.dp_noise_multiplier == 0 or self.dp_clip_norm > 0, "simulation.dp_noise_multiplier",
+               self.dp_noise_multiplier, "needs simulation.dp_clip_norm > 0 (the noise is a multiple of the clipping norm)")
+        _check(self.uplink_compression in COMPRESSIONS, "simulation.uplink_compression", self.uplink_compression,
+               f"must be one of {list(COMPRESSIONS)}")
+        _check(0 < self.topk_fraction <= 1, "simulation.topk_fraction", self.topk_fraction, "must be in (0, 1]")
         _check(self.deploy_mode in DISTILL_C_MODES, "simulation.deploy_mode", self.deploy_mode, f"must be one of {list(DISTILL_C_MODES)}")
         _check(self.client_cpus > 0, "simulation.client_cpus", self.client_cpus, "must be > 0")
         _check(self.client_gpus >= 0, "simulation.client_gpus", self.client_gpus, "must be >= 0")
@@ -329,6 +347,15 @@ def customer_work(config: FederationConfig, customer: Customer, num_customers: i
     return {"delta": {k: v.detach().float().contiguous() for k, v in update.delta.items()}, "metrics": metrics}
 
 
+def privatize_delta(config: FederationConfig, partition_id: int, delta: dict[str, Tensor],
+                    server_round: int = 1) -> dict[str, Tensor]:
+    """The customer's delta as it goes up under simulation.dp_clip_norm / dp_noise_multiplier
+    (unchanged when dp_clip_norm is 0): clipped, plus noise seeded by the customer and round."""
+    sim = config.simulation
+    seed = config.customer_seed(partition_id) + 7919 * server_round + 17
+    return privatize(delta, sim.dp_clip_norm, sim.dp_noise_multiplier, seed=seed)
+
+
 def manufacturer_work(config: FederationConfig, customer: Customer, tutor_state: dict[str, Tensor],
                       edge_state: dict[str, Tensor], delta: dict[str, Tensor], num_customers: int,
                       threads: int = 0) -> dict:
@@ -346,7 +373,8 @@ def manufacturer_work(config: FederationConfig, customer: Customer, tutor_state:
     recorder = StageRecorder()
     step = run_manufacturer_step(tutor, edge, delta, pipeline, datasets, customer.classes,
                                  seed=config.customer_seed(customer.partition_id), recorder=recorder,
-                                 records=pick_share(config.population, customer.partition_id, num_customers), progress=False)
+                                 records=pick_share(config.population, customer.partition_id, num_customers), progress=False,
+                                 distill_rejected=config.simulation.distill_rejected)
     models = {"tutor_original": tutor, "tutor_updated": step.tutor_prime, "edge_original": edge}
     if step.candidate is not None:
         models["tutor_rejected_candidate"] = step.candidate
@@ -440,7 +468,7 @@ def reply_problems(delta: dict[str, Tensor], tutor_state: dict[str, Tensor]) -> 
 
 __all__ = [
     "PopulationConfig", "SimulationConfig", "FederationConfig", "Customer", "build_population", "parse_customer",
-    "customer_seed", "pick_share", "effective_pipeline", "customer_work", "manufacturer_work", "merge_accepted",
+    "customer_seed", "pick_share", "effective_pipeline", "customer_work", "privatize_delta", "manufacturer_work", "merge_accepted",
     "load_federation_config", "federation_config_from_dict", "federation_to_flat", "federation_from_flat",
     "reply_problems", "verdict_to_dict", "BaselineConfig", "METHODS", "baseline_customer_work", "evaluate_for_customer",
     "count_state_bytes", "load_model", "to_flat_dict", "parse_faults", "FAULTS",

@@ -4,6 +4,8 @@ value goes up. The ClientApp is called as Flower calls it, on tiny real data."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -11,9 +13,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from clients.client_app import app as client_app
 from diredi_sim.config import DataConfig, TrainConfig
 from diredi_sim.data.synthetic import SyntheticConfig
-from diredi_sim.federation import FederationConfig, PopulationConfig, SimulationConfig, federation_to_flat
+from diredi_sim.deltas import check_delta, compress_delta, compute_norm, decompress_delta, payload_bytes, select_neck_head
+from diredi_sim.federation import (FederationConfig, PopulationConfig, SimulationConfig, federation_to_flat,
+                                   privatize_delta)
 from diredi_sim.models import build_detector, part_of
 from diredi_sim.pipeline import PipelineConfig
+from server.strategy import DiReDiStrategy
 
 TINY = SyntheticConfig(seed=3, num_train=16, num_val=8, num_test=8, min_objects=3, max_objects=5, min_object_size=24)
 STAGE = TrainConfig(epochs=1, batch_size=8, lr=0.01, warmup_steps=1)
@@ -39,8 +44,8 @@ def call_client(tmp_path, partition_id: int, **simulation) -> tuple[Message, dic
     return reply, tutor.state_dict()
 
 
-def test_the_uplink_holds_only_the_neck_head_delta_and_scalars(tmp_path):
-    reply, tutor_state = call_client(tmp_path, partition_id=1)
+def audit_uplink(reply: Message, tutor_state: dict, partition_id: int) -> dict:
+    """The reply holds the neck+head delta (by the tutor's names, shapes, float32) and scalars only."""
     assert not reply.has_error()
     content = reply.content
     assert set(content.keys()) == {"delta", "metrics"}
@@ -53,9 +58,32 @@ def test_the_uplink_holds_only_the_neck_head_delta_and_scalars(tmp_path):
     assert not any(part_of(k) == "backbone" for k in delta)
     metrics = dict(content["metrics"])
     assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values()), metrics  # scalars only
-    assert metrics["partition-id"] == 1 and metrics["num-examples"] > 0 and metrics["server-round"] == 1
+    assert metrics["partition-id"] == partition_id and metrics["num-examples"] > 0 and metrics["server-round"] == 1
     sent_values = sum(v.numel() for v in delta.values()) + len(metrics)
     assert sent_values == sum(v.numel() for v in expected.values()) + len(metrics)  # nothing else rides along
+    return delta
+
+
+def test_the_uplink_holds_only_the_neck_head_delta_and_scalars(tmp_path):
+    reply, tutor_state = call_client(tmp_path, partition_id=1)
+    audit_uplink(reply, tutor_state, 1)
+
+
+def test_with_local_dp_the_uplink_is_the_clipped_noised_delta_and_nothing_more(tmp_path):
+    """simulation.dp_clip_norm / dp_noise_multiplier: the same audit holds, and what goes up is
+    exactly the delta without DP, clipped to the norm, plus the seeded noise (delta-norm is the
+    sent delta's: no statistic of the raw delta goes up)."""
+    plain = audit_uplink(*call_client(tmp_path, partition_id=1), 1)
+    reply, tutor_state = call_client(tmp_path, partition_id=1, dp_clip_norm=0.01, dp_noise_multiplier=0.001)
+    sent = audit_uplink(reply, tutor_state, 1)
+    config = FederationConfig(population=PopulationConfig(customers=("exp1", "exp2"), generated=0),
+                              simulation=SimulationConfig(dp_clip_norm=0.01, dp_noise_multiplier=0.001))
+    assert compute_norm(plain) > 0.01  # so the clipping bites
+    expected = privatize_delta(config, 1, plain, server_round=1)
+    assert all(torch.equal(sent[k], expected[k]) for k in plain)
+    assert compute_norm(sent) == pytest.approx(dict(reply.content["metrics"])["delta-norm"], rel=1e-5)
+    clipped_only = audit_uplink(call_client(tmp_path, partition_id=1, dp_clip_norm=0.01)[0], tutor_state, 1)
+    assert compute_norm(clipped_only) == pytest.approx(0.01, rel=1e-4)
 
 
 def test_injected_faults_reach_the_reply(tmp_path):
@@ -65,3 +93,33 @@ def test_injected_faults_reach_the_reply(tmp_path):
         call_client(tmp_path, partition_id=0, inject_faults="0:raise")
     reply, _ = call_client(tmp_path, partition_id=1, inject_faults="1:malformed")
     assert set(reply.content.keys()) == {"delta"}
+
+
+def test_a_compressed_uplink_is_the_private_delta_encoded_and_the_strategy_reads_it_back(tmp_path):
+    """simulation.uplink_compression: what goes up is the (DP'd) delta encoded by compress_delta,
+    under the neck/head names only; uplink-bytes counts it; the strategy decodes it before any check."""
+    plain = audit_uplink(*call_client(tmp_path, partition_id=1), 1)
+    settings = dict(dp_clip_norm=0.01, dp_noise_multiplier=0.001, uplink_compression="topk-int8", topk_fraction=0.1)
+    reply, tutor_state = call_client(tmp_path, partition_id=1, **settings)
+    assert set(reply.content.keys()) == {"delta", "metrics"}
+    payload = reply.content["delta"].to_torch_state_dict()
+    expected_names = set(select_neck_head(tutor_state))
+    assert {k.partition("::")[0] for k in payload} == expected_names
+    assert {k.partition("::")[2] for k in payload} == {"index", "value", "scale"}
+    config = FederationConfig(population=PopulationConfig(customers=("exp1", "exp2"), generated=0),
+                              simulation=SimulationConfig(**settings))
+    encoded = compress_delta(privatize_delta(config, 1, plain, server_round=1), "topk-int8", topk_fraction=0.1)
+    assert set(payload) == set(encoded) and all(torch.equal(payload[k], encoded[k]) for k in encoded)  # DP first, then encoding
+    metrics = dict(reply.content["metrics"])
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())
+    assert metrics["uplink-bytes"] == payload_bytes(payload) and 7 * metrics["uplink-bytes"] < metrics["delta-bytes-fp32"]
+    strategy = SimpleNamespace(config=config, population=[None, "customer-1"], tutor_state=tutor_state, partition_of_node={},
+                               deployed_edges={}, original_edge={})
+    job = DiReDiStrategy._read_reply(strategy, reply)
+    assert check_delta(job["delta"], tutor_state) == []
+    decoded = decompress_delta(encoded, select_neck_head(tutor_state))
+    assert all(torch.equal(job["delta"][k], decoded[k]) for k in decoded)
+    name = next(iter(sorted(payload)))
+    del reply.content["delta"][name]
+    with pytest.raises(ValueError, match=name.partition("::")[0]):  # the strategy records it as a malformed reply
+        DiReDiStrategy._read_reply(strategy, reply)
