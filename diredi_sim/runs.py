@@ -96,7 +96,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not path.exists():
         return []
     rows = []
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines(keepends=True)  # a torn line may cut a character
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue

@@ -63,12 +63,32 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def cmd_resume(args) -> int:
+    from experiments.resume import run_resume
+
+    run_resume(args.run_dir, verbose=args.verbose)
+    return 0
+
+
 def cmd_compare(args) -> int:
     from diredi_sim.federation import load_federation_config
     from experiments.compare import run_compare
 
     config = load_federation_config(args.config, parse_overrides(args.set))
     run_compare(config, seeds=args.seeds)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The main job: the comparison on the demo config, then its HTML report."""
+    from diredi_sim.federation import load_federation_config
+    from experiments.compare import run_compare
+    from experiments.report import render_report
+
+    config = load_federation_config(args.config, parse_overrides(args.set))
+    folder = run_compare(config, seeds=1)
+    report = render_report(folder)
+    print(f"report: {report} (plots in {folder / 'plots'})")
     return 0
 
 
@@ -124,10 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", nargs="?" if default else None, default=default, help="TOML config file")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
 
-    p = sub.add_parser("demo", help="the main job: the federation (4 customers, 1 round) on the embedded synthetic data")
-    add_config(p, str(CONFIG_DIR / "federation.toml"))
-    p.add_argument("--verbose", action="store_true", help="Flower's debug log")
-    p.set_defaults(func=cmd_simulate)
+    p = sub.add_parser("demo", help="the main job: the DiReDi federation (4 customers, 1 round), FedAvg and direct "
+                                    "training on the embedded synthetic data; comparison, plots and report")
+    add_config(p, str(CONFIG_DIR / "demo.toml"))
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="direct training of one role on one split")
     add_config(p, None)
@@ -147,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_config(p, str(CONFIG_DIR / "federation.toml"))
     p.add_argument("--verbose", action="store_true", help="Flower's debug log")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("resume", help="finish a killed federation run in its folder, after its last completed round")
+    p.add_argument("run_dir")
+    p.add_argument("--verbose", action="store_true", help="Flower's debug log")
+    p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("compare", help="DiReDi against FedAvg, FedProx, direct training and local fine-tuning")
     add_config(p, str(CONFIG_DIR / "federation.toml"))

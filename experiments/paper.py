@@ -20,7 +20,7 @@ import torch
 
 from diredi_sim.config import ConfigError, ExperimentConfig, config_from_dict, read_toml
 from diredi_sim.pipeline import PipelineConfig, PipelineResult, load_pipeline_config, run_pipeline
-from diredi_sim.runs import Run, to_jsonable
+from diredi_sim.runs import Run, atomic_write_text, to_jsonable
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 EXPERIMENTS = ("exp1", "exp2")
@@ -101,7 +101,7 @@ def write_paper_outputs(run: Run, result: PipelineResult, experiment: str, *, to
     total = total_seconds if total_seconds is not None else sum(s.get("seconds", 0.0) for s in result.stages)
     run.write_json("stages.json", {"note": RSS_NOTE, "total_seconds": round(total, 1), "stages": result.stages})
     table = format_paper_table(result, experiment)
-    (run.folder / "table.md").write_text(table + "\n", encoding="utf-8")
+    atomic_write_text(run.folder / "table.md", table + "\n")
     return table
 
 

@@ -30,8 +30,10 @@ def build_backend_config(config: FederationConfig) -> dict:
     return {"client_resources": {"num_cpus": sim.client_cpus, "num_gpus": sim.client_gpus}, "init_args": init_args}
 
 
-def run_simulate(config: FederationConfig, run_folder: str | Path | None = None, verbose: bool = False):
-    """Run the federation; returns the outcome (run folder, per-customer summary)."""
+def run_simulate(config: FederationConfig, run_folder: str | Path | None = None, verbose: bool = False,
+                 resume: dict | None = None):
+    """Run the federation; returns the outcome (run folder, per-customer summary). ``resume``: the
+    saved state of the run in ``run_folder``, continued after its last completed round."""
     from flwr.simulation import run_simulation
 
     from clients.client_app import app as client_app
@@ -43,7 +45,7 @@ def run_simulate(config: FederationConfig, run_folder: str | Path | None = None,
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
-        run_simulation(server_app=make_server_app(config, outcome, run_folder), client_app=client_app,
+        run_simulation(server_app=make_server_app(config, outcome, run_folder, resume), client_app=client_app,
                        num_supernodes=len(population), backend_config=build_backend_config(config),
                        verbose_logging=verbose)
     seconds = time.perf_counter() - start

@@ -4,7 +4,8 @@
 pyproject.toml's [tool.flwr.app.config] plus ``--run-config`` overrides); ``make_server_app``
 binds a typed config directly (``diredi-sim simulate CONFIG``). Both run :func:`run_federation`:
 the manufacturer's models (cached), the population, the DiReDi strategy for the configured
-rounds, and the per-customer summary in the run folder.
+rounds, and the per-customer summary in the run folder. Given a run's saved state
+(``diredi-sim resume``), it continues that run in its folder after its last completed round.
 """
 
 from __future__ import annotations
@@ -31,13 +32,17 @@ class FederationOutcome:
 
 
 def run_federation(grid: Grid, config: FederationConfig, outcome: FederationOutcome | None = None,
-                   run_folder: str | Path | None = None) -> FederationOutcome:
+                   run_folder: str | Path | None = None, resume: dict | None = None) -> FederationOutcome:
     """The whole federation on ``grid``; results go to ``run_folder`` (a new run folder under
-    ``config.runs_dir`` when None)."""
+    ``config.runs_dir`` when None). ``resume``: the state.json of the run in ``run_folder``, whose
+    rounds after ``resume["last_round"]`` are run here (the folder already cleared of them)."""
     outcome = outcome or FederationOutcome()
     if config.threads:
         torch.set_num_threads(config.threads)
-    run = Run.create(config.runs_dir, config.name, config) if run_folder is None else _open_run(run_folder, config)
+    if resume is not None:
+        run = Run(run_folder)
+    else:
+        run = Run.create(config.runs_dir, config.name, config) if run_folder is None else _open_run(run_folder, config)
     outcome.folder = run.folder
     print(f"diredi-sim: federation run folder {run.folder}", file=sys.stderr, flush=True)
     population = build_population(config.population, config.pipeline.presumed_split)
@@ -45,7 +50,11 @@ def run_federation(grid: Grid, config: FederationConfig, outcome: FederationOutc
                                                     "dropped": c.class_sets(config.pipeline).dropped} for c in population]))
     maker = prepare_manufacturer(config.pipeline, config.data, preset=config.preset, seed=config.seed)
     strategy = DiReDiStrategy(config, population, {k: v.detach().clone() for k, v in maker.edge.state_dict().items()}, run)
-    strategy.start(grid, initial_arrays=ArrayRecord(maker.tutor.state_dict()), num_rounds=config.simulation.num_rounds,
+    tutor_state = (strategy.restore(resume) if resume is not None else None) or maker.tutor.state_dict()
+    if resume is not None:
+        print(f"diredi-sim: resuming after round {strategy.round_offset} of {config.simulation.num_rounds}", file=sys.stderr,
+              flush=True)
+    strategy.start(grid, initial_arrays=ArrayRecord(tutor_state), num_rounds=config.simulation.num_rounds - strategy.round_offset,
                    timeout=config.simulation.round_timeout, train_config=ConfigRecord(federation_to_flat(config)))
     outcome.summary = strategy.summary_rows
     write_summary(run, strategy.summary_rows, strategy.round_reports)
@@ -89,19 +98,20 @@ def format_summary(rows: list[dict]) -> str:
 def write_summary(run: Run, rows: list[dict], rounds: list[dict]) -> None:
     run.write_json("summary.json", to_jsonable({"customers": rows, "rounds": rounds}))
     text = ("gain: mean AP change on the customer's private classes; forgetting: mean AP lost on its kept presumed classes; "
-            "dropped_forgetting: AP lost on the presumed classes it dropped (intended). The deployed edge model "
-            "(Distill C) against the original edge, on the customer's test images.\n\n" + format_summary(rows) + "\n")
+            "dropped_forgetting: AP lost on the presumed classes it dropped (intended). The edge model the customer runs "
+            "after the round (Distill C when accepted; its previous one when rejected) against the original edge, on the "
+            "customer's test images.\n\n" + format_summary(rows) + "\n")
     atomic_write_text(run.folder / "summary.md", text)
 
 
 def make_server_app(config: FederationConfig, outcome: FederationOutcome | None = None,
-                    run_folder: str | Path | None = None) -> ServerApp:
+                    run_folder: str | Path | None = None, resume: dict | None = None) -> ServerApp:
     """A ServerApp bound to ``config`` (run_config is ignored); ``outcome`` receives the results."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, config, outcome, run_folder)
+        run_federation(grid, config, outcome, run_folder, resume)
 
     return server_app
 

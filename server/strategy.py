@@ -6,6 +6,11 @@ manufacturer's step (substitution, verification, Distill C, per-class AP before 
 :func:`diredi_sim.federation.manufacturer_work`), in parallel worker processes, records every
 verdict and failure, and merges the accepted deltas into the shared tutor by the configured
 rule (the merged tutor is verified too). Everything it learns goes to the run folder.
+
+After each round, ``state.json`` (written last, atomically) records what a resumed run needs
+(``diredi-sim resume``): the last completed round, the checkpoints of the shared tutor and of
+every customer's deployed edge model as of that round, the summary rows and round reports.
+``restore`` reads it back; ``round_offset`` numbers the resumed rounds on from there.
 """
 
 from __future__ import annotations
@@ -23,20 +28,22 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
+from diredi_sim.deltas import decompress_delta, select_neck_head
 from diredi_sim.federation import (Customer, FederationConfig, load_model, manufacturer_work, merge_accepted,
                                    reply_problems)
-from diredi_sim.runs import Run, atomic_write_json, save_checkpoint, to_jsonable
+from diredi_sim.runs import Run, atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint, to_jsonable
 
 # Columns of the per-customer summary (summary.md), in order.
 SUMMARY_COLUMNS = ("round", "partition_id", "customer", "private", "dropped", "verdict", "gain", "forgetting",
                    "dropped_forgetting", "mAP_before", "mAP_after", "uplink_bytes", "seconds")
+STATE_FORMAT = "diredi-sim-federation-state/1"
 
 
 class DiReDiStrategy(FedAvg):
     """FedAvg's sampling and round loop; DiReDi's downlink and aggregation."""
 
     def __init__(self, config: FederationConfig, population: list[Customer], edge_state: dict, run: Run,
-                 manufacturer_step: Callable[..., dict] = manufacturer_work):
+                 manufacturer_step: Callable[..., dict] = manufacturer_work, round_offset: int = 0):
         sim = config.simulation
         super().__init__(fraction_train=sim.fraction_train, fraction_evaluate=0.0, min_train_nodes=1,
                          min_available_nodes=len(population), arrayrecord_key="tutor")
@@ -51,6 +58,26 @@ class DiReDiStrategy(FedAvg):
         self.sampled_nodes: list[int] = []  # this round's
         self.summary_rows: list[dict] = []
         self.round_reports: list[dict] = []
+        self.round_offset = round_offset  # rounds completed before this process (a resumed run)
+        self.tutor_round: int | None = None  # the round whose checkpoint holds the shared tutor (None: original)
+        self.edge_rounds: dict[int, int] = {}  # partition id -> the round whose checkpoint holds its deployed edge
+        self.unknown_nodes: set[int] = set()  # this round's nodes whose partition was not known when sent
+        self.downlink: tuple | None = None  # this round's (grid, tutor arrays, config record, message type)
+
+    def restore(self, state: dict) -> dict | None:
+        """Continue after round ``state["last_round"]`` (a run's state.json): deployed edges,
+        summary rows and round reports as they were then. Returns the shared tutor's state at
+        that point (None: the manufacturer's original tutor)."""
+        self.round_offset = int(state["last_round"])
+        self.summary_rows = list(state["summary_rows"])
+        self.round_reports = list(state["round_reports"])
+        self.edge_rounds = {int(p): int(r) for p, r in state["edges"].items()}
+        self.deployed_edges = {p: load_checkpoint(self.run.checkpoint_path(f"edge_customer{p}_round{r}"))["state_dict"]
+                               for p, r in self.edge_rounds.items()}
+        self.tutor_round = state["tutor_round"]
+        if self.tutor_round is None:
+            return None
+        return load_checkpoint(self.run.checkpoint_path(f"tutor_round{self.tutor_round}"))["state_dict"]
 
     def summary(self) -> None:
         super().summary()
@@ -62,22 +89,58 @@ class DiReDiStrategy(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """FedAvg's sampling; each message carries the tutor, that customer's edge and the settings."""
+        server_round += self.round_offset
         self.tutor_state = arrays.to_torch_state_dict()
         self.sampled_nodes = []
+        self.unknown_nodes = set()
         messages = []
         for message in super().configure_train(server_round, arrays, config, grid):
             node = message.metadata.dst_node_id
-            edge = self.deployed_edges.get(self.partition_of_node.get(node, -1), self.original_edge)
-            content = RecordDict({"tutor": arrays, "edge": ArrayRecord(edge), "config": config})
-            messages.append(Message(content=content, message_type=message.metadata.message_type, dst_node_id=node))
+            messages.append(self._train_message(node, arrays, config, message.metadata.message_type))
             self.sampled_nodes.append(node)
+            if node not in self.partition_of_node:
+                self.unknown_nodes.add(node)
+        self.downlink = (grid, arrays, config, messages[0].metadata.message_type if messages else None)
+        self.run.log({"event": "round_started", "round": server_round, "nodes": len(messages)})
         return messages
+
+    def _train_message(self, node: int, arrays: ArrayRecord, config: ConfigRecord, message_type: str) -> Message:
+        edge = self.deployed_edges.get(self.partition_of_node.get(node, -1), self.original_edge)
+        content = RecordDict({"tutor": arrays, "edge": ArrayRecord(edge), "config": config})
+        return Message(content=content, message_type=message_type, dst_node_id=node)
+
+    def _resend_misdirected(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """A node's partition is learnt from its first reply. After a resume the node ids are new,
+        so a customer that already has a deployed edge model was sent the original one: it is
+        asked again, with its own, and its first reply is dropped (no reply in time: a failure)."""
+        redo = {}
+        for message in replies:
+            node = message.metadata.src_node_id
+            if node not in self.unknown_nodes or not message.has_content() or "metrics" not in message.content:
+                continue
+            try:
+                partition_id = int(message.content["metrics"]["partition-id"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            if partition_id in self.deployed_edges and partition_id not in self.partition_of_node.values():
+                self.partition_of_node[node] = partition_id
+                redo[node] = partition_id
+        if not redo:
+            return replies
+        grid, arrays, config, message_type = self.downlink
+        log(INFO, "round %d: %d customer(s) got the original edge model instead of their own (node ids are new after "
+            "a resume); asking them again", server_round, len(redo))
+        again = {m.metadata.src_node_id: m for m in grid.send_and_receive(
+            [self._train_message(node, arrays, config, message_type) for node in redo], timeout=self.config.simulation.round_timeout)}
+        return [again.get(m.metadata.src_node_id) if m.metadata.src_node_id in redo else m for m in replies
+                if m.metadata.src_node_id not in redo or m.metadata.src_node_id in again]
 
     # ----------------------------------------------------------------------------- aggregation
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Each reply through the manufacturer's step; accepted deltas merged into the shared tutor."""
-        replies = list(replies)
+        server_round += self.round_offset
+        replies = self._resend_misdirected(server_round, list(replies))
         valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
         failures = [{"round": server_round, "node": m.metadata.src_node_id, "reason": m.error.reason} for m in errors]
         answered = {m.metadata.src_node_id for m in replies}
@@ -122,11 +185,20 @@ class DiReDiStrategy(FedAvg):
         if merged_state is not None:
             tutor.load_state_dict(merged_state)
             save_checkpoint(self.run.checkpoint_path(f"tutor_round{server_round}"), tutor, config=self.config, round=server_round)
+            self.tutor_round = server_round
+        self._save_state(server_round)
         log(INFO, "round %d: %d replies, %d failures, %d accepted; shared tutor %s", server_round, len(valid), len(failures),
             len(accepted), "updated" if merged_state is not None else "unchanged")
         metrics = MetricRecord({"replies": len(valid), "failures": len(failures), "accepted": len(accepted),
                                 "tutor-updated": int(merged_state is not None)})
         return (ArrayRecord(merged_state) if merged_state is not None else None), metrics
+
+    def _save_state(self, server_round: int) -> None:
+        """state.json, last of the round's files: the round is complete, and a resumed run starts after it."""
+        self.run.write_json("state.json", {
+            "format": STATE_FORMAT, "last_round": server_round, "num_rounds": self.config.simulation.num_rounds,
+            "tutor_round": self.tutor_round, "edges": {str(p): r for p, r in sorted(self.edge_rounds.items())},
+            "summary_rows": to_jsonable(self.summary_rows), "round_reports": to_jsonable(self.round_reports)})
 
     def _select(self, deltas: list[dict], weights: list[float]) -> tuple[list[dict], list[float], dict]:
         """Krum / Multi-Krum (Flower's selection) over the accepted deltas, before merging."""
@@ -146,6 +218,8 @@ class DiReDiStrategy(FedAvg):
         if not 0 <= partition_id < len(self.population):
             raise ValueError(f"partition-id {partition_id} is outside the population of {len(self.population)}")
         delta = message.content["delta"].to_torch_state_dict()
+        if self.config.simulation.uplink_compression != "none":  # the payload's own encoding; ValueError names a bad key
+            delta = decompress_delta(delta, select_neck_head(self.tutor_state))
         self.partition_of_node[message.metadata.src_node_id] = partition_id
         return {"customer": self.population[partition_id], "delta": delta, "metrics": metrics,
                 "node": message.metadata.src_node_id,
@@ -192,9 +266,11 @@ class DiReDiStrategy(FedAvg):
         customer = job["customer"]
         classes = customer.class_sets(self.config.pipeline)
         rows = {row["key"]: row for row in result["rows"]}
-        deployed = rows.get("edge_distill_c_" + self.config.simulation.deploy_mode.replace("+", "_"), {})
-        before = rows.get("edge_original", {})
         verdict = result["verdict"]
+        before = rows.get("edge_original", {})
+        # what the customer runs from now on: the new edge model, or its old one when rejected
+        deployed = rows.get("edge_distill_c_" + self.config.simulation.deploy_mode.replace("+", "_"), {}) \
+            if verdict["accepted"] else before
         summary = {
             "round": server_round, "partition_id": customer.partition_id, "customer": customer.name,
             "classes": list(customer.classes), "private": list(classes.private), "dropped": list(classes.dropped),
@@ -202,7 +278,7 @@ class DiReDiStrategy(FedAvg):
             "gain": deployed.get("gain", math.nan), "forgetting": deployed.get("forgetting", math.nan),
             "dropped_forgetting": deployed.get("dropped_forgetting", math.nan),
             "mAP_before": before.get("mAP", math.nan), "mAP_after": deployed.get("mAP", math.nan),
-            "uplink_bytes": int(job["metrics"].get("delta-bytes-fp32", 0)),
+            "uplink_bytes": int(job["metrics"].get("uplink-bytes", job["metrics"].get("delta-bytes-fp32", 0))),
             "seconds": round(float(job["metrics"].get("seconds", 0.0)) + result["seconds"], 3),
             "customer_seconds": job["metrics"].get("seconds"), "manufacturer_seconds": result["seconds"],
         }
@@ -212,9 +288,12 @@ class DiReDiStrategy(FedAvg):
                           to_jsonable({**summary, "verdict_detail": verdict, "rows": result["rows"], "stages": result["stages"],
                                        "customer_metrics": job["metrics"]}))
         if verdict["accepted"] and result["edges"]:
+            # edge_customer<p>_round<r>: kept for a resumed run; edge_customer<p>: the latest, a copy
             edge = load_model("edge", self.config.preset, result["edges"][self.config.simulation.deploy_mode])
-            save_checkpoint(self.run.checkpoint_path(f"edge_customer{customer.partition_id}"), edge, config=self.config,
-                            round=server_round, customer=customer.name)
+            path = save_checkpoint(self.run.checkpoint_path(f"edge_customer{customer.partition_id}_round{server_round}"), edge,
+                                   config=self.config, round=server_round, customer=customer.name)
+            atomic_write_bytes(self.run.checkpoint_path(f"edge_customer{customer.partition_id}"), path.read_bytes())
+            self.edge_rounds[customer.partition_id] = server_round
 
 
-__all__ = ["DiReDiStrategy", "SUMMARY_COLUMNS"]
+__all__ = ["DiReDiStrategy", "SUMMARY_COLUMNS", "STATE_FORMAT"]
