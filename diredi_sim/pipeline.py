@@ -608,11 +608,15 @@ def run_manufacturer_step(
     run: Run | None = None,
     config: Any = None,
     progress: bool = True,
+    distill_rejected: bool = True,
 ) -> ManufacturerStep:
     """Verify ``tutor + delta_weight * delta`` on the manufacturer's held-out presumed data (the
     val images of the presumed classes), then Distill C from tutor' into a copy of ``edge`` in
     each data mode. ``seed`` is the customer's seed; ``records`` picks the customer's share of
-    its own split's images for the public+private mode (the public mode uses the manufacturer's)."""
+    its own split's images for the public+private mode (the public mode uses the manufacturer's).
+    With ``distill_rejected`` False a rejected update gets no Distill C: the customer keeps its
+    edge model (the federation's rule); True distils from the unchanged tutor anyway (the
+    paper command shows every row)."""
     recorder = recorder or StageRecorder(run)
     common = dict(run=run, config=config, progress=progress)
     presumed = ClassSets.indices(resolve_split(pipeline.presumed_split))
@@ -638,7 +642,7 @@ def run_manufacturer_step(
 
     cfg = pipeline.distill_c
     edges = {}
-    for mode in pipeline.distill_c_modes:
+    for mode in (pipeline.distill_c_modes if verdict.accepted or distill_rejected else ()):
         split = pipeline.presumed_split if mode == "public" else customer
         pick = (lambda r: r) if mode == "public" else records
         train = pick(datasets.train(split, cfg))

@@ -11,10 +11,13 @@ models stay), the mean and standard deviation over seeds. Writes ``compare.json`
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 import statistics
 import sys
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -74,31 +77,45 @@ def run_diredi(config: FederationConfig) -> tuple[list[dict], Path]:
     return rows, outcome.folder
 
 
+def local_customer_work(config: FederationConfig, method: str, partition_id: int, edge_state: dict, threads: int = 0) -> dict:
+    """One customer's ``direct`` or ``local`` model and its row; plain arguments, for a worker process."""
+    if threads:
+        torch.set_num_threads(threads)
+    population = build_population(config.population, config.pipeline.presumed_split)
+    customer = population[partition_id]
+    datasets = DataSets(config.data)
+    original = load_model("edge", config.preset, edge_state)
+    reference = evaluate_for_customer(config, customer, original, datasets=datasets)["per_class"]
+    if method == "direct":
+        seed = config.customer_seed(customer.partition_id) + 6
+        torch.manual_seed(seed)
+        edge = build_detector("edge", config.preset)
+        cfg = config.pipeline.direct
+        train_detector(edge, datasets.train(customer.classes, cfg), datasets.val(customer.classes, cfg), cfg,
+                       class_indices=ClassSets.indices(customer.classes), seed=seed, progress=False)
+    else:
+        epochs = config.baselines.rounds * config.baselines.local.epochs
+        result = baseline_customer_work(config, customer, len(population), edge_state, epochs=epochs, datasets=datasets)
+        edge = load_model("edge", config.preset, result["arrays"])
+    row = evaluate_for_customer(config, customer, edge, reference, datasets)
+    return {"partition_id": customer.partition_id, "customer": customer.name, "uplink_bytes": 0, "downlink_bytes": 0,
+            **{k: row.get(k) for k in ("mAP", "precision", "recall", "f1", "gain", "forgetting", "per_class", "change")}}
+
+
 def run_local(config: FederationConfig, method: str) -> list[dict]:
     """``direct``: a fresh edge model trained on the customer's data (pipeline.direct);
-    ``local``: the deployed edge fine-tuned on it for as many epochs as FedAvg's rounds give."""
+    ``local``: the deployed edge fine-tuned on it for as many epochs as FedAvg's rounds give.
+    The customers run in parallel processes, one torch thread each, as many as there are cores."""
     maker = prepare_manufacturer(config.pipeline, config.data, preset=config.preset, seed=config.seed, progress=False)
     population = build_population(config.population, config.pipeline.presumed_split)
-    datasets = DataSets(config.data)
-    rows = []
-    for customer in population:
-        reference = evaluate_for_customer(config, customer, maker.edge, datasets=datasets)["per_class"]
-        if method == "direct":
-            seed = config.customer_seed(customer.partition_id) + 6
-            torch.manual_seed(seed)
-            edge = build_detector("edge", config.preset)
-            cfg = config.pipeline.direct
-            train_detector(edge, datasets.train(customer.classes, cfg), datasets.val(customer.classes, cfg), cfg,
-                           class_indices=ClassSets.indices(customer.classes), seed=seed, progress=False)
-        else:
-            epochs = config.baselines.rounds * config.baselines.local.epochs
-            result = baseline_customer_work(config, customer, len(population), maker.edge.state_dict(), epochs=epochs,
-                                            datasets=datasets)
-            edge = load_model("edge", config.preset, result["arrays"])
-        row = evaluate_for_customer(config, customer, edge, reference, datasets)
-        rows.append({"partition_id": customer.partition_id, "customer": customer.name, "uplink_bytes": 0, "downlink_bytes": 0,
-                     **{k: row.get(k) for k in ("mAP", "precision", "recall", "f1", "gain", "forgetting", "per_class", "change")}})
-    return rows
+    edge_state = {k: v.detach().clone() for k, v in maker.edge.state_dict().items()}
+    workers = min(len(population), os.cpu_count() or 1)
+    if workers <= 1:
+        return [local_customer_work(config, method, c.partition_id, edge_state) for c in population]
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(local_customer_work, config, method, c.partition_id, edge_state, threads) for c in population]
+        return [future.result() for future in futures]
 
 
 def summarize(results: list[dict]) -> list[dict]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from diredi_sim.federation import federation_to_flat, load_federation_config
 
-DEFAULT = Path(__file__).resolve().parent / "configs" / "federation.toml"
+DEFAULT = Path(__file__).resolve().parent / "configs" / "demo.toml"
 
 
 def render_flower_section(path: str | Path = DEFAULT) -> str:

@@ -17,9 +17,9 @@ def test_shipped_configs_load():
     from diredi_sim.federation import FederationConfig, load_federation_config
 
     paths = sorted(CONFIGS.glob("*.toml"))
-    assert {p.stem for p in paths} >= {"edge", "exp1", "exp2", "federation"}
+    assert {p.stem for p in paths} >= {"edge", "exp1", "exp2", "federation", "demo"}
     for path in paths:
-        if path.stem == "federation":
+        if path.stem in ("federation", "demo"):
             assert isinstance(load_federation_config(path), FederationConfig)
             continue
         config = load_paper_config(path)[0] if path.stem.startswith("exp") else load_config(path)

@@ -87,7 +87,7 @@ def test_pyproject_flower_section_is_the_demo_config():
     app = pyproject["tool"]["flwr"]["app"]
     assert app["components"] == {"serverapp": "server.server_app:app", "clientapp": "clients.client_app:app"}
     flat_pyproject = _flatten(app["config"])
-    expected = federation_to_flat(load_federation_config(ROOT / "experiments/configs/federation.toml"))
+    expected = federation_to_flat(load_federation_config(ROOT / "experiments/configs/demo.toml"))
     assert flat_pyproject == expected
 
 
