@@ -108,6 +108,13 @@ def test_verification_rejects_a_destructive_update_and_leaves_the_tutor_untouche
     assert verdict.map_after < verdict.map_before
     for k, v in trained_edge.state_dict().items():
         assert torch.equal(v, state_before[k]), k
+    # a small update scaled x100 (a customer boosting its own weight): rejected, the tutor untouched
+    generator = torch.Generator().manual_seed(0)
+    small = {k: 1e-3 * torch.randn(v.shape, generator=generator) for k, v in zero.items()}
+    boosted = {k: 100.0 * v for k, v in small.items()}
+    verdict, state = verify_update(trained_edge, boosted, evaluate, VerifyConfig(max_ap_drop=0.05), before=before)
+    assert not verdict.accepted and state is None and any(r.startswith("critical class") for r in verdict.reasons)
+    assert all(torch.equal(v, state_before[k]) for k, v in trained_edge.state_dict().items())
     # a malformed delta is rejected before any evaluation, naming the key
     smuggled = dict(zero)
     smuggled["backbone.body.0.0.weight"] = torch.zeros_like(state_before["backbone.body.0.0.weight"])

@@ -1,0 +1,107 @@
+"""Memory of the whole process tree against the number of virtual customers.
+
+    python bench/scale.py [--customers 10 100 1000] [--sampled 10] [--rounds 2] [--config experiments/configs/demo.toml]
+
+For each population size N: ``diredi-sim simulate`` (cpu preset) with N generated customers,
+``--sampled`` of them per round (fraction_train = sampled / N), ``--rounds`` rounds, each customer's
+work cut to a few images (what is measured is what N costs, not training). The command runs as a
+child process; every 0.25 s the proportional set size (PSS, shared pages split between the
+processes that share them, so Ray's shared memory is counted once) of it and all its descendants
+(the Ray head, raylet, actors, the manufacturer's worker processes) is summed from
+/proc/<pid>/smaps_rollup. Prints the peak and the wall time per N. Target: peak at most 4 GB and
+flat in N. The manufacturer's models come from the cache (run ``make demo`` first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SMALL_WORK = ["pipeline.rd.epochs=1", "pipeline.rd.max_train_images=16", "pipeline.rd.max_eval_images=8",
+              "pipeline.distill_c.epochs=1", "pipeline.distill_c.max_train_images=16", "pipeline.distill_c.max_eval_images=8",
+              "pipeline.max_eval_images=24", "simulation.distill_rejected=false"]
+
+
+def descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def pss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def measure(command: list[str], env: dict) -> tuple[int, int, float, int]:
+    start = time.perf_counter()
+    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    peak, peak_processes = 0, 0
+    while process.poll() is None:
+        tree = descendants(process.pid)
+        total = sum(pss_bytes(p) for p in tree)
+        if total > peak:
+            peak, peak_processes = total, len(tree)
+        time.sleep(0.25)
+    stderr = process.stderr.read()
+    if process.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed ({process.returncode}):\n{stderr[-3000:]}")
+    return peak, peak_processes, time.perf_counter() - start, process.returncode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(ROOT / "experiments/configs/demo.toml"))
+    parser.add_argument("--customers", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--sampled", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--runs-dir", default="/tmp/diredi-bench-runs")
+    args = parser.parse_args()
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    rows = []
+    for n in args.customers:
+        overrides = [f"name=scale-{n}", f"runs_dir={args.runs_dir!r}".replace("'", '"'), "population.customers=[]",
+                     f"population.generated={n}", f"simulation.num_rounds={args.rounds}",
+                     f"simulation.fraction_train={min(1.0, args.sampled / n)}", *SMALL_WORK]
+        command = [sys.executable, "-m", "experiments.cli", "simulate", args.config]
+        for item in overrides:
+            command += ["--set", item]
+        peak, processes, seconds, _ = measure(command, env)
+        rows.append((n, peak, processes, seconds))
+        print(f"{n:5d} customers: peak PSS {peak / 2**30:.2f} GiB over {processes} processes, {seconds:.0f} s", flush=True)
+    print(f"\nmachine: {os.cpu_count()} cores; {args.sampled} customers sampled per round, {args.rounds} rounds, "
+          f"config {Path(args.config).name}")
+    print("| customers | peak PSS of the process tree (GiB) | processes at peak | wall (s) |")
+    print("|---|---|---|---|")
+    for n, peak, processes, seconds in rows:
+        print(f"| {n} | {peak / 2**30:.2f} | {processes} | {seconds:.0f} |")
+    low, high = min(r[1] for r in rows), max(r[1] for r in rows)
+    print(f"\nlargest / smallest peak: {high / low:.2f} (flat: close to 1); largest peak {high / 2**30:.2f} GiB (target <= 4 GB)")
+
+
+if __name__ == "__main__":
+    main()
