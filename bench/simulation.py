@@ -42,13 +42,19 @@ def run_plain(config) -> float:
     start = time.perf_counter()
     datasets = DataSets(config.data)
     replies = [customer_work(config, c, len(population), tutor_state, edge_state, datasets=datasets) for c in population]
+    customers_done = time.perf_counter()
     accepted, weights = [], []
     for customer, reply in zip(population, replies):
+        step_start = time.perf_counter()
         result = manufacturer_work(config, customer, tutor_state, edge_state, reply["delta"], len(population))
+        print(f"plain: customer {customer.name}: customer's step {reply['metrics']['seconds']:.1f} s, "
+              f"manufacturer's step {time.perf_counter() - step_start:.1f} s", flush=True)
         if result["verdict"]["accepted"]:
             accepted.append(reply["delta"])
             weights.append(reply["metrics"]["num-examples"])
     merge_accepted(config, maker.tutor, accepted, weights, datasets)
+    print(f"plain: customers {customers_done - start:.1f} s, manufacturer and merge {time.perf_counter() - customers_done:.1f} s",
+          flush=True)
     return time.perf_counter() - start
 
 
