@@ -22,54 +22,45 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from experiments.processes import command_line, descendants, pss_bytes  # noqa: E402
 
 SMALL_WORK = ["pipeline.rd.epochs=1", "pipeline.rd.max_train_images=16", "pipeline.rd.max_eval_images=8",
               "pipeline.distill_c.epochs=1", "pipeline.distill_c.max_train_images=16", "pipeline.distill_c.max_eval_images=8",
               "pipeline.max_eval_images=24", "simulation.distill_rejected=false"]
 
 
-def descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo += children.get(pid, [])
-    return tree
+def short_name(pid: int) -> str:
+    """A process's role from its command line: the script or Ray component it runs."""
+    words = command_line(pid).split()
+    for word in words:
+        if word.endswith(("raylet", "gcs_server")) or word.endswith(".py") or word.startswith("ray::"):
+            return Path(word).name
+    if "multiprocessing" in " ".join(words):
+        return "multiprocessing worker (manufacturer's step)"
+    return " ".join(Path(w).name if w.startswith("/") else w for w in words[:4])
 
 
-def pss_bytes(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def measure(command: list[str], env: dict) -> tuple[int, int, float, int]:
+def measure(command: list[str], env: dict) -> tuple[int, int, float, dict[str, int]]:
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)
-    peak, peak_processes = 0, 0
+    peak, peak_processes, breakdown = 0, 0, {}
     while process.poll() is None:
-        tree = descendants(process.pid)
-        total = sum(pss_bytes(p) for p in tree)
+        tree = {process.pid} | descendants(process.pid)
+        sizes = {p: pss_bytes(p) for p in tree}
+        total = sum(sizes.values())
         if total > peak:
-            peak, peak_processes = total, len(tree)
+            peak, peak_processes, breakdown = total, len(tree), {}
+            for pid, size in sizes.items():
+                name = "diredi-sim simulate (driver, ServerApp)" if pid == process.pid else short_name(pid)
+                breakdown[name] = breakdown.get(name, 0) + size
         time.sleep(0.25)
     stderr = process.stderr.read()
     if process.returncode != 0:
         sys.exit(f"{' '.join(command)} failed ({process.returncode}):\n{stderr[-3000:]}")
-    return peak, peak_processes, time.perf_counter() - start, process.returncode
+    return peak, peak_processes, time.perf_counter() - start, breakdown
 
 
 def main() -> None:
@@ -90,9 +81,11 @@ def main() -> None:
         command = [sys.executable, "-m", "experiments.cli", "simulate", args.config]
         for item in overrides:
             command += ["--set", item]
-        peak, processes, seconds, _ = measure(command, env)
+        peak, processes, seconds, breakdown = measure(command, env)
         rows.append((n, peak, processes, seconds))
         print(f"{n:5d} customers: peak PSS {peak / 2**30:.2f} GiB over {processes} processes, {seconds:.0f} s", flush=True)
+        for name, size in sorted(breakdown.items(), key=lambda item: -item[1]):
+            print(f"        {size / 2**20:7.0f} MiB  {name}", flush=True)
     print(f"\nmachine: {os.cpu_count()} cores; {args.sampled} customers sampled per round, {args.rounds} rounds, "
           f"config {Path(args.config).name}")
     print("| customers | peak PSS of the process tree (GiB) | processes at peak | wall (s) |")

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from experiments.processes import descendants, process_table
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,31 +41,8 @@ def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: floa
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
-def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (Flower detaches some children into new sessions, so
-    process groups are not enough)."""
-    parent_of = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z":
-                parent_of[int(entry)] = int(fields[1])
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {child for child, parent in parent_of.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
 def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    return pid in process_table()
 
 
 def stop(process: subprocess.Popen, tree: set[int]) -> None:

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from diredi_sim.federation import (FederationConfig, PopulationConfig, Simulatio
                                    effective_pipeline)
 from diredi_sim.pipeline import PipelineConfig, run_pipeline
 from diredi_sim.verify import VerifyConfig
+from experiments.processes import command_line, descendants
 
 pytestmark = pytest.mark.slow
 
@@ -27,19 +27,8 @@ STAGE = TrainConfig(epochs=1, batch_size=8, lr=0.01, warmup_steps=1)
 
 
 def child_processes() -> dict[int, str]:
-    """Live processes whose parent is this process, with their command lines."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[1].split()
-            if fields[0] != "Z" and int(fields[1]) == os.getpid():
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                children[int(entry)] = cmdline[:200]
-    return children
+    """Live processes below this one, with their command lines."""
+    return {pid: command_line(pid)[:200] for pid in descendants(os.getpid())}
 
 
 @pytest.fixture(scope="module")
