@@ -2,7 +2,7 @@
 
 Downlink, in the message: the shared tutor (``tutor``) and this customer's deployed edge model
 (``edge``) as ArrayRecords keyed by parameter name, and the run's settings (``config``, flat
-keys). The customer loads its own data from its partition id, runs RD B and RD A through
+keys). A ``query.partition`` message is answered with the node's partition id alone. The customer loads its own data from its partition id, runs RD B and RD A through
 :func:`diredi_sim.federation.customer_work`, and replies with the neck+head delta (``delta``,
 an ArrayRecord keyed by parameter name) and a MetricRecord of scalars. Nothing else goes up.
 
@@ -60,7 +60,7 @@ def local_dp_mod(msg: Message, context: Context, call_next) -> Message:
     config = read_config(msg)
     if config.simulation.dp_clip_norm <= 0:
         return reply
-    partition_id = read_partition_id(context, len(build_population(config.population, config.pipeline.presumed_split)))
+    partition_id = int(context.node_config["partition-id"])  # checked by train() before it replied
     delta = privatize_delta(config, partition_id, reply.content["delta"].to_torch_state_dict(),
                             int(msg.content["config"].get("server-round", 1)))
     reply.content["delta"] = ArrayRecord(delta)
@@ -87,6 +87,14 @@ def uplink_compression_mod(msg: Message, context: Context, call_next) -> Message
 
 
 app = ClientApp(mods=[uplink_compression_mod, local_dp_mod])  # the first mod is the outermost: DP, then compression
+
+
+@app.query("partition")
+def partition(msg: Message, context: Context) -> Message:
+    """Which customer this node is: the strategy asks nodes it does not know yet while some
+    customer's deployed edge model has no node (a resumed run: node ids are new)."""
+    partition_id = int(context.node_config.get("partition-id", -1))
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": partition_id})}), reply_to=msg)
 
 
 @app.train()

@@ -49,13 +49,19 @@ def run_federation(grid: Grid, config: FederationConfig, outcome: FederationOutc
     run.write_json("customers.json", to_jsonable([{**vars(c), "private": c.class_sets(config.pipeline).private,
                                                     "dropped": c.class_sets(config.pipeline).dropped} for c in population]))
     maker = prepare_manufacturer(config.pipeline, config.data, preset=config.preset, seed=config.seed)
-    strategy = DiReDiStrategy(config, population, {k: v.detach().clone() for k, v in maker.edge.state_dict().items()}, run)
-    tutor_state = (strategy.restore(resume) if resume is not None else None) or maker.tutor.state_dict()
+    edge_state = {k: v.detach().clone() for k, v in maker.edge.state_dict().items()}
+    tutor_state = maker.tutor.state_dict()
+    del maker  # the teacher is not needed in a federation round: not kept in memory for the run
+    strategy = DiReDiStrategy(config, population, edge_state, run)
+    tutor_state = (strategy.restore(resume) if resume is not None else None) or tutor_state
     if resume is not None:
         print(f"diredi-sim: resuming after round {strategy.round_offset} of {config.simulation.num_rounds}", file=sys.stderr,
               flush=True)
-    strategy.start(grid, initial_arrays=ArrayRecord(tutor_state), num_rounds=config.simulation.num_rounds - strategy.round_offset,
-                   timeout=config.simulation.round_timeout, train_config=ConfigRecord(federation_to_flat(config)))
+    try:
+        strategy.start(grid, initial_arrays=ArrayRecord(tutor_state), num_rounds=config.simulation.num_rounds - strategy.round_offset,
+                       timeout=config.simulation.round_timeout, train_config=ConfigRecord(federation_to_flat(config)))
+    finally:
+        strategy.close()
     outcome.summary = strategy.summary_rows
     write_summary(run, strategy.summary_rows, strategy.round_reports)
     return outcome

@@ -15,14 +15,16 @@ every customer's deployed edge model as of that round, the summary rows and roun
 
 from __future__ import annotations
 
+import importlib
 import math
 import multiprocessing
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from logging import INFO, WARNING
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -61,8 +63,12 @@ class DiReDiStrategy(FedAvg):
         self.round_offset = round_offset  # rounds completed before this process (a resumed run)
         self.tutor_round: int | None = None  # the round whose checkpoint holds the shared tutor (None: original)
         self.edge_rounds: dict[int, int] = {}  # partition id -> the round whose checkpoint holds its deployed edge
-        self.unknown_nodes: set[int] = set()  # this round's nodes whose partition was not known when sent
-        self.downlink: tuple | None = None  # this round's (grid, tutor arrays, config record, message type)
+        self.pool: ProcessPoolExecutor | None = None  # the manufacturer's worker processes, kept for the run
+        cpus = sim.num_cpus or os.cpu_count() or 1
+        # processes and torch threads per step follow from the config alone (not from how many
+        # customers answered), so that a customer's results do not depend on the others' failures
+        self.server_workers = sim.server_workers or min(len(population), cpus)
+        self.server_threads = max(1, cpus // self.server_workers)
 
     def restore(self, state: dict) -> dict | None:
         """Continue after round ``state["last_round"]`` (a run's state.json): deployed edges,
@@ -91,16 +97,11 @@ class DiReDiStrategy(FedAvg):
         """FedAvg's sampling; each message carries the tutor, that customer's edge and the settings."""
         server_round += self.round_offset
         self.tutor_state = arrays.to_torch_state_dict()
-        self.sampled_nodes = []
-        self.unknown_nodes = set()
-        messages = []
-        for message in super().configure_train(server_round, arrays, config, grid):
-            node = message.metadata.dst_node_id
-            messages.append(self._train_message(node, arrays, config, message.metadata.message_type))
-            self.sampled_nodes.append(node)
-            if node not in self.partition_of_node:
-                self.unknown_nodes.add(node)
-        self.downlink = (grid, arrays, config, messages[0].metadata.message_type if messages else None)
+        self.start_workers()  # their start-up (importing torch: seconds) overlaps the customers' work
+        sampled = list(super().configure_train(server_round, arrays, config, grid))
+        self.sampled_nodes = [message.metadata.dst_node_id for message in sampled]
+        self._learn_partitions(grid, self.sampled_nodes)
+        messages = [self._train_message(m.metadata.dst_node_id, arrays, config, m.metadata.message_type) for m in sampled]
         self.run.log({"event": "round_started", "round": server_round, "nodes": len(messages)})
         return messages
 
@@ -109,38 +110,33 @@ class DiReDiStrategy(FedAvg):
         content = RecordDict({"tutor": arrays, "edge": ArrayRecord(edge), "config": config})
         return Message(content=content, message_type=message_type, dst_node_id=node)
 
-    def _resend_misdirected(self, server_round: int, replies: list[Message]) -> list[Message]:
-        """A node's partition is learnt from its first reply. After a resume the node ids are new,
-        so a customer that already has a deployed edge model was sent the original one: it is
-        asked again, with its own, and its first reply is dropped (no reply in time: a failure)."""
-        redo = {}
-        for message in replies:
-            node = message.metadata.src_node_id
-            if node not in self.unknown_nodes or not message.has_content() or "metrics" not in message.content:
-                continue
+    def _learn_partitions(self, grid: Grid, nodes: list[int]) -> None:
+        """A node's partition is learnt from its replies. After a resume the node ids are new, and
+        a customer with a deployed edge model must be sent its own: while some deployed edge has
+        no node yet, the sampled nodes not known yet are asked who they are (a query message,
+        answered at once by the ClientApp)."""
+        unmatched = set(self.deployed_edges) - set(self.partition_of_node.values())
+        unknown = [node for node in nodes if node not in self.partition_of_node]
+        if not unmatched or not unknown:
+            return
+        queries = [Message(RecordDict({"config": ConfigRecord({})}), message_type=f"{MessageType.QUERY}.partition", dst_node_id=node)
+                   for node in unknown]
+        for reply in grid.send_and_receive(queries, timeout=self.config.simulation.round_timeout):
             try:
-                partition_id = int(message.content["metrics"]["partition-id"])
-            except (KeyError, TypeError, ValueError):
+                partition_id = int(reply.content["metrics"]["partition-id"])
+            except (KeyError, TypeError, ValueError):  # an error reply: the node is learnt from its train reply
                 continue
-            if partition_id in self.deployed_edges and partition_id not in self.partition_of_node.values():
-                self.partition_of_node[node] = partition_id
-                redo[node] = partition_id
-        if not redo:
-            return replies
-        grid, arrays, config, message_type = self.downlink
-        log(INFO, "round %d: %d customer(s) got the original edge model instead of their own (node ids are new after "
-            "a resume); asking them again", server_round, len(redo))
-        again = {m.metadata.src_node_id: m for m in grid.send_and_receive(
-            [self._train_message(node, arrays, config, message_type) for node in redo], timeout=self.config.simulation.round_timeout)}
-        return [again.get(m.metadata.src_node_id) if m.metadata.src_node_id in redo else m for m in replies
-                if m.metadata.src_node_id not in redo or m.metadata.src_node_id in again]
+            if 0 <= partition_id < len(self.population):
+                self.partition_of_node[reply.metadata.src_node_id] = partition_id
+        log(INFO, "asked %d new node(s) which customer they are: %d of %d customers with a deployed edge model found",
+            len(unknown), len(unmatched & set(self.partition_of_node.values())), len(unmatched))
 
     # ----------------------------------------------------------------------------- aggregation
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Each reply through the manufacturer's step; accepted deltas merged into the shared tutor."""
         server_round += self.round_offset
-        replies = self._resend_misdirected(server_round, list(replies))
+        replies = list(replies)
         valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
         failures = [{"round": server_round, "node": m.metadata.src_node_id, "reason": m.error.reason} for m in errors]
         answered = {m.metadata.src_node_id for m in replies}
@@ -225,9 +221,28 @@ class DiReDiStrategy(FedAvg):
                 "node": message.metadata.src_node_id,
                 "edge": self.deployed_edges.get(partition_id, self.original_edge)}
 
+    def start_workers(self) -> None:
+        """Start the manufacturer's worker processes (server_workers, or as many as CPUs and
+        customers allow), once per run: they are kept for every round until :meth:`close`.
+        In worker processes even when there is one: in the ServerApp's process the step's Python
+        parts share the GIL with Flower's simulation loop (measured: 55 s a step there, 31 s alone).
+        A test's stand-in step runs in this process and needs none."""
+        if self.pool is not None or self.manufacturer_step is not manufacturer_work:
+            return
+        self.pool = ProcessPoolExecutor(max_workers=self.server_workers, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=importlib.import_module, initargs=("diredi_sim.federation",))
+        for _ in range(self.server_workers):  # the pool starts a process per waiting task: all of them, now
+            self.pool.submit(int)
+
+    def close(self) -> None:
+        """Stop the manufacturer's worker processes (the run is over, or failed)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
     def _run_manufacturer_steps(self, jobs: list[dict]) -> list[dict]:
         """The manufacturer's step per customer: a malformed delta is rejected at once; the rest
-        run in parallel processes (server_workers, or as many as CPUs and customers allow)."""
+        run in parallel in the worker processes (:meth:`start_workers`)."""
         results: list[dict | None] = [None] * len(jobs)
         runnable = []
         for i, job in enumerate(jobs):
@@ -239,11 +254,6 @@ class DiReDiStrategy(FedAvg):
                               "edges": {}, "stages": [], "seconds": 0.0}
             else:
                 runnable.append(i)
-        # torch threads per step follow from the config alone (not from how many customers answered),
-        # so that a customer's results do not depend on the others' failures
-        planned = self.config.simulation.server_workers or min(len(self.population), os.cpu_count() or 1)
-        workers = max(1, min(planned, len(runnable)))
-        threads = max(1, (os.cpu_count() or 1) // planned)
         args = lambda i, threads: (self.config, jobs[i]["customer"], self.tutor_state, jobs[i]["edge"], jobs[i]["delta"],  # noqa: E731
                                    len(self.population), threads)
         def report(i: int) -> None:
@@ -259,14 +269,17 @@ class DiReDiStrategy(FedAvg):
                 results[i] = self.manufacturer_step(*args(i, 0))
                 report(i)
         else:
-            # Always in worker processes, even one: in the ServerApp's process the step's Python
-            # parts share the GIL with Flower's simulation loop (measured: 55 s there, 31 s alone).
-            log(INFO, "manufacturer: %d customers' steps in %d processes (%d torch threads each)", len(runnable), workers, threads)
-            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = {pool.submit(self.manufacturer_step, *args(i, threads)): i for i in runnable}
+            self.start_workers()
+            log(INFO, "manufacturer: %d customers' steps in %d processes (%d torch threads each)", len(runnable),
+                min(self.server_workers, len(runnable)), self.server_threads)
+            try:
+                futures = {self.pool.submit(self.manufacturer_step, *args(i, self.server_threads)): i for i in runnable}
                 for future in as_completed(futures):
                     results[futures[future]] = future.result()
                     report(futures[future])
+            except BrokenProcessPool:  # a worker died (killed, out of memory): the next round starts new ones
+                self.close()
+                raise
         return results
 
     def _record(self, server_round: int, job: dict, result: dict) -> None:

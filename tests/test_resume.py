@@ -20,6 +20,7 @@ import torch
 
 from diredi_sim.runs import append_jsonl, read_jsonl
 from experiments.cli import main as cli_main
+from experiments.processes import alive, identified_descendants
 from experiments.resume import clear_interrupted_round, read_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,38 +70,6 @@ max_ap_drop = 1.0
     return path
 
 
-# ----------------------------------------------------------------------------------- processes
-
-def process_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, start time) of every live process (zombies left out)."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z":
-                table[int(entry)] = (int(fields[1]), fields[19])
-    return table
-
-
-def descendants(pid: int) -> set[tuple[int, str]]:
-    """(pid, start time) of every live process below ``pid`` (Ray detaches some into sessions of
-    their own, so the process group is not enough; the start time tells a reused pid apart)."""
-    table = process_table()
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {child for child, (parent, _) in table.items() if parent in frontier} - found
-        found |= frontier
-    return {(p, table[p][1]) for p in found if p in table}
-
-
-def alive(processes: set[tuple[int, str]]) -> set[tuple[int, str]]:
-    table = process_table()
-    return {(pid, start) for pid, start in processes if pid in table and table[pid][1] == start}
-
-
 class Tracked:
     """A `diredi-sim` command in its own session, with every process it ever had below it."""
 
@@ -114,7 +83,7 @@ class Tracked:
 
     def _watch(self) -> None:
         while self.process.poll() is None:
-            self.seen |= descendants(self.process.pid)
+            self.seen |= identified_descendants(self.process.pid)
             time.sleep(0.2)
 
     def wait(self, timeout: float) -> int:
@@ -131,7 +100,7 @@ class Tracked:
         pgid = self.process.pid
         tree: set[tuple[int, str]] = set()
         while True:
-            new = descendants(self.process.pid) - tree
+            new = identified_descendants(self.process.pid) - tree
             if not new and tree:
                 break
             tree |= new
@@ -228,7 +197,7 @@ def test_a_run_killed_mid_round_and_resumed_equals_an_uninterrupted_run(tmp_path
     assert resumed.wait(600) == 0, resumed.output()[-3000:]
     assert not resumed.leftovers(), f"processes left running after resume: {resumed.leftovers()}"
     assert "resuming" in resumed.output() and "after round 1 of 2" in resumed.output()
-    assert "asking them again" in resumed.output()  # new node ids: the customers' own edges sent again
+    assert "2 of 2 customers with a deployed edge model found" in resumed.output()  # new node ids: asked who they are
     got = results(folder)
     assert got["customers"] == expected["customers"]
     assert got["rounds"] == expected["rounds"] and got["summary_rounds"] == expected["summary_rounds"]
@@ -314,8 +283,8 @@ def test_clearing_the_interrupted_round_keeps_exactly_the_completed_rounds(tmp_p
 
 @pytest.mark.usefixtures("flower_task_identity")
 def test_a_restored_strategy_numbers_rounds_on_and_sends_each_customer_its_own_edge(tmp_path):
-    """After round 1 (customer 1's edge deployed), a new process: node ids are new, so customer 1
-    first gets the original edge; its reply tells who it is, and it is asked again with its own."""
+    """After round 1 (customer 1's edge deployed), a new process: node ids are new, so the strategy
+    asks the nodes who they are before the downlink, and customer 1 gets its own edge at once."""
     from diredi_sim.config import DataConfig
     from diredi_sim.federation import FederationConfig, PopulationConfig, SimulationConfig, build_population, load_model
     from diredi_sim.models import build_detector
@@ -349,16 +318,27 @@ def test_a_restored_strategy_numbers_rounds_on_and_sends_each_customer_its_own_e
         def get_node_ids(self):
             return list(partition_of)
 
-        def send_and_receive(self, messages, timeout=None):
+        def send_and_receive(self, messages, timeout=None):  # the ClientApp's query handler, for real
+            from flwr.app import Context, RecordDict
+
+            from clients.client_app import partition
+
             messages = list(messages)
-            self.sent += [(m.metadata.dst_node_id, float(m.content["edge"].to_torch_state_dict()[key].flatten()[0])) for m in messages]
-            return [reply_to(m, partition_of[m.metadata.dst_node_id], delta, 10) for m in messages]
+            self.sent += [(m.metadata.message_type, m.metadata.dst_node_id) for m in messages]
+            return [partition(m, Context(run_id=1, node_id=m.metadata.dst_node_id, state=RecordDict(), run_config={},
+                                         node_config={"partition-id": partition_of[m.metadata.dst_node_id]}))
+                    for m in messages]
 
     grid = Grid()
     messages = list(strategy.configure_train(1, ArrayRecord(tutor.state_dict()), ConfigRecord({}), grid))  # Flower's round 1
+    assert sorted(grid.sent) == [("query.partition", 51), ("query.partition", 52)]
     assert {m.content["config"]["server-round"] for m in messages} == {2}
+    sent_edge = {m.metadata.dst_node_id: float(m.content["edge"].to_torch_state_dict()[key].flatten()[0]) for m in messages}
+    assert sent_edge[52] == 7.0 and sent_edge[51] != 7.0  # customer 1's own edge; customer 0 has none deployed
     _, metrics = strategy.aggregate_train(1, [reply_to(m, partition_of[m.metadata.dst_node_id], delta, 10) for m in messages])
-    assert grid.sent == [(52, 7.0)] and metrics["replies"] == 2 and metrics["accepted"] == 2
+    assert metrics["replies"] == 2 and metrics["accepted"] == 2
+    messages = list(strategy.configure_train(2, ArrayRecord(tutor.state_dict()), ConfigRecord({}), grid))
+    assert len(grid.sent) == 2  # every node known now: no more questions
     assert sorted(p.name for p in (run.folder / "round2").iterdir()) == ["customer0.json", "customer1.json"]
     saved = read_state(run.folder)
     assert saved["last_round"] == 2 and saved["edges"] == {"0": 2, "1": 2} and saved["tutor_round"] == 2
