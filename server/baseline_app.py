@@ -13,7 +13,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 
 from diredi_sim.federation import (FederationConfig, build_population, count_state_bytes, evaluate_for_customer,
                                    federation_to_flat, load_model)
-from diredi_sim.pipeline import DataSets, prepare_manufacturer
+from diredi_sim.pipeline import DataSets, compute_knowledge, prepare_manufacturer
 from diredi_sim.runs import Run, to_jsonable
 from server.server_app import FederationOutcome
 
@@ -27,15 +27,22 @@ def run_baseline(grid: Grid, config: FederationConfig, method: str, outcome: Fed
     population = build_population(config.population, config.pipeline.presumed_split)
     maker = prepare_manufacturer(config.pipeline, config.data, preset=config.preset, seed=config.seed)
     datasets = DataSets(config.data)
-    reference = {c.partition_id: evaluate_for_customer(config, c, maker.edge, datasets=datasets)["per_class"] for c in population}
     model_bytes = count_state_bytes(maker.edge.state_dict())
     rows: list[dict] = []
+    reference: dict[int, dict] = {}  # per-class AP of the original edge model: round 0's evaluation
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        if server_round > 0 and not reference:
+            raise RuntimeError("Flower's strategy did not evaluate the initial edge model (round 0): no reference for gains")
         edge = load_model("edge", config.preset, arrays.to_torch_state_dict())
         maps = []
         for customer in population:
-            row = evaluate_for_customer(config, customer, edge, reference[customer.partition_id], datasets)
+            if server_round == 0:  # the original edge model, against itself: every later round's reference
+                row = evaluate_for_customer(config, customer, edge, datasets=datasets)
+                reference[customer.partition_id] = row["per_class"]
+                row.update(to_jsonable(compute_knowledge(row["per_class"], row["per_class"], customer.class_sets(config.pipeline))))
+            else:
+                row = evaluate_for_customer(config, customer, edge, reference[customer.partition_id], datasets)
             record = {"event": "customer", "method": method, "round": server_round, "partition_id": customer.partition_id,
                       "customer": customer.name, "uplink_bytes": model_bytes * server_round,
                       "downlink_bytes": model_bytes * server_round, **row}

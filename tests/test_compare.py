@@ -72,6 +72,8 @@ def test_compare_runs_every_method_on_the_same_customers(tmp_path):
     runs = {r["method"]: r for r in data["runs"]}
     fedavg_summary = json.loads((Path(runs["fedavg"]["folder"]) / "summary.json").read_text())
     assert sorted({row["round"] for row in fedavg_summary["rounds"]}) == [0, 1, 2]  # evaluated before and after each round
+    first = [row for row in fedavg_summary["rounds"] if row["round"] == 0]  # the original edge: the reference itself
+    assert len(first) == 2 and all(row["gain"] == 0.0 and row["forgetting"] == 0.0 for row in first), first
     assert "| fedprox | all |" in (folder / "compare.md").read_text()
 
     # plots and the report, from the saved results alone
