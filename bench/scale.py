@@ -1,6 +1,7 @@
 """Memory of the whole process tree against the number of virtual customers.
 
     python bench/scale.py [--customers 10 100 1000] [--sampled 10] [--rounds 2] [--config experiments/configs/demo.toml]
+                          [--set KEY=VALUE ...]
 
 For each population size N: ``diredi-sim simulate`` (cpu preset) with N generated customers,
 ``--sampled`` of them per round (fraction_train = sampled / N), ``--rounds`` rounds, each customer's
@@ -70,6 +71,8 @@ def main() -> None:
     parser.add_argument("--sampled", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--runs-dir", default="/tmp/diredi-bench-runs")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="another config override (repeatable), e.g. simulation.server_workers=1")
     args = parser.parse_args()
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -77,7 +80,7 @@ def main() -> None:
     for n in args.customers:
         overrides = [f"name=scale-{n}", f"runs_dir={args.runs_dir!r}".replace("'", '"'), "population.customers=[]",
                      f"population.generated={n}", f"simulation.num_rounds={args.rounds}",
-                     f"simulation.fraction_train={min(1.0, args.sampled / n)}", *SMALL_WORK]
+                     f"simulation.fraction_train={min(1.0, args.sampled / n)}", *SMALL_WORK, *args.set]
         command = [sys.executable, "-m", "experiments.cli", "simulate", args.config]
         for item in overrides:
             command += ["--set", item]

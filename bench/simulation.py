@@ -1,9 +1,9 @@
 """Flower's cost and Ray's parallelism, measured side by side on the same work.
 
-    python bench/simulation.py [--config experiments/configs/federation.toml] [--customers 2] [--set KEY=VALUE ...]
+    python bench/simulation.py [--config experiments/configs/federation.toml] [--customers 2] [--rounds 1] [--set KEY=VALUE ...]
 
-1. overhead: the same customers' work (load the manufacturer's models from the cache; RD B,
-   RD A, delta; verification, Distill C, evaluation; the merge) done in one process by plain
+1. overhead: the same customers' work (load the manufacturer's models from the cache; per
+   round RD B, RD A, delta; verification, Distill C, evaluation; the merge) done in one process by plain
    function calls, then through Flower's simulation engine with one customer actor and one
    manufacturer process, each with every core's torch threads. Prints both wall times and
    their ratio (target: at most 1.10).
@@ -32,33 +32,42 @@ for key, value in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "
                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0"}.items():
     os.environ.setdefault(key, value)
 
-from diredi_sim.federation import (build_population, customer_work, load_federation_config,  # noqa: E402
+from diredi_sim.federation import (build_population, customer_work, load_federation_config, load_model,  # noqa: E402
                                    manufacturer_work, merge_accepted)
 from diredi_sim.pipeline import DataSets, prepare_manufacturer  # noqa: E402
 
 
 def run_plain(config) -> float:
-    """The manufacturer's models from the cache, every customer's step, then the manufacturer's
-    step for each, then the merge, in this process."""
+    """The manufacturer's models from the cache, then per round: every customer's step, the
+    manufacturer's step for each, the merge (the shared tutor and the deployed edges carried to
+    the next round, as the strategy does), in this process."""
     start = time.perf_counter()
     maker = prepare_manufacturer(config.pipeline, config.data, preset=config.preset, seed=config.seed, progress=False)
     population = build_population(config.population, config.pipeline.presumed_split)
-    tutor_state, edge_state = maker.tutor.state_dict(), maker.edge.state_dict()
+    tutor_state, original_edge = maker.tutor.state_dict(), maker.edge.state_dict()
+    deployed: dict[int, dict] = {}
     datasets = DataSets(config.data)
-    replies = [customer_work(config, c, len(population), tutor_state, edge_state, datasets=datasets) for c in population]
-    customers_done = time.perf_counter()
-    accepted, weights = [], []
-    for customer, reply in zip(population, replies):
-        step_start = time.perf_counter()
-        result = manufacturer_work(config, customer, tutor_state, edge_state, reply["delta"], len(population))
-        print(f"plain: customer {customer.name}: customer's step {reply['metrics']['seconds']:.1f} s, "
-              f"manufacturer's step {time.perf_counter() - step_start:.1f} s", flush=True)
-        if result["verdict"]["accepted"]:
-            accepted.append(reply["delta"])
-            weights.append(reply["metrics"]["num-examples"])
-    merge_accepted(config, maker.tutor, accepted, weights, datasets)
-    print(f"plain: customers {customers_done - start:.1f} s, manufacturer and merge {time.perf_counter() - customers_done:.1f} s",
-          flush=True)
+    for server_round in range(1, config.simulation.num_rounds + 1):
+        round_start = time.perf_counter()
+        replies = [customer_work(config, c, len(population), tutor_state, deployed.get(c.partition_id, original_edge),
+                                 datasets=datasets) for c in population]
+        customers_done = time.perf_counter()
+        accepted, weights = [], []
+        for customer, reply in zip(population, replies):
+            step_start = time.perf_counter()
+            result = manufacturer_work(config, customer, tutor_state, deployed.get(customer.partition_id, original_edge),
+                                       reply["delta"], len(population))
+            print(f"plain: round {server_round}, customer {customer.name}: customer's step {reply['metrics']['seconds']:.1f} s, "
+                  f"manufacturer's step {time.perf_counter() - step_start:.1f} s", flush=True)
+            if result["verdict"]["accepted"]:
+                accepted.append(reply["delta"])
+                weights.append(reply["metrics"]["num-examples"])
+                deployed[customer.partition_id] = result["edges"][config.simulation.deploy_mode]
+        tutor = load_model("tutor", config.preset, tutor_state)
+        merged, _ = merge_accepted(config, tutor, accepted, weights, datasets)
+        tutor_state = merged if merged is not None else tutor_state
+        print(f"plain: round {server_round}: customers {customers_done - round_start:.1f} s, manufacturer and merge "
+              f"{time.perf_counter() - customers_done:.1f} s", flush=True)
     return time.perf_counter() - start
 
 
@@ -74,6 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "experiments/configs/federation.toml"))
     parser.add_argument("--customers", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of the federation (default 1); with more, row 1 alone")
     parser.add_argument("--runs-dir", default="/tmp/diredi-bench-runs")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     parser.add_argument("--only", choices=("plain", "serial", "parallel", "single"),
@@ -84,7 +94,7 @@ def main() -> None:
 
     base = load_federation_config(args.config, parse_overrides(args.set))
     listed = base.population.customers[: args.customers]
-    base = replace(base, runs_dir=args.runs_dir,
+    base = replace(base, runs_dir=args.runs_dir, simulation=replace(base.simulation, num_rounds=args.rounds),
                    population=replace(base.population, customers=listed, generated=max(0, args.customers - len(listed))))
     serial = replace(base, simulation=replace(base.simulation, client_cpus=float(cores), client_threads=cores,
                                               server_workers=1))
@@ -101,6 +111,12 @@ def main() -> None:
         return
     plain = run_plain(serial)
     flower_serial = run_flower(serial)
+    if args.rounds > 1:
+        print(f"\nmachine: {cores} cores; {args.customers} customers, {args.rounds} rounds; config {args.config}")
+        print(f"1. plain pipeline calls, one process:           {plain:7.1f} s")
+        print(f"   Flower simulation, 1 actor x {cores} threads:      {flower_serial:7.1f} s   ratio {flower_serial / plain:.3f} "
+              "(target <= 1.10)")
+        return
     flower_parallel = run_flower(parallel)
     flower_single = run_flower(single)
     print(f"\nmachine: {cores} cores; {args.customers} customers; config {args.config}")

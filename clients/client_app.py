@@ -29,6 +29,7 @@ from flwr.clientapp import ClientApp
 from diredi_sim.deltas import compress_delta, compute_norm, payload_bytes, select_neck_head
 from diredi_sim.federation import (FederationConfig, build_population, customer_work, federation_from_flat, parse_faults,
                                    privatize_delta)
+from diredi_sim.runs import release_memory
 
 # Keys the strategy adds to the round's config that are not settings of the run.
 ROUND_KEYS = ("server-round",)
@@ -115,5 +116,6 @@ def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(config.simulation.client_threads)
     result = customer_work(config, customer, len(population), msg.content["tutor"].to_torch_state_dict(),
                            msg.content["edge"].to_torch_state_dict(), progress=True)
+    release_memory()  # the actor waits for its next customer without its training peak
     metrics = MetricRecord({**result["metrics"], "server-round": int(msg.content["config"].get("server-round", 0))})
     return Message(RecordDict({"delta": ArrayRecord(result["delta"]), "metrics": metrics}), reply_to=msg)

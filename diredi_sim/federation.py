@@ -461,6 +461,14 @@ def merge_accepted(config: FederationConfig, tutor: nn.Module, deltas: Sequence[
     return (state if verdict.accepted else None), report
 
 
+def merge_round(config: FederationConfig, tutor_state: dict[str, Tensor], deltas: Sequence[dict[str, Tensor]],
+                weights: Sequence[float], threads: int = 0) -> tuple[dict[str, Tensor] | None, dict]:
+    """:func:`merge_accepted` on plain arguments (the shared tutor's state), for a worker process."""
+    if threads:
+        torch.set_num_threads(threads)
+    return merge_accepted(config, load_model("tutor", config.preset, tutor_state), deltas, weights)
+
+
 def reply_problems(delta: dict[str, Tensor], tutor_state: dict[str, Tensor]) -> list[str]:
     """Why a customer's delta cannot even be verified (keys, shapes, dtypes, values); [] if it can."""
     return check_delta(delta, tutor_state)

@@ -31,14 +31,22 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
 from diredi_sim.deltas import decompress_delta, select_neck_head
-from diredi_sim.federation import (Customer, FederationConfig, load_model, manufacturer_work, merge_accepted,
+from diredi_sim.federation import (Customer, FederationConfig, load_model, manufacturer_work, merge_round,
                                    reply_problems)
-from diredi_sim.runs import Run, atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint, to_jsonable
+from diredi_sim.runs import (Run, atomic_write_bytes, atomic_write_json, load_checkpoint, release_memory, save_checkpoint,
+                             to_jsonable)
 
 # Columns of the per-customer summary (summary.md), in order.
 SUMMARY_COLUMNS = ("round", "partition_id", "customer", "private", "dropped", "verdict", "gain", "forgetting",
                    "dropped_forgetting", "mAP_before", "mAP_after", "uplink_bytes", "seconds")
 STATE_FORMAT = "diredi-sim-federation-state/1"
+
+
+def step_then_release(step: Callable[..., dict], *args) -> dict:
+    """A manufacturer's step in a worker process, whose freed heap then goes back to the system."""
+    result = step(*args)
+    release_memory()
+    return result
 
 
 class DiReDiStrategy(FedAvg):
@@ -64,11 +72,11 @@ class DiReDiStrategy(FedAvg):
         self.tutor_round: int | None = None  # the round whose checkpoint holds the shared tutor (None: original)
         self.edge_rounds: dict[int, int] = {}  # partition id -> the round whose checkpoint holds its deployed edge
         self.pool: ProcessPoolExecutor | None = None  # the manufacturer's worker processes, kept for the run
-        cpus = sim.num_cpus or os.cpu_count() or 1
+        self.cpus = sim.num_cpus or os.cpu_count() or 1
         # processes and torch threads per step follow from the config alone (not from how many
         # customers answered), so that a customer's results do not depend on the others' failures
-        self.server_workers = sim.server_workers or min(len(population), cpus)
-        self.server_threads = max(1, cpus // self.server_workers)
+        self.server_workers = sim.server_workers or min(len(population), self.cpus)
+        self.server_threads = max(1, self.cpus // self.server_workers)
 
     def restore(self, state: dict) -> dict | None:
         """Continue after round ``state["last_round"]`` (a run's state.json): deployed edges,
@@ -170,8 +178,7 @@ class DiReDiStrategy(FedAvg):
                 self.deployed_edges[job["customer"].partition_id] = result["edges"][self.config.simulation.deploy_mode]
 
         selected, selected_weights, selection = self._select(accepted, weights)
-        tutor = load_model("tutor", self.config.preset, self.tutor_state)
-        merged_state, report = merge_accepted(self.config, tutor, selected, selected_weights)
+        merged_state, report = self._merge(selected, selected_weights)
         report["selection"] = selection
         report = {"round": server_round, "replies": len(valid), "failures": len(failures),
                   "accepted_customers": len(accepted), "shared_tutor_updated": merged_state is not None, "merge": report}
@@ -179,7 +186,7 @@ class DiReDiStrategy(FedAvg):
         self.run.log({"event": "round", **to_jsonable(report)})
         self.run.write_json("rounds.json", to_jsonable(self.round_reports))
         if merged_state is not None:
-            tutor.load_state_dict(merged_state)
+            tutor = load_model("tutor", self.config.preset, merged_state)
             save_checkpoint(self.run.checkpoint_path(f"tutor_round{server_round}"), tutor, config=self.config, round=server_round)
             self.tutor_round = server_round
         self._save_state(server_round)
@@ -207,6 +214,13 @@ class DiReDiStrategy(FedAvg):
         kept = [i for i, content in enumerate(contents) if any(content is c for c in chosen)]
         log(INFO, "%s kept %d of %d accepted deltas: %s", sim.select, len(kept), len(deltas), kept)
         return [deltas[i] for i in kept], [weights[i] for i in kept], {"rule": sim.select, "kept": kept}
+
+    def _merge(self, deltas: list[dict], weights: list[float]) -> tuple[dict | None, dict]:
+        """The merge and the verification of the merged tutor: in a worker process with every core's
+        threads (nothing else runs then), off the ServerApp's thread for the same reason as the steps."""
+        if self.pool is None or not deltas:
+            return merge_round(self.config, self.tutor_state, deltas, weights)
+        return self.pool.submit(merge_round, self.config, self.tutor_state, deltas, weights, self.cpus).result()
 
     def _read_reply(self, message: Message) -> dict:
         metrics = dict(message.content["metrics"])
@@ -273,7 +287,8 @@ class DiReDiStrategy(FedAvg):
             log(INFO, "manufacturer: %d customers' steps in %d processes (%d torch threads each)", len(runnable),
                 min(self.server_workers, len(runnable)), self.server_threads)
             try:
-                futures = {self.pool.submit(self.manufacturer_step, *args(i, self.server_threads)): i for i in runnable}
+                futures = {self.pool.submit(step_then_release, self.manufacturer_step, *args(i, self.server_threads)): i
+                           for i in runnable}
                 for future in as_completed(futures):
                     results[futures[future]] = future.result()
                     report(futures[future])
