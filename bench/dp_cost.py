@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import sys
 import time
@@ -33,9 +32,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-for key, value in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                   "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0"}.items():
-    os.environ.setdefault(key, value)
+from experiments.offline import stay_offline  # noqa: E402
+
+stay_offline()
 
 from diredi_sim.deltas import compute_norm  # noqa: E402
 from diredi_sim.federation import (build_population, customer_work, load_federation_config, manufacturer_work,  # noqa: E402

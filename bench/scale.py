@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from experiments.offline import OFFLINE_ENV  # noqa: E402
 from experiments.processes import command_line, descendants, pss_bytes  # noqa: E402
 
 SMALL_WORK = ["pipeline.rd.epochs=1", "pipeline.rd.max_train_images=16", "pipeline.rd.max_eval_images=8",
@@ -74,8 +75,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="another config override (repeatable), e.g. simulation.server_workers=1")
     args = parser.parse_args()
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, **OFFLINE_ENV}
     rows = []
     for n in args.customers:
         overrides = [f"name=scale-{n}", f"runs_dir={args.runs_dir!r}".replace("'", '"'), "population.customers=[]",

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-# No outbound traffic from anything this process starts (Flower, Ray).
-for _key, _value in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0"}.items():
-    os.environ.setdefault(_key, _value)
+from experiments.offline import stay_offline
+
+stay_offline()  # no outbound traffic from anything this process starts (Flower, Ray)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 

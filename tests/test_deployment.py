@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from experiments.offline import OFFLINE_ENV
 from experiments.processes import descendants, process_table
 
 pytestmark = pytest.mark.slow
@@ -94,8 +95,8 @@ def test_superlink_and_two_supernodes_run_one_round(tmp_path):
                      f'"pipeline.{stage}.max-train-images" = 0\n"pipeline.{stage}.max-eval-images" = 0\n')
     run_config = tmp_path / "run-config.toml"
     run_config.write_text("".join(lines))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **OFFLINE_ENV, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_HOME": str(home),
+           "OMP_NUM_THREADS": "1"}
     started: list[subprocess.Popen] = []
 
     def start(name: str, *args: str) -> tuple[subprocess.Popen, Path]:

@@ -20,12 +20,12 @@ import torch
 
 from diredi_sim.runs import append_jsonl, read_jsonl
 from experiments.cli import main as cli_main
+from experiments.offline import OFFLINE_ENV
 from experiments.processes import alive, identified_descendants
 from experiments.resume import clear_interrupted_round, read_state
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
-       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
 STAGE = "epochs = 1\nbatch_size = 8\nlr = 0.01\nwarmup_steps = 1\n"
 
 
