@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -36,15 +35,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-for key, value in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                   "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0"}.items():
-    os.environ.setdefault(key, value)
+from experiments.offline import stay_offline  # noqa: E402
 
-from diredi_sim.deltas import compress_delta, compute_norm, count_bytes, decompress_delta, payload_bytes  # noqa: E402
+stay_offline()
+
+from diredi_sim.deltas import compress_delta, compute_norm, count_bytes, decompress_delta  # noqa: E402
 from diredi_sim.federation import (build_population, count_state_bytes, customer_work, load_federation_config,  # noqa: E402
                                    manufacturer_work)
-from diredi_sim.pipeline import (DataSets, compute_manufacturer_key, describe_manufacturer, prepare_manufacturer,  # noqa: E402
-                                 resolve_cache_dir)
+from diredi_sim.pipeline import DataSets, manufacturer_is_cached, prepare_manufacturer, resolve_cache_dir  # noqa: E402
 
 TARGET_RATIO, TARGET_LOSS = 4.0, 0.01  # at least 4x smaller, at most 1 AP point lost
 
@@ -79,11 +77,9 @@ def main() -> None:
     methods = parse_methods(args.methods)
     if ("none", 1.0) not in methods:
         methods.insert(0, ("none", 1.0))  # the reference row
-    key = compute_manufacturer_key(describe_manufacturer(config.pipeline, config.data, preset=config.preset, seed=config.seed))
-    folder = resolve_cache_dir(config.pipeline) / f"manufacturer-{key}"
-    if not (folder / "manifest.json").exists() and not args.train:
-        sys.exit(f"the manufacturer's models are not cached ({folder}); run `diredi-sim compare {args.config}` first, "
-                 "or pass --train")
+    if not manufacturer_is_cached(config.pipeline, config.data, preset=config.preset, seed=config.seed) and not args.train:
+        sys.exit(f"the manufacturer's models are not cached in {resolve_cache_dir(config.pipeline)}; run "
+                 f"`diredi-sim compare {args.config}` first, or pass --train")
     maker = prepare_manufacturer(config.pipeline, config.data, preset=config.preset, seed=config.seed, progress=False)
     population = build_population(config.population, config.pipeline.presumed_split)
     customers = population[: args.customers]
@@ -109,7 +105,7 @@ def main() -> None:
             tutor = by_key.get("tutor_updated" if accepted else "tutor_rejected_candidate", {})
             edge = by_key.get("edge_distill_c_" + config.simulation.deploy_mode.replace("+", "_"), {}) if accepted else {}
             row = {"customer": customer.name, "method": method if method in ("none", "fp16", "int8") else f"{method} {fraction:g}",
-                   "bytes": payload_bytes(payload), "fp32": fp32, "error": error, "accepted": accepted,
+                   "bytes": count_state_bytes(payload), "fp32": fp32, "error": error, "accepted": accepted,
                    "tutor_gain": tutor.get("gain", math.nan), "edge_gain": edge.get("gain", 0.0) if accepted else 0.0,
                    "forgetting": edge.get("forgetting", 0.0) if accepted else 0.0}
             reference = reference or row
@@ -117,7 +113,7 @@ def main() -> None:
             row["edge_change"] = row["edge_gain"] - reference["edge_gain"]
             row["same_verdict"] = accepted == reference["accepted"]
             rows.append(row)
-            print(f"{customer.name}, {row['method']}: {payload_bytes(payload)} bytes, {'accepted' if accepted else 'rejected'}, "
+            print(f"{customer.name}, {row['method']}: {count_state_bytes(payload)} bytes, {'accepted' if accepted else 'rejected'}, "
                   f"tutor gain {points(row['tutor_gain'])}, edge gain {points(row['edge_gain'])} "
                   f"({time.perf_counter() - step:.0f} s)", file=sys.stderr, flush=True)
 

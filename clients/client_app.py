@@ -26,7 +26,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from diredi_sim.deltas import compress_delta, compute_norm, payload_bytes, select_neck_head
+from diredi_sim.deltas import compress_delta, compute_norm, count_state_bytes, select_neck_head
 from diredi_sim.federation import (FederationConfig, build_population, customer_work, federation_from_flat, parse_faults,
                                    privatize_delta)
 from diredi_sim.runs import release_memory
@@ -83,7 +83,7 @@ def uplink_compression_mod(msg: Message, context: Context, call_next) -> Message
         payload = compress_delta(payload, sim.uplink_compression, topk_fraction=sim.topk_fraction)
         reply.content["delta"] = ArrayRecord(payload)
     if "metrics" in reply.content:
-        reply.content["metrics"]["uplink-bytes"] = payload_bytes(payload)
+        reply.content["metrics"]["uplink-bytes"] = count_state_bytes(payload)
     return reply
 
 

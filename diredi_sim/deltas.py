@@ -59,6 +59,12 @@ def count_bytes(delta: Mapping[str, Tensor], dtype: torch.dtype = torch.float32)
     return sum(v.numel() for v in delta.values()) * item
 
 
+def count_state_bytes(state: Mapping[str, Tensor]) -> int:
+    """Bytes of a state dict's or a payload's tensor data, each tensor at its own dtype (every
+    value, index and scale; names and framing not counted)."""
+    return sum(v.numel() * v.element_size() for v in state.values())
+
+
 def check_delta(delta: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> list[str]:
     """Every reason ``delta`` cannot be substituted into a model with state ``reference``:
     keys outside neck/head, unknown or missing keys, wrong shape or dtype, non-finite values."""
@@ -273,8 +279,3 @@ def decompress_delta(payload: Mapping[str, Tensor], reference_shapes: Mapping[st
         flat[index.long()] = dequantize(f"{name}::value", value)
         delta[name] = flat.reshape(shape)
     return delta
-
-
-def payload_bytes(payload: Mapping[str, Tensor]) -> int:
-    """Bytes of a payload's tensor data (every value, index and scale; names and framing not counted)."""
-    return sum(v.numel() * v.element_size() for v in payload.values())

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from diredi_sim.config import ConfigError, DataConfig, TrainConfig, _check, config_from_dict, read_toml, to_flat
 from diredi_sim.data import VOC_CLASSES
 from diredi_sim.data.splits import SPLIT_PRESETS, resolve_split
-from diredi_sim.deltas import COMPRESSIONS, MERGE_RULES, check_delta, compute_norm, merge_deltas, privatize
+from diredi_sim.deltas import COMPRESSIONS, MERGE_RULES, check_delta, compute_norm, count_state_bytes, merge_deltas, privatize
 from diredi_sim.models import build_detector
 from diredi_sim.pipeline import (DISTILL_C_MODES, ClassSets, DataSets, PipelineConfig, StageRecorder, compute_knowledge,
                                  evaluate_row, evaluate_rows, load_pipeline_config, run_customer, run_manufacturer_step)
@@ -426,10 +426,6 @@ def evaluate_for_customer(config: FederationConfig, customer: Customer, edge: nn
     if reference is not None:
         row.update(compute_knowledge(row["per_class"], reference, classes))
     return to_jsonable(row)
-
-
-def count_state_bytes(state: dict[str, Tensor]) -> int:
-    return sum(v.numel() * v.element_size() for v in state.values())
 
 
 def verdict_to_dict(verdict: Verdict) -> dict:

@@ -323,13 +323,30 @@ def resolve_cache_dir(pipeline: PipelineConfig) -> Path:
     return Path(pipeline.cache_dir).expanduser() if pipeline.cache_dir else default_cache_dir()
 
 
-def _load_cached(folder: Path, key: str, preset: str) -> tuple[dict[str, nn.Module], dict] | None:
+def _cached_manifest(folder: Path, key: str) -> dict | None:
+    """The cache folder's manifest when it is there and names ``key`` (it is written last: the
+    models beside it are complete); OSError or ValueError when it cannot be read."""
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         return None
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    return manifest if manifest.get("key") == key else None
+
+
+def manufacturer_is_cached(pipeline: PipelineConfig, data: DataConfig, *, preset: str = "cpu", seed: int = 0) -> bool:
+    """Whether :func:`prepare_manufacturer` would load these settings' models from the cache
+    rather than train them (as far as the manifest tells: unreadable weights are trained again)."""
+    key = compute_manufacturer_key(describe_manufacturer(pipeline, data, preset=preset, seed=seed))
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if manifest.get("key") != key:
+        return _cached_manifest(resolve_cache_dir(pipeline) / f"manufacturer-{key}", key) is not None
+    except (OSError, ValueError):
+        return False
+
+
+def _load_cached(folder: Path, key: str, preset: str) -> tuple[dict[str, nn.Module], dict] | None:
+    try:
+        manifest = _cached_manifest(folder, key)
+        if manifest is None:
             return None
         models = {}
         for role in ("teacher", "tutor", "edge"):
@@ -785,7 +802,7 @@ def evaluate_rows(models: dict[str, nn.Module], test: Sequence[ImageRecord], cla
 
 __all__ = [
     "PipelineConfig", "PipelineResult", "ClassSets", "Manufacturer", "StageRecorder", "DataSets", "ROWS",
-    "load_pipeline_config", "prepare_manufacturer", "describe_manufacturer", "describe_teacher", "compute_manufacturer_key",
+    "load_pipeline_config", "prepare_manufacturer", "manufacturer_is_cached", "describe_manufacturer", "describe_teacher", "compute_manufacturer_key",
     "run_pipeline", "run_customer", "run_manufacturer_step", "CustomerUpdate", "ManufacturerStep", "describe_delta",
     "evaluate_row", "compute_knowledge", "read_peak_rss_mb", "copy_for_training",
 ]

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from diredi_sim.federation import FederationConfig, build_population
-from diredi_sim.pipeline import DataSets, prepare_manufacturer
+from diredi_sim.pipeline import DataSets, manufacturer_is_cached, prepare_manufacturer
 
 
 def build_backend_config(config: FederationConfig) -> dict:
@@ -44,8 +44,10 @@ def run_simulate(config: FederationConfig, run_folder: str | Path | None = None,
     # The manufacturer's models, trained into the cache here when missing, before Ray and Flower
     # start (the ServerApp then loads them): a bad setting fails before any actor exists, and the
     # training does not share the cores with Ray's start-up (measured in the ServerApp: the
-    # teacher's first epoch at 19.4 img/s, the next ones at 23.8).
-    prepare_manufacturer(config.pipeline, config.data, preset=config.preset, seed=config.seed)
+    # teacher's first epoch at 19.4 img/s, the next ones at 23.8). When cached, only the
+    # ServerApp loads them.
+    if not manufacturer_is_cached(config.pipeline, config.data, preset=config.preset, seed=config.seed):
+        prepare_manufacturer(config.pipeline, config.data, preset=config.preset, seed=config.seed)
     outcome = FederationOutcome()
     start = time.perf_counter()
     with warnings.catch_warnings():

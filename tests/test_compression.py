@@ -4,7 +4,7 @@ malformed payload is refused (by name)."""
 import pytest
 import torch
 
-from diredi_sim.deltas import (COMPRESSIONS, compress_delta, compute_delta, count_bytes, decompress_delta, payload_bytes,
+from diredi_sim.deltas import (COMPRESSIONS, compress_delta, compute_delta, count_bytes, count_state_bytes, decompress_delta,
                                select_neck_head)
 from diredi_sim.models import build_detector
 
@@ -62,7 +62,7 @@ def test_topk_keeps_exactly_the_largest_entries():
 def test_payload_bytes_match_each_method(delta_and_shapes):
     delta, _ = delta_and_shapes
     n, tensors, fp32 = sum(v.numel() for v in delta.values()), len(delta), count_bytes(delta)
-    size = {m: payload_bytes(compress_delta(delta, m, topk_fraction=0.1)) for m in COMPRESSIONS}
+    size = {m: count_state_bytes(compress_delta(delta, m, topk_fraction=0.1)) for m in COMPRESSIONS}
     assert size["none"] == fp32 == 4 * n
     assert size["fp16"] == 2 * n
     assert size["int8"] == n + 4 * tensors  # one float32 scale per tensor

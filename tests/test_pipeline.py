@@ -254,7 +254,10 @@ def test_new_distillation_settings_reuse_the_cached_teacher(first, monkeypatch):
     again from the very teacher the first run trained."""
     calls = CallCounter(monkeypatch)
     changed = replace(first.cfg, distill_feature_weight=0.5)
+    assert pipeline_module.manufacturer_is_cached(first.cfg, first.data, preset="cpu", seed=0)
+    assert not pipeline_module.manufacturer_is_cached(changed, first.data, preset="cpu", seed=0)
     maker = pipeline_module.prepare_manufacturer(changed, first.data, preset="cpu", seed=0, progress=False)
+    assert pipeline_module.manufacturer_is_cached(changed, first.data, preset="cpu", seed=0)
     assert calls.names == ["tutor_distill_a", "edge_distill_b"]
     assert maker.reused is False and maker.key != first.result.manufacturer["key"]
     trained = load_checkpoint(first.run.checkpoint_path("teacher"))["state_dict"]

@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from clients.client_app import app as client_app
 from diredi_sim.config import DataConfig, TrainConfig
 from diredi_sim.data.synthetic import SyntheticConfig
-from diredi_sim.deltas import check_delta, compress_delta, compute_norm, decompress_delta, payload_bytes, select_neck_head
+from diredi_sim.deltas import check_delta, compress_delta, compute_norm, decompress_delta, count_state_bytes, select_neck_head
 from diredi_sim.federation import (FederationConfig, PopulationConfig, SimulationConfig, federation_to_flat,
                                    privatize_delta)
 from diredi_sim.models import build_detector, part_of
@@ -112,7 +112,7 @@ def test_a_compressed_uplink_is_the_private_delta_encoded_and_the_strategy_reads
     assert set(payload) == set(encoded) and all(torch.equal(payload[k], encoded[k]) for k in encoded)  # DP first, then encoding
     metrics = dict(reply.content["metrics"])
     assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())
-    assert metrics["uplink-bytes"] == payload_bytes(payload) and 7 * metrics["uplink-bytes"] < metrics["delta-bytes-fp32"]
+    assert metrics["uplink-bytes"] == count_state_bytes(payload) and 7 * metrics["uplink-bytes"] < metrics["delta-bytes-fp32"]
     strategy = SimpleNamespace(config=config, population=[None, "customer-1"], tutor_state=tutor_state, partition_of_node={},
                                deployed_edges={}, original_edge={})
     job = DiReDiStrategy._read_reply(strategy, reply)
