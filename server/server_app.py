@@ -53,8 +53,8 @@ def run_federation(grid: Grid, config: FederationConfig, outcome: FederationOutc
     tutor_state = maker.tutor.state_dict()
     del maker  # the teacher is not needed in a federation round: not kept in memory for the run
     strategy = DiReDiStrategy(config, population, edge_state, run)
-    tutor_state = (strategy.restore(resume) if resume is not None else None) or tutor_state
     if resume is not None:
+        tutor_state = strategy.restore(resume) or tutor_state
         print(f"diredi-sim: resuming after round {strategy.round_offset} of {config.simulation.num_rounds}", file=sys.stderr,
               flush=True)
     try:

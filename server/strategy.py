@@ -53,7 +53,7 @@ class DiReDiStrategy(FedAvg):
     """FedAvg's sampling and round loop; DiReDi's downlink and aggregation."""
 
     def __init__(self, config: FederationConfig, population: list[Customer], edge_state: dict, run: Run,
-                 manufacturer_step: Callable[..., dict] = manufacturer_work, round_offset: int = 0):
+                 manufacturer_step: Callable[..., dict] = manufacturer_work):
         sim = config.simulation
         super().__init__(fraction_train=sim.fraction_train, fraction_evaluate=0.0, min_train_nodes=1,
                          min_available_nodes=len(population), arrayrecord_key="tutor")
@@ -68,7 +68,7 @@ class DiReDiStrategy(FedAvg):
         self.sampled_nodes: list[int] = []  # this round's
         self.summary_rows: list[dict] = []
         self.round_reports: list[dict] = []
-        self.round_offset = round_offset  # rounds completed before this process (a resumed run)
+        self.round_offset = 0  # rounds completed before this process (a resumed run: set by restore)
         self.tutor_round: int | None = None  # the round whose checkpoint holds the shared tutor (None: original)
         self.edge_rounds: dict[int, int] = {}  # partition id -> the round whose checkpoint holds its deployed edge
         self.pool: ProcessPoolExecutor | None = None  # the manufacturer's worker processes, kept for the run
@@ -278,12 +278,12 @@ class DiReDiStrategy(FedAvg):
 
         if not runnable:
             return results
-        if self.manufacturer_step is not manufacturer_work:  # a test's stand-in: in this process
+        self.start_workers()
+        if self.pool is None:  # a test's stand-in step: in this process
             for i in runnable:
                 results[i] = self.manufacturer_step(*args(i, 0))
                 report(i)
         else:
-            self.start_workers()
             log(INFO, "manufacturer: %d customers' steps in %d processes (%d torch threads each)", len(runnable),
                 min(self.server_workers, len(runnable)), self.server_threads)
             try:
