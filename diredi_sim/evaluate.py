@@ -402,6 +402,7 @@ def compute_prf(
     score_threshold: float = 0.5,
     iou_threshold: float = 0.5,
     class_indices: Sequence[int] | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Precision, recall and F1 of the detections with ``score >= score_threshold``.
 
@@ -411,7 +412,12 @@ def compute_prf(
     ``class_indices`` only those classes (of detections and ground truth) count; default: all
     labels. Undefined ratios (no detections, no ground truth) are 0.0, as in scikit-learn.
 
-    Returns ``{"precision", "recall", "f1", "tp", "fp", "fn"}``.
+    Returns ``{"precision", "recall", "f1", "tp", "fp", "fn"}``. With ``class_names`` the result
+    also holds ``"per_class": {name: {"precision", "recall", "f1", "tp", "fp", "fn"}}`` for the
+    evaluated classes (``class_indices``, default: all of ``class_names``), with the same rules and
+    the same 0.0 for undefined ratios (tell those apart by the counts: ``tp + fn == 0`` means no
+    ground truth, ``tp + fp == 0`` no detection at the threshold), and ``"score_threshold"``.
+    The overall figures are the same with or without ``class_names``.
     """
     gt = _normalise_ground_truth(ground_truth)
     dets = _normalise_detections(detections, gt)
@@ -427,8 +433,21 @@ def compute_prf(
         indices = _select_class_indices(None, class_indices)
         counted = np.isin(labels, indices)
         npos = sum(_count_positives(gt, k) for k in indices)
-    tp = int(np.count_nonzero(counted & (status == _TP)))
-    fp = int(np.count_nonzero(counted & (status == _FP)))
+    result = _summarise_prf(int(np.count_nonzero(counted & (status == _TP))),
+                            int(np.count_nonzero(counted & (status == _FP))), npos)
+    if class_names is not None:
+        result["per_class"] = {
+            class_names[k]: _summarise_prf(int(np.count_nonzero((labels == k) & (status == _TP))),
+                                           int(np.count_nonzero((labels == k) & (status == _FP))),
+                                           _count_positives(gt, k))
+            for k in _select_class_indices(class_names, class_indices)
+        }
+        result["score_threshold"] = float(score_threshold)
+    return result
+
+
+def _summarise_prf(tp: int, fp: int, npos: int) -> dict[str, Any]:
+    """Precision, recall, F1 (undefined ratios 0.0) and the counts, from TP, FP and positives."""
     fn = npos - tp
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / npos if npos else 0.0
@@ -447,8 +466,9 @@ def evaluate_detections(
     """All metrics at once: VOC all-point AP, VOC07 11-point AP, COCO AP and P/R/F1.
 
     Returns ``{"voc": ..., "voc07": ..., "coco": ..., "prf": ...}`` (see the ``compute_*``
-    functions). Values are Python floats/ints; NaN marks classes without ground truth, so pass
-    the result through ``to_jsonable`` before strict JSON serialisation.
+    functions; "prf" includes its "per_class" breakdown and "score_threshold"). Values are Python
+    floats/ints; NaN marks classes without ground truth, so pass the result through
+    ``to_jsonable`` before strict JSON serialisation.
     """
     gt = _normalise_ground_truth(ground_truth)
     dets = _normalise_detections(detections, gt)
@@ -456,7 +476,8 @@ def evaluate_detections(
         "voc": compute_voc_ap(dets, gt, class_names, class_indices=class_indices),
         "voc07": compute_voc_ap(dets, gt, class_names, class_indices=class_indices, use_07_metric=True),
         "coco": compute_coco_ap(dets, gt, class_names, class_indices=class_indices),
-        "prf": compute_prf(dets, gt, score_threshold=score_threshold, class_indices=class_indices),
+        "prf": compute_prf(dets, gt, score_threshold=score_threshold, class_indices=class_indices,
+                           class_names=class_names),
     }
 
 

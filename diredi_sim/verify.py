@@ -8,7 +8,13 @@ classes. The update is rejected when:
   or dtype, non-finite values): rejected before any evaluation;
 - its norm exceeds ``max_delta_norm`` (when set);
 - any critical class loses more than ``max_ap_drop`` AP (absolute, AP@0.5) against the tutor
-  before the update.
+  before the update;
+- any critical class loses more than ``max_precision_drop`` precision, ``max_recall_drop``
+  recall or ``max_f1_drop`` F1 (absolute) at the deployment score threshold (the operating
+  point the evaluation was run with). AP only looks at the ranking within a class, so a delta
+  that floods confident false positives (say, one raising every class logit) keeps AP and still
+  ruins what the deployed detector reports; these checks catch it;
+- the updated weights are not all finite.
 
 A rejected update leaves the tutor untouched: ``verify_update`` never modifies the tutor it is
 given; it returns the updated state dict only with an accepting verdict.
@@ -33,15 +39,24 @@ class VerifyConfig:
     critical_classes: tuple[str, ...] = ()  # empty: every evaluated (presumed) class is critical
     max_ap_drop: float = 0.05  # absolute AP@0.5 a critical class may lose
     max_delta_norm: float = 0.0  # 0: no bound
+    max_precision_drop: float = 0.10  # absolute precision a critical class may lose at the score threshold
+    max_recall_drop: float = 0.10  # absolute recall a critical class may lose at the score threshold
+    max_f1_drop: float = 0.10  # absolute F1 a critical class may lose at the score threshold
 
     def __post_init__(self):
         unknown = [c for c in self.critical_classes if c not in VOC_CLASSES]
         if unknown:
             raise ValueError(f"verify.critical_classes: unknown class {unknown[0]!r}")
-        if self.max_ap_drop < 0:
-            raise ValueError(f"verify.max_ap_drop = {self.max_ap_drop!r}: must be >= 0")
-        if self.max_delta_norm < 0:
-            raise ValueError(f"verify.max_delta_norm = {self.max_delta_norm!r}: must be >= 0")
+        for key in ("max_ap_drop", "max_delta_norm", "max_precision_drop", "max_recall_drop", "max_f1_drop"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"verify.{key} = {value!r}: must be finite and >= 0")
+
+
+# The operating-point checks: (name in reasons, Verdict field stem, VerifyConfig bound).
+_OPERATING_POINT_CHECKS = (("precision", "precision", "max_precision_drop"),
+                           ("recall", "recall", "max_recall_drop"),
+                           ("F1", "f1", "max_f1_drop"))
 
 
 @dataclass
@@ -53,6 +68,14 @@ class Verdict:
     ap_after: dict[str, float] = field(default_factory=dict)
     map_before: float = math.nan
     map_after: float = math.nan
+    # per class at the deployment score threshold (compute_prf's figures: undefined ratios are 0.0)
+    score_threshold: float = math.nan
+    precision_before: dict[str, float] = field(default_factory=dict)
+    precision_after: dict[str, float] = field(default_factory=dict)
+    recall_before: dict[str, float] = field(default_factory=dict)
+    recall_after: dict[str, float] = field(default_factory=dict)
+    f1_before: dict[str, float] = field(default_factory=dict)
+    f1_after: dict[str, float] = field(default_factory=dict)
 
 
 def verify_update(
@@ -66,9 +89,33 @@ def verify_update(
 ) -> tuple[Verdict, dict[str, Tensor] | None]:
     """Check ``tutor + weight * delta``; returns the verdict and, if accepted, the new state.
 
-    ``evaluate(model) -> dict`` evaluates a model on the held-out presumed-class data and
-    returns ``{"per_class": {name: AP}, "mAP": float}`` (e.g. the ``"voc"`` part of
-    ``evaluate_detector``). ``before`` is that result for the tutor as it is, when already known.
+    ``evaluate(model) -> dict`` evaluates a model on the held-out presumed-class data at the
+    deployment score threshold and returns the full result of ``evaluate_detector`` /
+    ``evaluate_detections``: AP is read from ``result["voc"]["per_class"]`` and
+    ``result["voc"]["mAP"]``, precision/recall/F1 at the threshold from
+    ``result["prf"]["per_class"][name]`` (with its ``"tp"``, ``"fp"``, ``"fn"`` counts) and the
+    threshold itself from ``result["prf"]["score_threshold"]``. ``before`` is that result for the
+    tutor as it is, when already known. The old shape ``{"per_class": {name: AP}, "mAP": float}``
+    (only the ``"voc"`` part) is still accepted, but then only the AP checks run: the
+    operating-point checks are skipped and the verdict's precision/recall/F1 fields stay empty.
+    A full result whose ``"prf"`` lacks the ``"per_class"`` breakdown, or a ``before`` and
+    ``after`` at different score thresholds, is a ValueError.
+
+    The critical classes are ``cfg.critical_classes`` or, when that is empty, every class with
+    an AP (non-NaN) before the update. For each:
+
+    - AP: rejected when it falls by more than ``cfg.max_ap_drop`` or is missing/NaN after; a
+      class without AP before (no ground truth) is skipped.
+    - precision, recall, F1 at the threshold: rejected when one of them falls by more than
+      ``cfg.max_precision_drop`` / ``max_recall_drop`` / ``max_f1_drop``. A class without
+      ground truth (``tp + fn == 0``) or without detections at the threshold before
+      (``tp + fp == 0``) is skipped: its figures before are undefined, so there is nothing to
+      fall from. After the update an undefined ratio counts as 0.0 (no detection any more:
+      precision 0, as ``compute_prf`` reports it), and a class missing from the breakdown after
+      counts as 0.0 on all three.
+
+    Every reason names the check, the class and the numbers, e.g. ``critical class bus:
+    precision at score 0.5 fell 0.412 (0.700 -> 0.288), more than 0.100``.
     """
     state = tutor.state_dict()
     problems = check_delta(delta, state)
@@ -82,16 +129,59 @@ def verify_update(
     candidate.load_state_dict(updated_state)
     before = before if before is not None else evaluate(tutor)
     after = evaluate(candidate)
+    voc_before, voc_after = _voc_part(before), _voc_part(after)
+    prf_before, prf_after = _prf_part(before), _prf_part(after)
     reasons = []
-    critical = cfg.critical_classes or tuple(name for name, ap in before["per_class"].items() if ap is not None and not math.isnan(ap))
+    critical = cfg.critical_classes or tuple(name for name, ap in voc_before["per_class"].items() if ap is not None and not math.isnan(ap))
     for name in critical:
-        ap_before, ap_after = before["per_class"].get(name), after["per_class"].get(name)
+        ap_before, ap_after = voc_before["per_class"].get(name), voc_after["per_class"].get(name)
         if ap_before is None or math.isnan(ap_before):
             continue
         if ap_after is None or math.isnan(ap_after) or ap_before - ap_after > cfg.max_ap_drop:
             reasons.append(f"critical class {name} lost {ap_before - (ap_after or 0):.3f} AP ({ap_before:.3f} -> {ap_after or 0:.3f}), "
                            f"more than {cfg.max_ap_drop:.3f}")
+    threshold = math.nan
+    if prf_before is not None and prf_after is not None:
+        threshold = float(prf_before.get("score_threshold", math.nan))
+        if threshold != float(prf_after.get("score_threshold", threshold)):
+            raise ValueError(f"before and after were evaluated at different score thresholds "
+                             f"({threshold:g}, {prf_after['score_threshold']:g})")
+        at = f"at score {threshold:g}" if math.isfinite(threshold) else "at the score threshold"
+        for name in critical:
+            counts = prf_before["per_class"].get(name)
+            if counts is None or counts["tp"] + counts["fn"] == 0 or counts["tp"] + counts["fp"] == 0:
+                continue  # no ground truth or no detection before: undefined, nothing to fall from
+            now = prf_after["per_class"].get(name) or {}
+            for label, stem, bound_key in _OPERATING_POINT_CHECKS:
+                value_before, value_after, bound = counts[stem], now.get(stem, 0.0), getattr(cfg, bound_key)
+                if value_before - value_after > bound:
+                    reasons.append(f"critical class {name}: {label} {at} fell {value_before - value_after:.3f} "
+                                   f"({value_before:.3f} -> {value_after:.3f}), more than {bound:.3f}")
     if not all(torch.isfinite(v).all() for v in updated_state.values() if v.is_floating_point()):
         reasons.append("updated weights are not all finite")
-    verdict = Verdict(not reasons, reasons, norm, dict(before["per_class"]), dict(after["per_class"]), before["mAP"], after["mAP"])
+
+    def figures(prf: dict | None, stem: str) -> dict[str, float]:
+        return {name: entry[stem] for name, entry in prf["per_class"].items()} if prf is not None else {}
+
+    verdict = Verdict(not reasons, reasons, norm, dict(voc_before["per_class"]), dict(voc_after["per_class"]),
+                      voc_before["mAP"], voc_after["mAP"], threshold,
+                      figures(prf_before, "precision"), figures(prf_after, "precision"),
+                      figures(prf_before, "recall"), figures(prf_after, "recall"),
+                      figures(prf_before, "f1"), figures(prf_after, "f1"))
     return verdict, (updated_state if verdict.accepted else None)
+
+
+def _voc_part(result: Mapping) -> Mapping:
+    """The VOC AP part of an evaluation: ``result["voc"]``, or the result itself in the old shape."""
+    return result["voc"] if "voc" in result else result
+
+
+def _prf_part(result: Mapping) -> Mapping | None:
+    """The P/R/F1 part with its per-class breakdown; None in the old shape (no "voc" key)."""
+    if "voc" not in result:
+        return None
+    prf = result.get("prf")
+    if prf is None or "per_class" not in prf:
+        raise ValueError('evaluate(model) must return the full evaluate_detections result, with '
+                         '"prf" and its "per_class" breakdown (compute_prf with class_names)')
+    return prf

@@ -30,7 +30,7 @@ STAGE = "epochs = 1\nbatch_size = 8\nlr = 0.01\nwarmup_steps = 1\n"
 
 
 def tiny_config(tmp: Path) -> Path:
-    """2 customers, 2 rounds on tiny synthetic data; every delta accepted (max_ap_drop = 1), so
+    """2 customers, 2 rounds on tiny synthetic data; every delta accepted (every drop allowed), so
     that round 2 starts from round 1's merged tutor and deployed edges."""
     text = f"""name = "resume-test"
 runs_dir = "{tmp / 'runs'}"
@@ -60,6 +60,9 @@ max_eval_images = 8
 distill_c_modes = ["public+private"]
 [pipeline.verify]
 max_ap_drop = 1.0
+max_precision_drop = 1.0
+max_recall_drop = 1.0
+max_f1_drop = 1.0
 """
     for stage in ("teacher", "distill_a", "distill_b", "direct"):
         text += f"[pipeline.{stage}]\n{STAGE}"
