@@ -163,13 +163,30 @@ class FGDLoss(nn.Module):
         return terms
 
 
-def compute_score_distillation(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.5) -> Tensor:
-    """Class-score distillation for sigmoid classifiers (FCOS): the Bernoulli KL divergence
-    between temperature-softened teacher and student scores, summed over classes, averaged
-    over anchors, times T^2. Zero when the student's logits equal the teacher's."""
+def compute_score_distillation(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.5, *,
+                               num_foreground: int | Tensor) -> Tensor:
+    """Class-score distillation for sigmoid classifiers (FCOS), normalised as FCOS normalises
+    its own losses: summed over every location and class of the batch, divided by the number
+    of positive locations.
+
+    With logits of shape (N, A, K), ``p = sigmoid(teacher / T)`` and ``q = sigmoid(student / T)``::
+
+        L = T^2 / max(1, num_foreground) * sum_{n, a, k} KL(Bernoulli(p) || Bernoulli(q))
+        KL = p log(p / q) + (1 - p) log((1 - p) / (1 - q))
+
+    ``num_foreground`` is the number of positive (matched) locations in the batch, e.g.
+    ``sum((m >= 0).sum() for m in matched_idxs)`` of the student's
+    :class:`~diredi_sim.models.DetectorOutputs`; torchvision's ``FCOSHead.compute_loss`` divides
+    its focal loss (summed over locations and classes) by the same ``max(1, num_foreground)``.
+    Zero when the student's logits equal the teacher's; the teacher's logits are detached.
+    """
     t = temperature
     teacher_logits = teacher_logits.detach() / t
     target = torch.sigmoid(teacher_logits)
     cross = F.binary_cross_entropy_with_logits(student_logits / t, target, reduction="none")
     entropy = F.binary_cross_entropy_with_logits(teacher_logits, target, reduction="none")
-    return (cross - entropy).sum(-1).mean() * t * t
+    if isinstance(num_foreground, Tensor):
+        normaliser = num_foreground.clamp(min=1).to(cross.dtype)
+    else:
+        normaliser = max(1, int(num_foreground))
+    return (cross - entropy).sum() / normaliser * t * t

@@ -27,8 +27,12 @@ scratch.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from functools import partial
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -147,6 +151,25 @@ def build_detector(role: str, preset: str = "cpu", num_classes: int = 20, **over
     return detector
 
 
+# The dtype the backbone + FPN run in under autocast inside extract_features (None: no autocast).
+_BACKBONE_AUTOCAST: ContextVar[torch.dtype | None] = ContextVar("backbone_autocast", default=None)
+
+
+@contextmanager
+def backbone_precision(precision: str) -> Iterator[None]:
+    """Run every :func:`extract_features` inside the block with the backbone + FPN under bf16
+    autocast (``precision="bf16"``) and the head, the losses and the features handed out in
+    fp32; ``"fp32"`` changes nothing. Autocast over the whole detector froze FCOS's box loss
+    (box decoding in bf16); this split kept fp32's loss curve."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision {precision!r}: must be 'fp32' or 'bf16'")
+    token = _BACKBONE_AUTOCAST.set(torch.bfloat16 if precision == "bf16" else None)
+    try:
+        yield
+    finally:
+        _BACKBONE_AUTOCAST.reset(token)
+
+
 @dataclass
 class DetectorOutputs:
     """What one explicit forward pass yields, in train and eval mode alike."""
@@ -157,6 +180,16 @@ class DetectorOutputs:
     batch_shape: tuple[int, int]  # (H, W) of the padded batch the features were computed on
     targets: list[dict[str, Tensor]] | None  # targets with boxes in the resized frame
     losses: dict[str, Tensor] | None  # FCOS task losses, when targets were given
+    # Per image, (A,) int64: the index of the target box each location is matched to (FCOS's
+    # centre sampling + scale ranges), -1 for background; when targets were given.
+    matched_idxs: list[Tensor] | None = None
+
+    @property
+    def num_foreground(self) -> int:
+        """Positive (matched) locations over the batch: FCOS's loss normaliser before max(1, .)."""
+        if self.matched_idxs is None:
+            raise ValueError("num_foreground needs targets: extract_features was called without them")
+        return sum(int((m >= 0).sum()) for m in self.matched_idxs)
 
 
 def extract_features(detector: FCOS, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> DetectorOutputs:
@@ -164,17 +197,44 @@ def extract_features(detector: FCOS, images: list[Tensor], targets: list[dict[st
 
     This is FCOS's own forward up to the head, written out so that features, head outputs and
     losses are all available whatever the mode (torchvision returns losses in train mode and
-    detections in eval mode, never features). Anchors are only built when losses are needed.
+    detections in eval mode, never features). Anchors are only built when losses are needed;
+    then the location-to-box matching FCOS's losses use is returned too (``matched_idxs``).
     """
     batch, targets = detector.transform(images, targets)
-    features = list(detector.backbone(batch.tensors).values())
+    dtype = _BACKBONE_AUTOCAST.get()
+    if dtype is None:
+        features = list(detector.backbone(batch.tensors).values())
+    else:
+        with torch.autocast(batch.tensors.device.type, dtype=dtype):
+            features = list(detector.backbone(batch.tensors).values())
+        features = [f.float() for f in features]
     head = detector.head(features)
-    losses = None
+    losses = matched_idxs = None
     if targets is not None:
         anchors = detector.anchor_generator(batch, features)
         num_anchors_per_level = [f.size(2) * f.size(3) for f in features]
-        losses = detector.compute_loss(targets, head, anchors, num_anchors_per_level)
-    return DetectorOutputs(features, head, list(batch.image_sizes), tuple(batch.tensors.shape[-2:]), targets, losses)
+        matched_idxs = match_locations(detector, targets, head, anchors, num_anchors_per_level)
+        losses = detector.head.compute_loss(targets, head, anchors, matched_idxs)  # what FCOS.compute_loss returns
+    return DetectorOutputs(features, head, list(batch.image_sizes), tuple(batch.tensors.shape[-2:]), targets, losses, matched_idxs)
+
+
+def match_locations(detector: FCOS, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor], anchors: list[Tensor],
+                    num_anchors_per_level: list[int]) -> list[Tensor]:
+    """FCOS's location-to-box matching, per image an (A,) int64 tensor (-1: background).
+
+    torchvision computes it inside ``FCOS.compute_loss`` and hands it straight to
+    ``self.head.compute_loss``; it has no function of its own. Rather than copy it, this runs
+    torchvision's ``FCOS.compute_loss`` on a stand-in ``self`` that carries the detector's
+    ``center_sampling_radius`` and a head whose ``compute_loss`` returns the ``matched_idxs``
+    it is given. Should torchvision's method come to read other attributes it fails loudly;
+    tests/test_models.py checks that the losses built on these match equal
+    ``detector.compute_loss``'s exactly.
+    """
+    recorder = SimpleNamespace(
+        center_sampling_radius=detector.center_sampling_radius,
+        head=SimpleNamespace(compute_loss=lambda targets, head_outputs, anchors, matched_idxs: matched_idxs),
+    )
+    return FCOS.compute_loss(recorder, targets, head_outputs, anchors, num_anchors_per_level)  # type: ignore[arg-type]
 
 
 def split_head_by_level(head_output: Tensor, features: list[Tensor]) -> list[Tensor]:

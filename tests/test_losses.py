@@ -69,7 +69,10 @@ def test_gradients_reach_student_align_and_gcblocks_never_teacher():
     assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in student)
     assert all(t.grad is None for t in teacher)
     for name, p in loss.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        assert p.grad is not None, name
+        if name.endswith("context_mask.bias"):
+            continue  # shifts every softmax logit alike: its gradient is zero but for rounding
+        assert p.grad.abs().sum() > 0, name
     assert loss.levels[0].align is not None
 
 
@@ -81,11 +84,74 @@ def test_mismatched_shapes_are_an_error():
 
 def test_score_distillation_is_zero_at_equality_and_positive_otherwise():
     logits = torch.randn(2, 10, 20)
-    assert compute_score_distillation(logits.clone(), logits).abs() < 1e-6
+    assert compute_score_distillation(logits.clone(), logits, num_foreground=3).abs() < 1e-6
     student = torch.randn(2, 10, 20, requires_grad=True)
-    loss = compute_score_distillation(student, logits)
+    loss = compute_score_distillation(student, logits, num_foreground=3)
     loss.backward()
     assert loss > 0 and student.grad.abs().sum() > 0
+
+
+def _bernoulli_kl(student_logits, teacher_logits, t):
+    """KL(Bernoulli(p) || Bernoulli(q)) per element, written out, in float64."""
+    p = torch.sigmoid(teacher_logits.double() / t)
+    q = torch.sigmoid(student_logits.double() / t)
+    return p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))
+
+
+def test_score_distillation_is_the_kl_sum_times_t2_over_the_positive_count():
+    teacher = torch.tensor([[[2.0, -1.0, 0.5], [-3.0, 0.0, 1.0]], [[0.2, 0.3, -0.4], [1.5, -2.0, 0.0]]])  # (N=2, A=2, K=3)
+    student = torch.tensor([[[0.0, 1.0, -0.5], [-1.0, 0.5, 2.0]], [[-0.2, 0.1, 0.4], [0.5, -1.0, 1.0]]])
+    t = 2.0
+    expected = _bernoulli_kl(student, teacher, t).sum() * t * t / 3
+    loss = compute_score_distillation(student, teacher, t, num_foreground=3)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # a tensor count normalises the same; zero positives divide by 1, as FCOS's max(1, num_foreground)
+    assert torch.isclose(compute_score_distillation(student, teacher, t, num_foreground=torch.tensor(3)), loss)
+    assert compute_score_distillation(student, teacher, t, num_foreground=0).item() == pytest.approx(3 * expected.item(), rel=1e-5)
+    assert torch.isclose(compute_score_distillation(student, teacher, t, num_foreground=1),
+                         compute_score_distillation(student, teacher, t, num_foreground=0))
+
+
+def test_score_distillation_is_not_divided_by_the_number_of_locations():
+    g = torch.Generator().manual_seed(0)
+    positives = torch.randn(1, 4, 5, generator=g)  # 4 positive locations where student and teacher agree
+    background_t = torch.randn(1, 30, 5, generator=g)
+    background_s = background_t + torch.randn(1, 30, 5, generator=g)  # they differ on the background only
+
+    def loss(teacher_bg, student_bg):
+        return compute_score_distillation(torch.cat([positives, student_bg], 1), torch.cat([positives, teacher_bg], 1),
+                                          num_foreground=4)
+
+    base = loss(background_t, background_s)
+    assert base > 0
+    # twice the disagreeing background, same positives: twice the loss (a mean over locations
+    # would give (34 / 64) * 2 = 1.06 times)
+    doubled = loss(background_t.repeat(1, 2, 1), background_s.repeat(1, 2, 1))
+    assert torch.isclose(doubled, 2 * base, rtol=1e-5)
+    # twice the background, the added half agreeing: the loss does not change (a mean would drop)
+    padded = loss(background_t.repeat(1, 2, 1), torch.cat([background_s, background_t], 1))
+    assert torch.isclose(padded, base, rtol=1e-5)
+
+
+def test_distiller_divides_the_score_loss_by_the_students_positive_locations():
+    from diredi_sim.models import build_detector, extract_features
+    from diredi_sim.train import Distiller
+
+    torch.manual_seed(0)
+    teacher, student = build_detector("edge", "cpu"), build_detector("edge", "cpu")
+    distiller = Distiller(teacher, student, score_weight=0.5, temperature=2.0).train()
+    images = [torch.rand(3, 128, 128), torch.rand(3, 96, 128)]
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 50.0], [70.0, 70.0, 120.0, 126.0]]), "labels": torch.tensor([3, 14])},
+               {"boxes": torch.tensor([[5.0, 5.0, 90.0, 80.0]]), "labels": torch.tensor([7])}]
+    with torch.no_grad():
+        losses = distiller(images, targets)
+        student_out = extract_features(student, images, targets)
+        teacher_out = extract_features(teacher, images)
+    num_foreground = sum(int((m >= 0).sum()) for m in student_out.matched_idxs)
+    assert num_foreground > 1
+    expected = 0.5 * compute_score_distillation(student_out.head["cls_logits"], teacher_out.head["cls_logits"], 2.0,
+                                                num_foreground=num_foreground)
+    assert torch.isclose(losses["distill.score"], expected, rtol=1e-5)
 
 
 def test_normalized_fgd_is_invariant_to_the_feature_scale():

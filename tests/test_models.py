@@ -58,6 +58,45 @@ def test_extract_features_in_train_mode_gives_losses_that_train():
     assert grads == {"backbone": True, "neck": True, "head": True}
 
 
+def test_extract_features_losses_equal_torchvisions_compute_loss_exactly():
+    torch.manual_seed(1)
+    detector = build_detector("edge", "cpu").train()
+    images = [torch.rand(3, 128, 128), torch.rand(3, 96, 128)]
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 50.0], [70.0, 70.0, 120.0, 126.0]]), "labels": torch.tensor([3, 14])},
+               {"boxes": torch.tensor([[5.0, 5.0, 90.0, 80.0]]), "labels": torch.tensor([7])}]
+    out = extract_features(detector, images, targets)
+    # torchvision's own FCOS.compute_loss (its matching, then FCOSHead.compute_loss) on the same head outputs
+    batch, _ = detector.transform(images, targets)
+    anchors = detector.anchor_generator(batch, out.features)
+    reference = detector.compute_loss(out.targets, out.head, anchors, [f.size(2) * f.size(3) for f in out.features])
+    assert set(out.losses) == set(reference)
+    for key, value in reference.items():
+        assert torch.equal(out.losses[key], value), key
+    # the exposed matching is the one the losses used
+    again = detector.head.compute_loss(out.targets, out.head, anchors, out.matched_idxs)
+    assert all(torch.equal(again[k], reference[k]) for k in reference)
+
+
+def test_matched_idxs_has_one_entry_per_image_and_location():
+    detector = build_detector("edge", "cpu").eval()
+    images = [torch.rand(3, 128, 128), torch.rand(3, 96, 128), torch.rand(3, 128, 128)]
+    targets = _targets(2) + [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    out = extract_features(detector, images, targets)
+    anchors = out.head["cls_logits"].shape[1]
+    assert len(out.matched_idxs) == 3
+    assert all(m.shape == (anchors,) and m.dtype == torch.int64 for m in out.matched_idxs)
+    for m, target in zip(out.matched_idxs[:2], out.targets[:2]):
+        assert (m >= 0).any() and set(m.unique().tolist()) <= {-1, 0, 1}
+    assert (out.matched_idxs[2] == -1).all()  # no boxes: all background
+    assert out.num_foreground == sum(int((m >= 0).sum()) for m in out.matched_idxs) > 0
+    # positives lie inside their box: location centres of level 0 (stride 8) at (x, y) = (8j + 4, 8i + 4)
+    level0 = out.matched_idxs[0][:16 * 16].reshape(16, 16)
+    for i, j in torch.nonzero(level0 >= 0).tolist():
+        x1, y1, x2, y2 = out.targets[0]["boxes"][level0[i, j]].tolist()
+        assert x1 < 8 * j + 4 < x2 and y1 < 8 * i + 4 < y2
+    assert extract_features(detector, images).matched_idxs is None
+
+
 def test_split_head_by_level_matches_feature_maps():
     detector = build_detector("edge", "cpu").eval()
     out = extract_features(detector, [torch.rand(3, 128, 128)])
