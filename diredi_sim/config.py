@@ -9,6 +9,7 @@ config into the flat, dotted, kebab-case key/value map that Flower's run_config 
 
 from __future__ import annotations
 
+import math
 import tomllib
 import types
 import typing
@@ -37,10 +38,15 @@ class DataConfig:
     val_set: str = "val"
     test_set: str = "test"
     cache_dir: str = ""  # where the synthetic set is generated; "" = $DIREDI_SIM_CACHE or .cache/diredi-sim
+    # Share of every image set (train, val, test) that is the manufacturer's public pool; the rest
+    # is the customers' pool. An image belongs to one pool only, by a hash of its id.
+    public_fraction: float = 0.5
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self):
         _check(self.source in ("synthetic", "voc"), "data.source", self.source, "must be 'synthetic' or 'voc'")
+        _check(math.isfinite(self.public_fraction) and 0 < self.public_fraction < 1, "data.public_fraction",
+               self.public_fraction, "must be in (0, 1): both the manufacturer and the customers need images")
         _check(self.source != "voc" or bool(self.voc_root), "data.voc_root", self.voc_root, "must name a VOCdevkit folder when data.source = 'voc'")
 
 
@@ -58,6 +64,9 @@ class TrainConfig:
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
     score_threshold: float = 0.5  # for precision / recall / F1 (best F1 of 0.3-0.6 for the demo edge model)
     num_workers: int = 0  # DataLoader workers
+    # fp32, or bf16: backbone + FPN under bf16 autocast, head and losses in fp32 (autocast over the
+    # whole detector froze FCOS's box loss; this kept fp32's loss curve). Evaluation stays fp32.
+    precision: str = "fp32"
     max_train_images: int = 0  # 0 = all; a cap for quick runs
     max_eval_images: int = 0
 
@@ -65,6 +74,7 @@ class TrainConfig:
         for key in ("epochs", "batch_size"):
             _check(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "must be >= 1")
         _check(self.optimizer in ("sgd", "adamw"), "train.optimizer", self.optimizer, "must be 'sgd' or 'adamw'")
+        _check(self.precision in ("fp32", "bf16"), "train.precision", self.precision, "must be 'fp32' or 'bf16'")
         _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
         _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "must be in [0, 1)")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")

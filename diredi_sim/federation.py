@@ -36,7 +36,8 @@ from diredi_sim.data.splits import SPLIT_PRESETS, resolve_split
 from diredi_sim.deltas import COMPRESSIONS, MERGE_RULES, check_delta, compute_norm, count_state_bytes, merge_deltas, privatize
 from diredi_sim.models import build_detector
 from diredi_sim.pipeline import (DISTILL_C_MODES, ClassSets, DataSets, PipelineConfig, StageRecorder, compute_knowledge,
-                                 evaluate_row, evaluate_rows, load_pipeline_config, run_customer, run_manufacturer_step)
+                                 distill_c_row, evaluate_row, evaluate_rows, load_pipeline_config, run_customer, run_manufacturer_step,
+                                 select_customer_data)
 from diredi_sim.runs import to_jsonable
 from diredi_sim.train import finetune
 from diredi_sim.verify import Verdict, verify_update
@@ -378,15 +379,16 @@ def manufacturer_work(config: FederationConfig, customer: Customer, tutor_state:
     models = {"tutor_original": tutor, "tutor_updated": step.tutor_prime, "edge_original": edge}
     if step.candidate is not None:
         models["tutor_rejected_candidate"] = step.candidate
-    for mode, student in step.edges.items():
-        models[{"public": "edge_distill_c_public", "public+private": "edge_distill_c_public_private"}[mode]] = student
-    test = datasets.records(config.data.test_set, classes.union, pipeline.max_eval_images)
+    models.update(step.edges)
+    test = datasets.records(config.data.test_set, classes.union, pipeline.max_eval_images, pool="customer")
     rows = evaluate_rows(models, test, classes, datasets, pipeline, recorder, lambda text: None, manufacturer_rows=False)
+    deployable = {mode: step.edges[distill_c_row(mode, pipeline.distill_c_losses[0])] for mode in DISTILL_C_MODES
+                  if distill_c_row(mode, pipeline.distill_c_losses[0]) in step.edges}
     return {
         "partition_id": customer.partition_id,
         "verdict": verdict_to_dict(step.verdict),
         "rows": to_jsonable(rows),
-        "edges": {mode: {k: v.detach().clone() for k, v in student.state_dict().items()} for mode, student in step.edges.items()},
+        "edges": {mode: {k: v.detach().clone() for k, v in student.state_dict().items()} for mode, student in deployable.items()},
         "stages": recorder.stages,
         "seconds": round(time.perf_counter() - start, 3),
     }
@@ -395,17 +397,19 @@ def manufacturer_work(config: FederationConfig, customer: Customer, tutor_state:
 def baseline_customer_work(config: FederationConfig, customer: Customer, num_customers: int, edge_state: dict[str, Tensor],
                            *, proximal_mu: float = 0.0, epochs: int | None = None, datasets: DataSets | None = None) -> dict:
     """A FedAvg / FedProx customer's step (and local fine-tuning): fine-tune the edge model on
-    the customer's data (its presumed and private classes), with FedProx's proximal term when
+    the customer's whole data (the shipped presumed images without its dropped classes' boxes,
+    and its own images), with FedProx's proximal term when
     ``proximal_mu`` > 0. Returns the whole edge model (what FedAvg sends up) and scalar metrics."""
     start = time.perf_counter()
     datasets = datasets or DataSets(config.data)
     cfg = config.baselines.local if epochs is None else replace(config.baselines.local, epochs=epochs)
     pick = pick_share(config.population, customer.partition_id, num_customers)
     edge = load_model("edge", config.preset, edge_state)
-    train = pick(datasets.train(customer.classes, cfg))
+    data = select_customer_data(datasets, config.pipeline, customer.classes, cfg, pick)
+    train = data.combined
     seed = config.customer_seed(customer.partition_id) + 7
     torch.manual_seed(seed)
-    finetune(edge, train, pick(datasets.val(customer.classes, cfg)), cfg, class_indices=ClassSets.indices(customer.classes),
+    finetune(edge, train, data.own_val, cfg, class_indices=ClassSets.indices(customer.classes),
              proximal_mu=proximal_mu, seed=seed, name=f"edge_customer{customer.partition_id}", progress=False)
     state = {k: v.detach().clone() for k, v in edge.state_dict().items()}
     return {"arrays": state, "metrics": {"partition-id": customer.partition_id, "num-examples": len(train),
@@ -420,7 +424,7 @@ def evaluate_for_customer(config: FederationConfig, customer: Customer, edge: nn
     datasets = datasets or DataSets(config.data)
     classes = customer.class_sets(config.pipeline)
     pipeline = config.pipeline
-    test = datasets.records(config.data.test_set, classes.union, pipeline.max_eval_images)
+    test = datasets.records(config.data.test_set, classes.union, pipeline.max_eval_images, pool="customer")
     row = evaluate_row(edge, test, classes.customer, classes.union, batch_size=pipeline.eval_batch_size,
                        score_threshold=pipeline.score_threshold)
     if reference is not None:
@@ -445,12 +449,12 @@ def merge_accepted(config: FederationConfig, tutor: nn.Module, deltas: Sequence[
     datasets = datasets or DataSets(config.data)
     pipeline = config.pipeline
     presumed = ClassSets.indices(resolve_split(pipeline.presumed_split))
-    records = datasets.records(config.data.val_set, pipeline.presumed_split, pipeline.max_eval_images)
+    records = datasets.records(config.data.val_set, pipeline.presumed_split, pipeline.max_eval_images, pool="public")
     from diredi_sim.train import evaluate_detector
 
     def evaluate_presumed(model: nn.Module) -> dict:
         return evaluate_detector(model, records, presumed, batch_size=pipeline.eval_batch_size,
-                                 score_threshold=pipeline.score_threshold)["voc"]
+                                 score_threshold=pipeline.score_threshold)
 
     verdict, state = verify_update(tutor, merged, evaluate_presumed, pipeline.verify, weight=pipeline.delta_weight)
     report = {"merged": len(deltas), "rule": sim.merge, "norm": compute_norm(merged), **verdict_to_dict(verdict)}

@@ -46,7 +46,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from diredi_sim.config import ConfigError, DataConfig, TrainConfig, config_from_dict
 from diredi_sim.data import VOC_CLASSES
 from diredi_sim.data.sources import resolve_data_folder
-from diredi_sim.data.splits import filter_split, resolve_split
+from diredi_sim.data.splits import filter_split, keep_classes, resolve_split
 from diredi_sim.data.synthetic import default_cache_dir
 from diredi_sim.data.voc import ImageRecord, load_annotations
 from diredi_sim.deltas import apply_delta, compute_delta, compute_norm, count_bytes
@@ -65,19 +65,20 @@ from diredi_sim.losses import FGDConfig
 from diredi_sim.models import build_detector
 from diredi_sim.runs import (CheckpointError, Run, atomic_write_bytes, atomic_write_json, load_detector_weights,
                              save_checkpoint, to_jsonable)
-from diredi_sim.train import (build_loader, distill, evaluate_detector, predict, records_to_ground_truth,
+from diredi_sim.train import (build_loader, distill, evaluate_detector, finetune, predict, records_to_ground_truth,
                               reverse_distill, train_detector)
 from diredi_sim.verify import Verdict, VerifyConfig, verify_update
 
 DISTILL_C_MODES = ("public", "public+private")
-MANUFACTURER_CACHE_FORMAT = 1  # bump when the manufacturer's training code changes what it produces
+DISTILL_C_LOSSES = ("fgd", "fgd+score")
+MANUFACTURER_CACHE_FORMAT = 2  # 2: public pool only, Distill B from the tutor; bump when the manufacturer's training code changes what it produces
 
 # Training-config fields that do not change the trained weights (left out of the cache key).
 _EVAL_ONLY_FIELDS = ("eval_every", "max_eval_images", "score_threshold")
 
 # Seed offsets per stage (same run seed, same numbers). RD A and RD B share one seed, so that
 # Tutor1 and Tutor2 differ by their data only.
-_SEED_OFFSETS = {"teacher": 0, "distill_a": 1, "distill_b": 2, "rd": 3, "distill_c": 5, "direct": 6}
+_SEED_OFFSETS = {"teacher": 0, "distill_a": 1, "distill_b": 2, "rd": 3, "distill_c": 5, "direct": 6, "local": 8}
 
 
 @dataclass(frozen=True)
@@ -105,16 +106,22 @@ class PipelineConfig:
     distill_task_weight: float = 1.0  # Distill A/B: weight of the student's FCOS loss
     distill_score_weight: float = 0.0  # Distill A/B: class-score distillation (0: FGD + task only)
     distill_temperature: float = 1.5  # Distill A/B: temperature of the score distillation, when on
+    local: TrainConfig = field(default_factory=TrainConfig)  # local fine-tuning of the deployed edge on the customer's data
+    equal_compute: bool = True  # direct and local baselines train on as many images as the DiReDi customer (RD B + RD A + Distill C)
     alpha: float = 1.0  # RD: weight of L_RD (FGD on neck features, edge as the frozen teacher)
     beta: float = 1.0  # RD: weight of the tutor copy's task loss
+    rd_customer_per_batch: int = 8  # RD A: the customer's images added to each of Tutor1's presumed batches
+    rd_score_weight: float = 0.0  # RD: class-score distillation from the edge (ablation; 0: FGD only, as the paper)
+    rd_align_init: str = "lstsq"  # RD: FGD's align convs fitted by least squares on the first batch, or "random"
     freeze_backbone: bool = True  # RD: freeze the tutor copies' backbone (only neck + head travel)
     gamma: float = 1.0  # delta = gamma * (Tutor2 - Tutor1) (paper: 1)
     delta_weight: float = 1.0  # tutor' = tutor + delta_weight * delta (paper: 1)
     distill_c_feature_weight: float = 1.0  # Distill C: weight of the FGD terms
     distill_c_task_weight: float = 1.0  # Distill C: weight of the edge model's FCOS loss
-    distill_c_score_weight: float = 1.0  # Distill C: class-score distillation from tutor' (0 turns it off)
-    distill_c_temperature: float = 1.5  # Distill C: temperature (paper: 1.5)
+    distill_c_score_weight: float = 1.0  # Distill C "fgd+score": weight of the class-score distillation from tutor'
+    distill_c_temperature: float = 1.5  # Distill C: FGD's attention temperature (paper: 1.5), and the score loss's
     distill_c_modes: tuple[str, ...] = DISTILL_C_MODES  # data of Distill C: public and/or public+private
+    distill_c_losses: tuple[str, ...] = ("fgd",)  # "fgd": FGD + task (the paper); "fgd+score": + class-score distillation (ablation)
     verify: VerifyConfig = field(default_factory=VerifyConfig)  # critical classes () = every presumed class
     cache_dir: str = ""  # manufacturer artefacts: <cache_dir>/manufacturer-<hash>/; "" = the data cache (.cache/diredi-sim)
     eval_batch_size: int = 32
@@ -135,10 +142,16 @@ class PipelineConfig:
             except ValueError as exc:
                 raise ConfigError(f"pipeline.{key} = {value!r}: {exc}") from None
         for key in ("alpha", "beta", "distill_feature_weight", "distill_task_weight", "distill_score_weight",
-                    "distill_c_feature_weight", "distill_c_task_weight", "distill_c_score_weight"):
-            check(getattr(self, key) >= 0, key, "must be >= 0")
+                    "distill_c_feature_weight", "distill_c_task_weight", "distill_c_score_weight", "rd_score_weight"):
+            check(math.isfinite(getattr(self, key)) and getattr(self, key) >= 0, key, "must be finite and >= 0")
+        check(self.rd_customer_per_batch >= 0, "rd_customer_per_batch", "must be >= 0")
+        check(self.rd_align_init in ("lstsq", "random"), "rd_align_init", "must be 'lstsq' or 'random'")
+        check(all(loss in DISTILL_C_LOSSES for loss in self.distill_c_losses) and len(set(self.distill_c_losses)) == len(self.distill_c_losses)
+              and len(self.distill_c_losses) > 0, "distill_c_losses", f"must be distinct values among {list(DISTILL_C_LOSSES)}")
         for key in ("distill_temperature", "distill_c_temperature"):
             check(getattr(self, key) > 0, key, "must be > 0")
+        for key in ("distill_temperature", "distill_c_temperature"):
+            check(math.isfinite(getattr(self, key)), key, "must be finite")
         check(math.isfinite(self.gamma), "gamma", "must be finite")
         check(math.isfinite(self.delta_weight), "delta_weight", "must be finite")
         check(all(m in DISTILL_C_MODES for m in self.distill_c_modes) and len(set(self.distill_c_modes)) == len(self.distill_c_modes),
@@ -220,26 +233,46 @@ class StageRecorder:
 # ------------------------------------------------------------------------------------- data
 
 
+POOLS = ("public", "customer", "all")
+
+
+def pool_of(image_id: str, public_fraction: float) -> str:
+    """The pool an image belongs to: ``public`` (the manufacturer's) or ``customer``, from a hash
+    of its id alone, so that the split does not depend on the order or the number of images."""
+    digest = int.from_bytes(hashlib.sha256(image_id.encode()).digest()[:8], "big")
+    return "public" if digest / 2**64 < public_fraction else "customer"
+
+
 class DataSets:
-    """Each image set's annotations read once; splits are filtered in memory."""
+    """Each image set's annotations read once; pools and splits are filtered in memory.
+
+    Every image set is dealt into two disjoint pools (``data.public_fraction``): the
+    manufacturer's ``public`` images (teacher, Distill A/B, its verification and its test
+    images; also shipped to customers as the presumed data of reverse distillation) and the
+    ``customer`` images, which only customers hold. No image id is in both."""
 
     def __init__(self, data: DataConfig):
         self.data = data
         self.folder = resolve_data_folder(data)
-        self._records: dict[str, list[ImageRecord]] = {}
+        self._records: dict[tuple[str, str], list[ImageRecord]] = {}
 
-    def records(self, image_set: str, split, limit: int = 0) -> list[ImageRecord]:
-        if image_set not in self._records:
+    def records(self, image_set: str, split, limit: int = 0, *, pool: str) -> list[ImageRecord]:
+        if pool not in POOLS:
+            raise ValueError(f"pool {pool!r}: must be one of {list(POOLS)}")
+        if (image_set, "all") not in self._records:
             on_problem = "warn" if self.data.source == "voc" else "raise"
-            self._records[image_set] = load_annotations(self.folder, image_set, on_problem=on_problem)
-        kept = filter_split(self._records[image_set], split)
+            every = load_annotations(self.folder, image_set, on_problem=on_problem)
+            self._records[(image_set, "all")] = every
+            for name in ("public", "customer"):
+                self._records[(image_set, name)] = [r for r in every if pool_of(r.image_id, self.data.public_fraction) == name]
+        kept = filter_split(self._records[(image_set, pool)], split)
         return kept[:limit] if limit else kept
 
-    def train(self, split, cfg: TrainConfig) -> list[ImageRecord]:
-        return self.records(self.data.train_set, split, cfg.max_train_images)
+    def train(self, split, cfg: TrainConfig, *, pool: str) -> list[ImageRecord]:
+        return self.records(self.data.train_set, split, cfg.max_train_images, pool=pool)
 
-    def val(self, split, cfg: TrainConfig) -> list[ImageRecord]:
-        return self.records(self.data.val_set, split, cfg.max_eval_images)
+    def val(self, split, cfg: TrainConfig, *, pool: str) -> list[ImageRecord]:
+        return self.records(self.data.val_set, split, cfg.max_eval_images, pool=pool)
 
 
 def copy_for_training(detector: nn.Module) -> nn.Module:
@@ -278,7 +311,7 @@ def describe_manufacturer(pipeline: PipelineConfig, data: DataConfig, *, preset:
         "format": MANUFACTURER_CACHE_FORMAT,
         "preset": preset,
         "seed": seed,
-        "data": {**source, "train_set": data.train_set, "val_set": data.val_set},
+        "data": {**source, "train_set": data.train_set, "val_set": data.val_set, "public_fraction": data.public_fraction},
         "teacher_split": list(resolve_split(pipeline.teacher_split)),
         "teacher": train_settings(pipeline.teacher),
         "presumed_split": list(resolve_split(pipeline.presumed_split)),
@@ -417,11 +450,11 @@ def prepare_manufacturer(
             print(f"manufacturer: reusing the teacher from {teacher_folder}", file=sys.stderr, flush=True)
     else:
         cfg = pipeline.teacher
-        train = datasets.train(teacher_split, cfg)
+        train = datasets.train(teacher_split, cfg, pool="public")
         with recorder.measure("teacher", cached=False, train_images=len(train), epochs=cfg.epochs) as entry:
             torch.manual_seed(seed + _SEED_OFFSETS["teacher"])
             teacher = build_detector("teacher", preset, num_classes=len(VOC_CLASSES))
-            train_detector(teacher, train, datasets.val(teacher_split, cfg), cfg, class_indices=teacher_classes,
+            train_detector(teacher, train, datasets.val(teacher_split, cfg, pool="public"), cfg, class_indices=teacher_classes,
                            seed=seed + _SEED_OFFSETS["teacher"], name="teacher", **common)
         save_checkpoint(teacher_folder / "teacher.pt", teacher, config=teacher_description, cache_key=teacher_key)
         atomic_write_json(teacher_folder / "manifest.json", {"key": teacher_key, "description": teacher_description,
@@ -431,13 +464,16 @@ def prepare_manufacturer(
     distill_settings = dict(feature_weight=pipeline.distill_feature_weight, task_weight=pipeline.distill_task_weight,
                             score_weight=pipeline.distill_score_weight, temperature=pipeline.distill_temperature, fgd=pipeline.fgd)
     students = {}
-    for stage, role in (("distill_a", "tutor"), ("distill_b", "edge")):
+    # Distill A: teacher -> tutor; Distill B: tutor -> edge (the tutor is the edge's teacher, paper
+    # section III-A, IV-A: "the tutor model is used to distill knowledge in the same manner").
+    for stage, role, source in (("distill_a", "tutor", "teacher"), ("distill_b", "edge", "tutor")):
         cfg = getattr(pipeline, stage)
-        train = datasets.train(presumed, cfg)
-        with recorder.measure(stage, cached=False, train_images=len(train), epochs=cfg.epochs) as entry:
+        train = datasets.train(presumed, cfg, pool="public")
+        source_model = teacher if source == "teacher" else copy.deepcopy(students["tutor"])
+        with recorder.measure(stage, cached=False, train_images=len(train), epochs=cfg.epochs, teacher=source) as entry:
             torch.manual_seed(seed + _SEED_OFFSETS[stage])
             student = build_detector(role, preset, num_classes=len(VOC_CLASSES))
-            distill(teacher, student, train, datasets.val(presumed, cfg), cfg, class_indices=presumed_classes,
+            distill(source_model, student, train, datasets.val(presumed, cfg, pool="public"), cfg, class_indices=presumed_classes,
                     seed=seed + _SEED_OFFSETS[stage], name=f"{role}_{stage}", **distill_settings, **common)
         trained.append(entry)
         students[role] = student
@@ -501,22 +537,28 @@ def compute_knowledge(per_class: dict[str, float], reference: dict[str, float], 
     }
 
 
-# Table rows: key, label, role, reference row, whose "own" classes (manufacturer rows only).
+# Table rows: key, label, role, reference row, whose "own" classes (the teacher's row only).
 ROWS = (
     ("teacher", "large (teacher)", "teacher", None, "teacher"),
-    ("tutor_distill_a", "tutor after Distill A", "tutor", "tutor_original", "presumed"),
-    ("edge_distill_b", "edge after Distill B", "edge", "edge_original", "presumed"),
+    ("tutor_original", "tutor after Distill A (original tutor)", "tutor", "tutor_original", None),
+    ("edge_original", "edge after Distill B (original edge)", "edge", "edge_original", None),
     ("tutor1", "tutor1 (RD B: presumed data)", "tutor", "tutor_original", None),
-    ("tutor2", "tutor2 (RD A: presumed + private data)", "tutor", "tutor_original", None),
-    ("tutor_original", "original tutor", "tutor", "tutor_original", None),
+    ("tutor2", "tutor2 (RD A: presumed + customer data)", "tutor", "tutor_original", None),
     ("tutor_updated", "updated tutor", "tutor", "tutor_original", None),
     ("tutor_rejected_candidate", "updated tutor (rejected candidate, not deployed)", "tutor", "tutor_original", None),
-    ("edge_original", "original edge", "edge", "edge_original", None),
     ("edge_direct", "direct training", "edge", "edge_original", None),
+    ("edge_local", "local fine-tuning", "edge", "edge_original", None),
     ("edge_distill_c_public", "edge after Distill C (public)", "edge", "edge_original", None),
     ("edge_distill_c_public_private", "edge after Distill C (public+private)", "edge", "edge_original", None),
+    ("edge_distill_c_public_score", "edge after Distill C (public, + score KD)", "edge", "edge_original", None),
+    ("edge_distill_c_public_private_score", "edge after Distill C (public+private, + score KD)", "edge", "edge_original", None),
 )
 DISTILL_C_ROW = {"public": "edge_distill_c_public", "public+private": "edge_distill_c_public_private"}
+
+
+def distill_c_row(mode: str, loss: str = "fgd") -> str:
+    """The table row of Distill C in data ``mode`` with ``loss``: edge_distill_c_public(_private)(_score)."""
+    return DISTILL_C_ROW[mode] + ("_score" if loss == "fgd+score" else "")
 
 
 # ---------------------------------------------------------------------------------- pipeline
@@ -548,12 +590,45 @@ class CustomerUpdate:
     tutor2: nn.Module
     delta: dict[str, Tensor]
     delta_info: dict  # gamma, norm, tensors, values, bytes at fp32 / fp16
-    train_images: dict[str, int]  # per RD stage
+    train_images: dict[str, int]  # images trained on per RD stage (Tutor2's count includes the customer's images)
 
 
 def describe_delta(delta: dict[str, Tensor], gamma: float = 1.0) -> dict:
     return {"gamma": gamma, "norm": compute_norm(delta), "tensors": len(delta), "values": sum(v.numel() for v in delta.values()),
             "bytes_fp32": count_bytes(delta, torch.float32), "bytes_fp16": count_bytes(delta, torch.float16)}
+
+
+@dataclass(frozen=True)
+class CustomerData:
+    """What one customer trains on, chosen once.
+
+    ``presumed``: the manufacturer's presumed images (public pool, presumed classes), which the
+    manufacturer ships with its models: Tutor1's data. ``presumed_kept``: the same images in the
+    same order, with the boxes of the classes the customer drops removed (the objects stay in the
+    pixels, as background): Tutor2's presumed part. ``own``: the customer's own images (customer
+    pool, its classes, its share), which never leave it. ``combined`` = presumed_kept + own: the
+    customer's whole training set (Distill C public+private, direct training, local fine-tuning).
+    """
+
+    presumed: list[ImageRecord]
+    presumed_kept: list[ImageRecord]
+    own: list[ImageRecord]
+    own_val: list[ImageRecord]
+    presumed_val: list[ImageRecord]
+
+    @property
+    def combined(self) -> list[ImageRecord]:
+        return self.presumed_kept + self.own
+
+
+def select_customer_data(datasets: DataSets, pipeline: PipelineConfig, customer, cfg: TrainConfig,
+                         share: Callable[[list[ImageRecord]], list[ImageRecord]] = lambda r: r) -> CustomerData:
+    """The customer's data for a stage with settings ``cfg`` (its image caps). ``share`` picks the
+    customer's part of the customer pool (all of it by default)."""
+    presumed = datasets.train(pipeline.presumed_split, cfg, pool="public")
+    kept = resolve_split(customer)
+    return CustomerData(presumed, keep_classes(presumed, kept), share(datasets.train(customer, cfg, pool="customer")),
+                        share(datasets.val(customer, cfg, pool="customer")), datasets.val(pipeline.presumed_split, cfg, pool="public"))
 
 
 def run_customer(
@@ -571,25 +646,34 @@ def run_customer(
     config: Any = None,
     progress: bool = True,
 ) -> CustomerUpdate:
-    """The customer's side (steps 3-4): RD B on the presumed data and RD A on the customer's data
-    (``customer``: a split), both from copies of ``tutor`` with ``edge`` as the frozen teacher,
-    then the delta. ``seed`` is the customer's seed (the run seed in the one-customer pipeline);
-    RD A and RD B share it, so that Tutor1 and Tutor2 differ by their data only. ``records``
-    picks the customer's share of a split's images (all of them by default)."""
+    """The customer's side (steps 3-4): RD B and RD A from copies of ``tutor`` with ``edge`` as
+    the frozen teacher, then the delta. ``seed`` is the customer's seed; ``records`` picks the
+    customer's share of the customer pool.
+
+    Tutor1 (RD B) trains on the presumed images; Tutor2 (RD A) on the same presumed batches, in
+    the same order with the same flips, the boxes of the dropped classes removed, each batch
+    extended by ``rd_customer_per_batch`` of the customer's own images. Both start from the same
+    weights and seed and take the same optimizer steps on the same schedule: they differ by the
+    customer's data only, which is what the delta carries."""
     recorder = recorder or StageRecorder(run)
     common = dict(run=run, config=config, progress=progress)
-    rd_settings = dict(alpha=pipeline.alpha, beta=pipeline.beta, freeze_backbone=pipeline.freeze_backbone, fgd=pipeline.fgd)
     cfg = pipeline.rd
+    data = select_customer_data(datasets, pipeline, customer, cfg, records)
+    rd_settings = dict(alpha=pipeline.alpha, beta=pipeline.beta, freeze_backbone=pipeline.freeze_backbone, fgd=pipeline.fgd,
+                       score_weight=pipeline.rd_score_weight, align_init=pipeline.rd_align_init)
+    presumed_classes = ClassSets.indices(resolve_split(pipeline.presumed_split))
+    plans = (("tutor1", "rd_b", data.presumed, (), 0, data.presumed_val, presumed_classes),
+             ("tutor2", "rd_a", data.presumed_kept, data.own, pipeline.rd_customer_per_batch, data.own_val,
+              ClassSets.indices(resolve_split(customer))))
     trained, counts = {}, {}
-    for key, stage, split in (("tutor1", "rd_b", pipeline.presumed_split), ("tutor2", "rd_a", customer)):
-        train = records(datasets.train(split, cfg))
-        counts[stage] = len(train)
-        with recorder.measure(stage, train_images=len(train), epochs=cfg.epochs):
+    for key, stage, presumed, own, per_batch, val, classes in plans:
+        with recorder.measure(stage, presumed_images=len(presumed), own_images=len(own), epochs=cfg.epochs) as entry:
             torch.manual_seed(seed + _SEED_OFFSETS["rd"])
             student = copy_for_training(tutor)
-            reverse_distill(edge, student, train, records(datasets.val(split, cfg)), cfg,
-                            class_indices=ClassSets.indices(resolve_split(split)), seed=seed + _SEED_OFFSETS["rd"],
-                            name=f"{key}_{stage}", **rd_settings, **common)
+            result = reverse_distill(edge, student, presumed, val, cfg, class_indices=classes, seed=seed + _SEED_OFFSETS["rd"],
+                                     extra_records=own, extra_per_batch=per_batch, name=f"{key}_{stage}", **rd_settings, **common)
+            entry.update(train_images=result["train_images"], train_steps=result["train_steps"])
+        counts[stage] = result["train_images"]
         trained[key] = student
     with recorder.measure("delta") as entry:
         delta = compute_delta(trained["tutor2"].state_dict(), trained["tutor1"].state_dict(), pipeline.gamma)
@@ -607,7 +691,8 @@ class ManufacturerStep:
     verdict: Verdict
     tutor_prime: nn.Module  # the updated tutor if accepted, the unchanged tutor if not
     candidate: nn.Module | None  # the rejected tutor + delta (shown apart, never deployed)
-    edges: dict[str, nn.Module]  # Distill C's edge model per data mode
+    edges: dict[str, nn.Module]  # Distill C's edge model per row key (data mode and loss, distill_c_row)
+    train_images: dict[str, int] = field(default_factory=dict)  # images each Distill C trained on
 
 
 def run_manufacturer_step(
@@ -637,11 +722,11 @@ def run_manufacturer_step(
     recorder = recorder or StageRecorder(run)
     common = dict(run=run, config=config, progress=progress)
     presumed = ClassSets.indices(resolve_split(pipeline.presumed_split))
-    verify_records = datasets.records(datasets.data.val_set, pipeline.presumed_split, pipeline.max_eval_images)
+    verify_records = datasets.records(datasets.data.val_set, pipeline.presumed_split, pipeline.max_eval_images, pool="public")
     with recorder.measure("verify", verify_images=len(verify_records)) as entry:
         def evaluate_presumed(model: nn.Module) -> dict:
             return evaluate_detector(model, verify_records, presumed, batch_size=pipeline.eval_batch_size,
-                                     score_threshold=pipeline.score_threshold)["voc"]
+                                     score_threshold=pipeline.score_threshold)
 
         verdict, updated_state = verify_update(tutor, delta, evaluate_presumed, pipeline.verify, weight=pipeline.delta_weight)
         entry["accepted"] = verdict.accepted
@@ -658,23 +743,69 @@ def run_manufacturer_step(
             candidate = None  # a malformed delta has no candidate to show
 
     cfg = pipeline.distill_c
-    edges = {}
+    edges, counts = {}, {}
+    data = select_customer_data(datasets, pipeline, customer, cfg, records)
+    # Distill C as the paper: FGD (its attention temperature: the paper's 1.5) + the edge's task
+    # loss; "fgd+score" adds class-score distillation from tutor' (an ablation).
+    fgd = replace(pipeline.fgd, temperature=pipeline.distill_c_temperature)
     for mode in (pipeline.distill_c_modes if verdict.accepted or distill_rejected else ()):
-        split = pipeline.presumed_split if mode == "public" else customer
-        pick = (lambda r: r) if mode == "public" else records
-        train = pick(datasets.train(split, cfg))
-        key = DISTILL_C_ROW[mode]
-        with recorder.measure(f"distill_c_{mode}", train_images=len(train), epochs=cfg.epochs,
-                              score_weight=pipeline.distill_c_score_weight, temperature=pipeline.distill_c_temperature):
-            torch.manual_seed(seed + _SEED_OFFSETS["distill_c"])
-            student = copy_for_training(edge)
-            distill(copy.deepcopy(tutor_prime), student, train, pick(datasets.val(split, cfg)), cfg,
-                    class_indices=ClassSets.indices(resolve_split(split)), feature_weight=pipeline.distill_c_feature_weight,
-                    task_weight=pipeline.distill_c_task_weight, score_weight=pipeline.distill_c_score_weight,
-                    temperature=pipeline.distill_c_temperature, fgd=pipeline.fgd, seed=seed + _SEED_OFFSETS["distill_c"],
-                    name=key, **common)
-        edges[mode] = student
-    return ManufacturerStep(verdict, tutor_prime, candidate, edges)
+        train, val = (data.presumed, data.presumed_val) if mode == "public" else (data.combined, data.own_val)
+        for loss in pipeline.distill_c_losses:
+            key = distill_c_row(mode, loss)
+            score_weight = pipeline.distill_c_score_weight if loss == "fgd+score" else 0.0
+            with recorder.measure(f"distill_c_{mode}" + ("_score" if loss == "fgd+score" else ""), epochs=cfg.epochs,
+                                  score_weight=score_weight, temperature=pipeline.distill_c_temperature) as entry:
+                torch.manual_seed(seed + _SEED_OFFSETS["distill_c"])
+                student = copy_for_training(edge)
+                result = distill(copy.deepcopy(tutor_prime), student, train, val, cfg,
+                                 class_indices=ClassSets.indices(resolve_split(pipeline.presumed_split if mode == "public" else customer)),
+                                 feature_weight=pipeline.distill_c_feature_weight, task_weight=pipeline.distill_c_task_weight,
+                                 score_weight=score_weight, temperature=pipeline.distill_c_temperature, fgd=fgd,
+                                 seed=seed + _SEED_OFFSETS["distill_c"], name=key, **common)
+                entry.update(train_images=result["train_images"], train_steps=result["train_steps"])
+            edges[key] = student
+            counts[key] = result["train_images"]
+    return ManufacturerStep(verdict, tutor_prime, candidate, edges, counts)
+
+
+def count_customer_compute(update: CustomerUpdate, step: ManufacturerStep, pipeline: PipelineConfig) -> dict:
+    """The images a DiReDi customer trains on in total (image-steps): RD B + RD A + its Distill C
+    (public+private, the paper's setting, FGD loss; the public mode's when only that one ran)."""
+    parts = dict(update.train_images)
+    for mode in ("public+private", "public"):
+        key = distill_c_row(mode, pipeline.distill_c_losses[0])
+        if key in step.train_images:
+            parts[key] = step.train_images[key]
+            break
+    return {"diredi": sum(parts.values()), "parts": parts}
+
+
+def train_baselines(edge: nn.Module, pipeline: PipelineConfig, datasets: DataSets, customer, *, seed: int, preset: str,
+                    budget_images: int | None, recorder: StageRecorder,
+                    records: Callable[[list[ImageRecord]], list[ImageRecord]] = lambda r: r, **common) -> tuple[dict, dict]:
+    """The customer-side baselines on the customer's whole data (presumed images without its
+    dropped classes' boxes + its own): ``edge_direct``, a fresh edge model trained from scratch
+    (``pipeline.direct``), and ``edge_local``, the deployed edge fine-tuned (``pipeline.local``).
+    With ``budget_images`` each trains on that many images (as many optimizer steps as that
+    fills at its batch size), else for its configured epochs. Returns the models and the images
+    each actually trained on."""
+    models, counts = {}, {}
+    for key, cfg in (("edge_direct", pipeline.direct), ("edge_local", pipeline.local)):
+        data = select_customer_data(datasets, pipeline, customer, cfg, records)
+        steps = math.ceil(budget_images / cfg.batch_size) if budget_images else None
+        with recorder.measure(key.removeprefix("edge_"), epochs=cfg.epochs, budget_images=budget_images) as entry:
+            torch.manual_seed(seed + _SEED_OFFSETS[key.removeprefix("edge_")])
+            if key == "edge_direct":
+                student = build_detector("edge", preset, num_classes=len(VOC_CLASSES))
+                result = train_detector(student, data.combined, data.own_val, cfg, class_indices=ClassSets.indices(resolve_split(customer)),
+                                        seed=seed + _SEED_OFFSETS["direct"], name=key, total_steps=steps, **common)
+            else:
+                student = copy_for_training(edge)
+                result = finetune(student, data.combined, data.own_val, cfg, class_indices=ClassSets.indices(resolve_split(customer)),
+                                  seed=seed + _SEED_OFFSETS["local"], name=key, total_steps=steps, **common)
+            entry.update(train_images=result["train_images"], train_steps=result["train_steps"])
+        models[key], counts[key] = student, result["train_images"]
+    return models, counts
 
 
 def run_pipeline(
@@ -690,8 +821,9 @@ def run_pipeline(
 ) -> PipelineResult:
     """The whole flow for one customer (module docstring). ``run`` (optional) receives every
     stage's metrics rows and checkpoints; ``config`` is embedded in those checkpoints.
-    ``customer_seed`` seeds the customer's stages and Distill C (default: ``seed``); the
-    manufacturer's stages and the direct baseline always use ``seed``."""
+    ``customer_seed`` seeds the customer's stages, Distill C and the direct and local baselines
+    (default: ``seed``); the manufacturer's stages always use ``seed`` (replicates over customer
+    seeds share one manufacturer)."""
     customer_seed = seed if customer_seed is None else customer_seed
     if pipeline.customer == "":
         raise ValueError("pipeline.customer is empty: name the customer's split (a preset such as exp1, or class names)")
@@ -705,11 +837,10 @@ def run_pipeline(
 
     with recorder.measure("data") as entry:
         datasets = DataSets(data)
-        test = datasets.records(data.test_set, classes.union, pipeline.max_eval_images)
-        verify_records = datasets.records(data.val_set, classes.presumed, pipeline.max_eval_images)
-        entry.update(test_images=len(test), verify_images=len(verify_records), folder=str(datasets.folder))
+        test = datasets.records(data.test_set, classes.union, pipeline.max_eval_images, pool="customer")
+        entry.update(test_images=len(test), folder=str(datasets.folder))
     say(f"data: {datasets.folder}; customer classes {', '.join(classes.customer)} (private: {', '.join(classes.private) or '-'}, "
-        f"dropped: {', '.join(classes.dropped) or '-'}); {len(test)} test images")
+        f"dropped: {', '.join(classes.dropped) or '-'}); {len(test)} of the customer's test images")
 
     maker = prepare_manufacturer(pipeline, data, preset=preset, seed=seed, datasets=datasets, recorder=recorder,
                                  progress=progress, **{k: v for k, v in common.items() if k != "progress"})
@@ -731,18 +862,16 @@ def run_pipeline(
     models["tutor_updated"] = step.tutor_prime
     if step.candidate is not None:
         models["tutor_rejected_candidate"] = step.candidate
-    for mode, student in step.edges.items():
-        models[DISTILL_C_ROW[mode]] = student
+    models.update(step.edges)
 
-    # Baseline: a fresh edge model trained directly on the customer's data.
-    cfg = pipeline.direct
-    train = datasets.train(pipeline.customer, cfg)
-    with recorder.measure("direct", train_images=len(train), epochs=cfg.epochs):
-        torch.manual_seed(seed + _SEED_OFFSETS["direct"])
-        direct = build_detector("edge", preset, num_classes=len(VOC_CLASSES))
-        train_detector(direct, train, datasets.val(pipeline.customer, cfg), cfg, class_indices=ClassSets.indices(classes.customer),
-                       seed=seed + _SEED_OFFSETS["direct"], name="edge_direct", **common)
-    models["edge_direct"] = direct
+    compute = count_customer_compute(update, step, pipeline)
+    baselines, compute["baselines"] = train_baselines(edge, pipeline, datasets, pipeline.customer, seed=customer_seed, preset=preset,
+                                                      budget_images=compute["diredi"] if pipeline.equal_compute else None,
+                                                      recorder=recorder, **common)
+    models.update(baselines)
+    say("training images per method (image-steps): DiReDi customer " + f"{compute['diredi']} (" +
+        ", ".join(f"{k} {v}" for k, v in compute["parts"].items()) + "); " +
+        ", ".join(f"{k} {v}" for k, v in compute["baselines"].items()))
 
     rows = evaluate_rows(models, test, classes, datasets, pipeline, recorder, say)
     settings = {
@@ -751,52 +880,66 @@ def run_pipeline(
         "distill_c_score_weight": pipeline.distill_c_score_weight, "distill_c_temperature": pipeline.distill_c_temperature,
         "distill_c_modes": list(pipeline.distill_c_modes), "verify": asdict(pipeline.verify),
         "score_threshold": pipeline.score_threshold, "test_images": len(test),
-        "epochs": {s: getattr(pipeline, s).epochs for s in ("teacher", "distill_a", "distill_b", "rd", "distill_c", "direct")},
+        "epochs": {s: getattr(pipeline, s).epochs for s in ("teacher", "distill_a", "distill_b", "rd", "distill_c", "direct", "local")},
+        "rd_customer_per_batch": pipeline.rd_customer_per_batch, "rd_score_weight": pipeline.rd_score_weight,
+        "rd_align_init": pipeline.rd_align_init, "distill_c_losses": list(pipeline.distill_c_losses),
+        "customer_seed": customer_seed, "training_images": compute,
     }
     return PipelineResult(rows, verdict, delta, delta_info, recorder.stages, classes,
                           {"folder": str(maker.folder), "key": maker.key, "reused": maker.reused}, settings)
+
+
+def _mean_ap(per_class: dict[str, float], names: Sequence[str]) -> float | None:
+    values = [per_class[n] for n in names if _finite(per_class.get(n))]
+    return sum(values) / len(values) if values else None
 
 
 def evaluate_rows(models: dict[str, nn.Module], test: Sequence[ImageRecord], classes: ClassSets, datasets: DataSets,
                   pipeline: PipelineConfig, recorder: StageRecorder, say: Callable[[str], None],
                   manufacturer_rows: bool = True) -> list[dict]:
     """Every row of the table (ROWS order), with knowledge measures against its reference row.
-    ``manufacturer_rows=False`` leaves out the rows of Distill A/B on the manufacturer's classes."""
+
+    Each model is evaluated twice: on the customer's test images ``test`` (mAP, P, R, F1 over
+    the customer's classes; per-class AP of the union; ``private_ap`` and ``dropped_ap``: mean AP
+    of the private and of the dropped classes, None when there are none) and on the
+    manufacturer's test images of the presumed classes (public pool): ``presumed_map``, the same
+    image set for every row, so that rows compare on the classes they were all trained for. The
+    teacher's row also has ``own``: its classes on the manufacturer's test images.
+    ``manufacturer_rows=False`` leaves out the teacher's row."""
     settings = dict(batch_size=pipeline.eval_batch_size, score_threshold=pipeline.score_threshold)
-    aliases = {"tutor_distill_a": "tutor_original", "edge_distill_b": "edge_original"}  # the same models
-    if not manufacturer_rows:
-        aliases = {key: "-" for key in aliases}
+    maker_test = datasets.records(datasets.data.test_set, classes.presumed, pipeline.max_eval_images, pool="public")
     measured: dict[str, dict] = {}
-    with recorder.measure("evaluate", test_images=len(test)):
-        for key, _, _, _, _ in ROWS:
-            model_key = aliases.get(key, key)
-            if model_key in models and model_key not in measured:
-                start = time.perf_counter()
-                measured[model_key] = evaluate_row(models[model_key], test, classes.customer, classes.union, **settings)
-                measured[model_key]["eval_seconds"] = round(time.perf_counter() - start, 2)
-        own_sets = {"teacher": classes.teacher, "presumed": classes.presumed}
-        own: dict[str, dict] = {}
+    with recorder.measure("evaluate", test_images=len(test), manufacturer_test_images=len(maker_test)):
         for key, _, _, _, whose in ROWS:
-            if whose is not None and aliases.get(key, key) in models:
-                names = own_sets[whose]
-                records = datasets.records(datasets.data.test_set, names, pipeline.max_eval_images)
-                result = evaluate_row(models[aliases.get(key, key)], records, names, names, **settings)
-                own[key] = {"classes": whose, "test_images": len(records),
-                            **{k: result[k] for k in ("mAP", "precision", "recall", "f1", "coco_AP", "per_class")}}
+            if key not in models or (key == "teacher" and not manufacturer_rows):
+                continue
+            start = time.perf_counter()
+            row = evaluate_row(models[key], test, classes.customer, classes.union, **settings)
+            row["presumed_map"] = evaluate_row(models[key], maker_test, classes.presumed, classes.presumed, **settings)["mAP"]
+            row["private_ap"] = _mean_ap(row["per_class"], classes.private)
+            row["dropped_ap"] = _mean_ap(row["per_class"], classes.dropped)
+            row["presumed_test_images"] = len(maker_test)
+            if whose is not None:
+                names = {"teacher": classes.teacher, "presumed": classes.presumed}[whose]
+                records = datasets.records(datasets.data.test_set, names, pipeline.max_eval_images, pool="public")
+                result = evaluate_row(models[key], records, names, names, **settings)
+                row["own"] = {"classes": whose, "test_images": len(records),
+                              **{k: result[k] for k in ("mAP", "precision", "recall", "f1", "coco_AP", "per_class")}}
+            row["eval_seconds"] = round(time.perf_counter() - start, 2)
+            measured[key] = row
     rows = []
     for key, label, role, reference, _ in ROWS:
-        model_key = aliases.get(key, key)
-        if model_key not in measured:
+        if key not in measured:
             continue
-        row = {"key": key, "label": label, "role": role, "reference": reference, **copy.deepcopy(measured[model_key])}
+        row = {"key": key, "label": label, "role": role, "reference": reference, **measured[key]}
         if reference is not None and reference in measured:
             row.update(compute_knowledge(row["per_class"], measured[reference]["per_class"], classes))
         else:
             row.update({"gain": math.nan, "forgetting": math.nan, "dropped_forgetting": math.nan, "change": {}})
-        if key in own:
-            row["own"] = own[key]
         rows.append(row)
-        say(f"{label:48} mAP {row['mAP']:.3f}  P {row['precision']:.3f}  R {row['recall']:.3f}  F1 {row['f1']:.3f}")
+        presumed_map = row["presumed_map"]
+        say(f"{label:52} presumed mAP {presumed_map:.3f} | customer mAP {row['mAP']:.3f}  P {row['precision']:.3f}  "
+            f"R {row['recall']:.3f}  F1 {row['f1']:.3f}" + (f"  private AP {row['private_ap']:.3f}" if row["private_ap"] is not None else ""))
     return rows
 
 

@@ -27,7 +27,7 @@ from diredi_sim.data import VOC_CLASSES
 from diredi_sim.data.voc import DetectionDataset, ImageRecord, collate_detection
 from diredi_sim.evaluate import collect_detections, evaluate_detections
 from diredi_sim.losses import FGDConfig, FGDLoss, compute_score_distillation
-from diredi_sim.models import extract_features
+from diredi_sim.models import backbone_precision, extract_features
 from diredi_sim.runs import Run, save_checkpoint
 
 LossFn = Callable[[list[Tensor], list[dict[str, Tensor]]], dict[str, Tensor]]
@@ -66,7 +66,8 @@ class Distiller(nn.Module):
 
     Losses: ``task.*`` (the student's FCOS losses, times ``task_weight``), ``distill.fg/bg/mask/
     global`` (FGD on the neck features, times ``feature_weight``) and, when
-    ``score_weight > 0``, ``distill.score`` (class-score distillation at ``temperature``).
+    ``score_weight > 0``, ``distill.score`` (class-score distillation at ``temperature``, summed
+    over locations and divided by the student's positive locations, as FCOS's own losses).
     The teacher is frozen here and runs under ``no_grad``. Used for Distill A/B/C (teacher ->
     student) and for reverse distillation (edge as the teacher, a tutor copy as the student:
     ``feature_weight = alpha``, ``task_weight = beta``).
@@ -88,6 +89,33 @@ class Distiller(nn.Module):
             freeze_backbone(self.student)
         return self
 
+    @torch.no_grad()
+    def fit_align(self, images: list[Tensor]) -> dict[int, float]:
+        """Initialise FGD's 1x1 align convs (student -> teacher channels) by least squares on one
+        batch: ``W, b = argmin ||W s + b - t||^2`` over every location of each level, so that
+        L_RD starts from the best linear map between the two models' features, not from a
+        random projection. Both models run in eval mode (no BatchNorm statistics move).
+        Returns each level's relative residual ``||W s + b - t|| / ||t||``."""
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            teacher = extract_features(self.teacher, images).features
+            student = extract_features(self.student, images).features
+        finally:
+            self.train(was_training)
+        residuals = {}
+        for index, (level, s, t) in enumerate(zip(self.fgd.levels, student, teacher)):
+            if level.align is None:
+                continue
+            x = s.permute(0, 2, 3, 1).reshape(-1, s.shape[1])
+            y = t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+            x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+            solution = torch.linalg.lstsq(x.double(), y.double()).solution.float()  # (C_s + 1, C_t)
+            level.align.weight.copy_(solution[:-1].T[:, :, None, None])
+            level.align.bias.copy_(solution[-1])
+            residuals[index] = float((x @ solution - y).norm() / y.norm().clamp_min(1e-12))
+        return residuals
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in list(self.student.parameters()) + list(self.fgd.parameters()) if p.requires_grad]
 
@@ -104,7 +132,8 @@ class Distiller(nn.Module):
         losses.update({f"distill.{k}": self.feature_weight * v for k, v in fgd_terms.items()})
         if self.score_weight > 0:
             losses["distill.score"] = self.score_weight * compute_score_distillation(
-                student_out.head["cls_logits"], teacher_out.head["cls_logits"], self.temperature)
+                student_out.head["cls_logits"], teacher_out.head["cls_logits"], self.temperature,
+                num_foreground=student_out.num_foreground)
         return losses
 
 
@@ -181,17 +210,22 @@ def train_one_epoch(
     grad_clip: float = 0.0,
     desc: str = "train",
     progress: bool = True,
+    max_steps: int | None = None,
 ) -> EpochStats:
-    """One pass over ``loader``. ``modules`` are set to train mode (frozen teachers stay as the
-    caller left them); gradients are clipped over the optimizer's parameters."""
+    """One pass over ``loader`` (its first ``max_steps`` batches, when given). ``modules`` are set
+    to train mode (frozen teachers stay as the caller left them); gradients are clipped over the
+    optimizer's parameters."""
     for module in [modules] if isinstance(modules, nn.Module) else modules:
         module.train()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     sums: dict[str, float] = defaultdict(float)
-    bar = Progress(len(loader), f"{desc} epoch {epoch}", enabled=progress)
+    num_steps = len(loader) if max_steps is None else min(max_steps, len(loader))
+    bar = Progress(num_steps, f"{desc} epoch {epoch}", enabled=progress)
     start = time.perf_counter()
     images_seen = 0
     for step, (images, targets) in enumerate(loader, 1):
+        if step > num_steps:
+            break
         losses = compute_losses(images, targets)
         total = sum(losses.values())
         if not torch.isfinite(total):
@@ -209,7 +243,7 @@ def train_one_epoch(
             sums[k] += v
         images_seen += len(images)
         bar.update(step, len(images), values)
-    steps = max(len(loader), 1)
+    steps = max(num_steps, 1)
     return EpochStats({k: v / steps for k, v in sums.items()}, images_seen, time.perf_counter() - start)
 
 
@@ -266,6 +300,49 @@ def build_loader(
     )
 
 
+class MixedLoader:
+    """Batches of ``primary`` in its own seeded order, each extended by ``extra_per_batch``
+    images of ``extra`` (cycled in their own seeded order, reshuffled each pass).
+
+    Reverse distillation trains Tutor1 on the presumed images and Tutor2 on the same presumed
+    batches, in the same order with the same flips, plus the customer's images: the two
+    students take the same number of steps with the same schedule and differ by the customer's
+    data only. ``extra_per_batch = 0`` yields ``primary``'s batches unchanged."""
+
+    def __init__(self, primary: DataLoader, extra: Sequence[ImageRecord] = (), *, extra_per_batch: int = 0, seed: int = 0,
+                 hflip_prob: float = 0.0):
+        self.primary = primary
+        self.dataset = primary.dataset
+        self.extra_per_batch = extra_per_batch if len(extra) else 0
+        self._extra = DetectionDataset(list(extra), include_difficult=False, hflip_prob=hflip_prob, seed=seed + 1) if self.extra_per_batch else None
+        self._generator = torch.Generator().manual_seed(seed + 1)
+        self._order: list[int] = []
+        self._passes = 0
+        self.images = 0  # images handed out so far, both parts counted
+
+    def __len__(self) -> int:
+        return len(self.primary)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.primary.dataset.set_epoch(epoch)
+
+    def _next_extra(self) -> tuple[Tensor, dict]:
+        if not self._order:
+            self._passes += 1
+            self._extra.set_epoch(self._passes)
+            self._order = torch.randperm(len(self._extra), generator=self._generator).tolist()
+        return self._extra[self._order.pop()]
+
+    def __iter__(self):
+        for images, targets in self.primary:
+            if self.extra_per_batch:
+                extra = [self._next_extra() for _ in range(self.extra_per_batch)]
+                images = list(images) + [image for image, _ in extra]
+                targets = list(targets) + [target for _, target in extra]
+            self.images += len(images)
+            yield images, targets
+
+
 def summarize_eval(result: dict) -> dict[str, float]:
     """The headline numbers of an evaluation, for one metrics row."""
     return {
@@ -292,8 +369,15 @@ def fit(
     name: str = "model",
     config=None,
     progress: bool = True,
+    loader: DataLoader | MixedLoader | None = None,
+    total_steps: int | None = None,
 ) -> dict:
     """Train with ``compute_losses`` and evaluate ``detector``; returns the last evaluation.
+
+    ``loader`` replaces the loader built from ``train_records`` (reverse distillation's
+    :class:`MixedLoader`); ``total_steps`` trains for exactly that many optimizer steps instead
+    of ``cfg.epochs`` epochs (the last epoch cut short), for baselines at a given compute. The
+    result carries ``train_images`` and ``train_steps``: the images and steps actually trained.
 
     ``modules`` are put in train mode each epoch (default: the detector; a Distiller keeps its
     teacher frozen); ``parameters`` are optimised (default: the detector's trainable ones).
@@ -301,18 +385,35 @@ def fit(
     evaluated) to ``run``'s metrics.jsonl; the final weights go to ``checkpoints/<name>.pt``
     with ``config`` embedded.
     """
-    loader = build_loader(train_records, batch_size=cfg.batch_size, train=True, seed=seed, hflip_prob=cfg.hflip_prob, num_workers=cfg.num_workers)
+    if loader is None:
+        loader = build_loader(train_records, batch_size=cfg.batch_size, train=True, seed=seed, hflip_prob=cfg.hflip_prob,
+                              num_workers=cfg.num_workers)
+    steps_per_epoch = max(len(loader), 1)
+    total = total_steps if total_steps is not None else cfg.epochs * steps_per_epoch
+    epochs = max(math.ceil(total / steps_per_epoch), 1)
     optimizer = build_optimizer(parameters if parameters is not None else detector.parameters(), cfg)
-    scheduler = build_scheduler(optimizer, cfg, cfg.epochs * len(loader))
+    scheduler = build_scheduler(optimizer, cfg, total)
     result: dict = {}
-    for epoch in range(1, cfg.epochs + 1):
-        if hasattr(loader.dataset, "set_epoch"):
+    done, images = 0, 0
+    for epoch in range(1, epochs + 1):
+        if isinstance(loader, MixedLoader):
+            loader.set_epoch(epoch)
+        elif hasattr(loader.dataset, "set_epoch"):
             loader.dataset.set_epoch(epoch)
-        stats = train_one_epoch(modules if modules is not None else detector, compute_losses, optimizer, loader, epoch=epoch,
-                                scheduler=scheduler, grad_clip=cfg.grad_clip, desc=name, progress=progress)
+        with backbone_precision(cfg.precision):
+            stats = train_one_epoch(modules if modules is not None else detector, compute_losses, optimizer, loader, epoch=epoch,
+                                    scheduler=scheduler, grad_clip=cfg.grad_clip, desc=name, progress=progress,
+                                    max_steps=total - done)
+        done += min(total - done, steps_per_epoch)
+        images += stats.images
+        # Every term, and their sums by kind, as weighted in the loss: task (the student's FCOS
+        # losses: beta * L_task in reverse distillation) and distill (alpha * L_RD; the KD terms of
+        # Distill A/B/C).
+        kinds = {kind: sum(v for k, v in stats.losses.items() if k.startswith(kind + ".")) for kind in ("task", "distill")}
         row = {"stage": name, "epoch": epoch, "images_per_s": round(stats.images_per_second, 2), "seconds": round(stats.seconds, 2),
-               "lr": scheduler.get_last_lr()[0], **{f"loss.{k}": v for k, v in stats.losses.items()}}
-        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+               "lr": scheduler.get_last_lr()[0], **{f"loss.{k}": v for k, v in stats.losses.items()},
+               **{f"loss_sum.{k}": v for k, v in kinds.items() if any(t.startswith(k + ".") for t in stats.losses)}}
+        if epoch % cfg.eval_every == 0 or epoch == epochs:
             result = evaluate_detector(detector, val_records, class_indices, batch_size=cfg.batch_size * 2,
                                        score_threshold=cfg.score_threshold, num_workers=cfg.num_workers)
             row.update({f"val.{k}": v for k, v in summarize_eval(result).items()})
@@ -322,8 +423,8 @@ def fit(
         if run is not None:
             run.log(row)
     if run is not None:
-        save_checkpoint(run.checkpoint_path(name), detector, config=config, epoch=cfg.epochs)
-    return result
+        save_checkpoint(run.checkpoint_path(name), detector, config=config, epoch=epochs)
+    return {**result, "train_images": images, "train_steps": done}
 
 
 def train_detector(detector: nn.Module, train_records, val_records, cfg: TrainConfig, **kwargs) -> dict:
@@ -344,15 +445,31 @@ def distill(teacher: nn.Module, student: nn.Module, train_records, val_records, 
 
 def reverse_distill(edge: nn.Module, tutor_copy: nn.Module, train_records, val_records, cfg: TrainConfig, *,
                     alpha: float = 1.0, beta: float = 1.0, freeze_backbone: bool = True, fgd: FGDConfig = FGDConfig(),
-                    **kwargs) -> dict:
+                    score_weight: float = 0.0, temperature: float = 1.5, align_init: str = "lstsq",
+                    extra_records: Sequence[ImageRecord] = (), extra_per_batch: int = 0, seed: int = 0, **kwargs) -> dict:
     """Reverse distillation: the edge model is the frozen teacher, a copy of the tutor the
-    student; loss ``alpha * L_RD + beta * L_task`` with L_RD the FGD loss on neck features.
+    student; loss ``alpha * L_RD + beta * L_task`` with L_RD the FGD loss on neck features
+    (plus, when ``score_weight > 0``, class-score distillation from the edge: an ablation).
     With ``freeze_backbone`` (the default) only the tutor's neck and head move, so the delta
-    that travels matches the manufacturer's backbone exactly."""
-    distiller = Distiller(edge, tutor_copy, feature_weight=alpha, task_weight=beta, fgd=fgd,
-                          freeze_student_backbone=freeze_backbone)
+    that travels matches the manufacturer's backbone exactly.
+
+    Batches are ``train_records``' in a seeded order, each extended by ``extra_per_batch`` of
+    ``extra_records`` (:class:`MixedLoader`): Tutor1 gets none, Tutor2 the customer's images.
+    ``align_init="lstsq"`` fits FGD's align convs on the first batch of ``train_records`` (the
+    same batch for Tutor1 and Tutor2); ``"random"`` keeps their random initialisation."""
+    if align_init not in ("lstsq", "random"):
+        raise ValueError(f"align_init {align_init!r}: must be 'lstsq' or 'random'")
+    distiller = Distiller(edge, tutor_copy, feature_weight=alpha, task_weight=beta, score_weight=score_weight,
+                          temperature=temperature, fgd=fgd, freeze_student_backbone=freeze_backbone)
+    primary = build_loader(train_records, batch_size=cfg.batch_size, train=True, seed=seed, hflip_prob=cfg.hflip_prob,
+                           num_workers=cfg.num_workers)
+    loader = MixedLoader(primary, extra_records, extra_per_batch=extra_per_batch, seed=seed, hflip_prob=cfg.hflip_prob)
+    if align_init == "lstsq":
+        first = build_loader(list(train_records)[:cfg.batch_size], batch_size=cfg.batch_size, train=False)
+        images, _ = next(iter(first))
+        distiller.fit_align(images)
     return fit(tutor_copy, distiller, train_records, val_records, cfg, modules=distiller,
-               parameters=distiller.trainable_parameters(), **kwargs)
+               parameters=distiller.trainable_parameters(), loader=loader, seed=seed, **kwargs)
 
 
 def compute_proximal_losses(detector: nn.Module, reference: dict[str, Tensor], mu: float) -> LossFn:

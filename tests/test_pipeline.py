@@ -23,32 +23,37 @@ from diredi_sim.runs import Run, load_checkpoint
 from diredi_sim.verify import VerifyConfig
 from experiments.paper import find_paper_config, load_paper_config, run_paper, write_paper_outputs
 
-# 24 train / 8 val / 16 test images; with this seed every class of exp2 | presumed (aeroplane,
-# bus, dog, horse, motorbike, person) has ground truth in the test images.
-TINY = SyntheticConfig(seed=3, num_train=24, num_val=8, num_test=16, min_objects=3, max_objects=5, min_object_size=24, clutter=2.0)
+# 48 train / 16 val / 32 test images, half of each the manufacturer's (public pool); with this
+# seed every class of exp2 | presumed (aeroplane, bus, dog, horse, motorbike, person) has ground
+# truth in the customer's test images.
+TINY = SyntheticConfig(seed=3, num_train=48, num_val=16, num_test=32, min_objects=3, max_objects=5, min_object_size=24, clutter=2.0)
 STAGE = TrainConfig(epochs=1, batch_size=8, lr=0.01, warmup_steps=1)
-EXPECTED_KEYS = ["teacher", "tutor_distill_a", "edge_distill_b", "tutor1", "tutor2", "tutor_original", "tutor_updated",
-                 "edge_original", "edge_direct", "edge_distill_c_public", "edge_distill_c_public_private"]
+EXPECTED_KEYS = ["teacher", "tutor_original", "edge_original", "tutor1", "tutor2", "tutor_updated", "edge_direct", "edge_local",
+                 "edge_distill_c_public", "edge_distill_c_public_private"]
 
 
 def tiny_pipeline(tmp_path, **changes) -> PipelineConfig:
     settings = dict(customer="exp2", teacher=STAGE, distill_a=STAGE, distill_b=STAGE, rd=STAGE, distill_c=STAGE, direct=STAGE,
-                    cache_dir=str(tmp_path / "manufacturer-cache"), eval_batch_size=16, verify=VerifyConfig(max_ap_drop=0.05))
+                    local=STAGE, rd_customer_per_batch=4, cache_dir=str(tmp_path / "manufacturer-cache"), eval_batch_size=16, verify=VerifyConfig(max_ap_drop=0.05))
     return PipelineConfig(**{**settings, **changes})
 
 
 class CallCounter:
-    """Wraps the real training functions the pipeline calls and records each call's name."""
+    """Wraps the real training functions the pipeline calls and records each call's name and,
+    for the distillations, the role of the model that teaches."""
 
     def __init__(self, monkeypatch):
         self.names: list[str] = []
-        for attr in ("train_detector", "distill", "reverse_distill"):
+        self.teachers: dict[str, str] = {}
+        for attr in ("train_detector", "distill", "reverse_distill", "finetune"):
             real = getattr(pipeline_module, attr)
-            monkeypatch.setattr(pipeline_module, attr, self._wrap(real))
+            monkeypatch.setattr(pipeline_module, attr, self._wrap(real, attr in ("distill", "reverse_distill")))
 
-    def _wrap(self, real):
+    def _wrap(self, real, teaches: bool):
         def wrapped(*args, **kwargs):
             self.names.append(kwargs.get("name"))
+            if teaches:
+                self.teachers[kwargs.get("name")] = args[0].role
             return real(*args, **kwargs)
 
         return wrapped
@@ -73,7 +78,7 @@ def first(tmp_path_factory, one_thread):
         calls = CallCounter(monkeypatch)
         result = run_pipeline(cfg, data, preset="cpu", seed=0, run=run, progress=False)
     write_paper_outputs(run, result, "exp2")
-    return SimpleNamespace(tmp=tmp, data=data, cfg=cfg, run=run, result=result, calls=calls.names,
+    return SimpleNamespace(tmp=tmp, data=data, cfg=cfg, run=run, result=result, calls=calls.names, teachers=calls.teachers,
                            table=json.loads((run.folder / "table.json").read_text()))
 
 
@@ -106,13 +111,39 @@ def test_table_has_every_row_with_finite_numbers(first):
         else:
             for measure in ("gain", "forgetting", "dropped_forgetting"):
                 assert _finite(row[measure]), (row["key"], measure)
+        # rows on their own classes: presumed mAP on the manufacturer's test images, private and dropped AP apart
+        assert _finite(row["presumed_map"]) and row["presumed_test_images"] > 0
+        assert row["private_ap"] == pytest.approx(row["per_class"]["dog"])
+        assert row["dropped_ap"] == pytest.approx(row["per_class"]["horse"])
     own = {row["key"]: row["own"] for row in result.rows if "own" in row}
-    assert set(own) == {"teacher", "tutor_distill_a", "edge_distill_b"}
+    assert set(own) == {"teacher"}
     assert own["teacher"]["classes"] == "teacher" and set(own["teacher"]["per_class"]) == set(classes.teacher)
     assert all(_finite(o["mAP"]) and o["test_images"] > 0 for o in own.values())
-    # the same models under two names: identical numbers
-    assert result.row("tutor_distill_a")["per_class"] == result.row("tutor_original")["per_class"]
-    assert result.row("edge_distill_b")["per_class"] == result.row("edge_original")["per_class"]
+
+
+def test_distill_b_is_taught_by_the_tutor_and_reverse_distillation_by_the_edge(first):
+    assert first.teachers["tutor_distill_a"] == "teacher"
+    assert first.teachers["edge_distill_b"] == "tutor"  # paper section III-A: the tutor is the edge's teacher
+    assert first.teachers["tutor1_rd_b"] == first.teachers["tutor2_rd_a"] == "edge"
+    assert first.teachers["edge_distill_c_public"] == "tutor"
+
+
+def test_tutor1_and_tutor2_take_the_same_steps_and_reverse_distillation_logs_both_terms(first):
+    stages = {s["stage"]: s for s in first.result.stages}
+    rd_b, rd_a = stages["rd_b"], stages["rd_a"]
+    assert rd_b["presumed_images"] == rd_a["presumed_images"] > 0 and rd_a["own_images"] > 0
+    assert rd_b["train_steps"] == rd_a["train_steps"] > 0
+    assert rd_a["train_images"] == rd_b["train_images"] + rd_a["train_steps"] * first.cfg.rd_customer_per_batch
+    rows = [json.loads(line) for line in (first.run.folder / "metrics.jsonl").read_text().splitlines()]
+    for stage in ("tutor1_rd_b", "tutor2_rd_a"):
+        row = next(r for r in rows if r.get("stage") == stage and "epoch" in r)
+        assert row["loss_sum.task"] > 0 and row["loss_sum.distill"] > 0, row
+        assert row["loss_sum.task"] == pytest.approx(sum(v for k, v in row.items() if k.startswith("loss.task.")))
+    # the baselines trained on as many images as the DiReDi customer
+    compute = first.result.settings["training_images"]
+    assert compute["diredi"] == rd_b["train_images"] + rd_a["train_images"] + stages["distill_c_public+private"]["train_images"]
+    for key in ("edge_direct", "edge_local"):
+        assert compute["diredi"] <= compute["baselines"][key] < compute["diredi"] + STAGE.batch_size
 
 
 def test_knowledge_measures_follow_from_the_tables_own_per_class_ap(first):
@@ -192,7 +223,7 @@ def test_outputs_table_markdown_and_stages(first):
     stages = json.loads((folder / "stages.json").read_text())
     names = [s["stage"] for s in stages["stages"]]
     for name in ("data", "teacher", "distill_a", "distill_b", "rd_b", "rd_a", "delta", "verify", "distill_c_public",
-                 "distill_c_public+private", "direct", "evaluate"):
+                 "distill_c_public+private", "direct", "local", "evaluate"):
         assert name in names
     for stage in stages["stages"]:
         assert stage["seconds"] >= 0 and stage["peak_rss_mb"] > 0 and stage["peak_rss_growth_mb"] >= 0
@@ -200,7 +231,7 @@ def test_outputs_table_markdown_and_stages(first):
     assert not any(s.get("cached") for s in stages["stages"] if s["stage"] in ("teacher", "distill_a", "distill_b"))
     # every training stage ran once, with the seeds' names; checkpoints in the run folder
     assert sorted(first.calls) == sorted(["teacher", "tutor_distill_a", "edge_distill_b", "tutor1_rd_b", "tutor2_rd_a",
-                                          "edge_distill_c_public", "edge_distill_c_public_private", "edge_direct"])
+                                          "edge_distill_c_public", "edge_distill_c_public_private", "edge_direct", "edge_local"])
     assert (folder / "checkpoints" / "tutor2_rd_a.pt").is_file()
 
 
@@ -225,7 +256,7 @@ def test_second_run_reuses_the_manufacturer_and_a_rejected_update_keeps_the_tuto
     rejecting = replace(first.cfg, verify=VerifyConfig(max_delta_norm=1e-9))  # verification is not part of the cache key
     run = run_paper(config, "exp2", rejecting, progress=False)
     assert sorted(calls.names) == sorted(["tutor1_rd_b", "tutor2_rd_a", "edge_distill_c_public", "edge_distill_c_public_private",
-                                          "edge_direct"])  # no teacher, no Distill A / B
+                                          "edge_direct", "edge_local"])  # no teacher, no Distill A / B
     for role, trained_name in (("teacher", "teacher"), ("tutor", "tutor_distill_a"), ("edge", "edge_distill_b")):
         trained = load_checkpoint(first.run.checkpoint_path(trained_name))["state_dict"]
         for k, v in loaded[role].state_dict().items():
@@ -239,12 +270,12 @@ def test_second_run_reuses_the_manufacturer_and_a_rejected_update_keeps_the_tuto
     # same manufacturer, same seeds: the manufacturer rows come out the same
     assert table["rows"][0]["per_class"] == first.table["rows"][0]["per_class"]
     printed = capsys.readouterr().out
-    assert "| original edge |" in printed and "Verification: **rejected**" in printed  # the table is printed
+    assert "| edge after Distill B (original edge) |" in printed and "Verification: **rejected**" in printed  # the table is printed
     verdict = json.loads((run.folder / "verdict.json").read_text())
     assert verdict["accepted"] is False and verdict["deployed"] == "original tutor"
     assert "exceeds the bound" in verdict["reasons"][0]
     rows = {row["key"]: row for row in table["rows"]}
-    assert list(rows) == EXPECTED_KEYS[:7] + ["tutor_rejected_candidate"] + EXPECTED_KEYS[7:]
+    assert list(rows) == EXPECTED_KEYS[:6] + ["tutor_rejected_candidate"] + EXPECTED_KEYS[6:]
     assert rows["tutor_updated"]["per_class"] == rows["tutor_original"]["per_class"]
     assert table["verdict"] == {"accepted": False, "reasons": verdict["reasons"]}
 

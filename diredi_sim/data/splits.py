@@ -15,7 +15,7 @@ from typing import Sequence
 from diredi_sim.data import VOC_CLASSES
 from diredi_sim.data.voc import ImageRecord
 
-__all__ = ["SPLIT_PRESETS", "describe_split", "filter_split", "resolve_split"]
+__all__ = ["SPLIT_PRESETS", "describe_split", "filter_split", "keep_classes", "resolve_split"]
 
 _TEACHER = ("aeroplane", "bird", "bus", "car", "cow", "horse", "motorbike", "person", "sheep", "tvmonitor")
 _PRESUMED = ("aeroplane", "bus", "horse", "motorbike", "person")
@@ -87,6 +87,19 @@ def filter_split(records: list[ImageRecord], classes: Sequence[str]) -> list[Ima
                 difficult=record.difficult[mask],
             )
         )
+    return kept
+
+
+def keep_classes(records: list[ImageRecord], classes: Sequence[str]) -> list[ImageRecord]:
+    """Every image kept, in order, with only the boxes of ``classes`` (the others stay in the
+    pixels, unlabelled: background). Unlike :func:`filter_split`, an image left without boxes is
+    kept, so that two such lists hold the same images in the same order."""
+    wanted = {VOC_CLASSES.index(name) for name in resolve_split(classes)}
+    kept: list[ImageRecord] = []
+    for record in records:
+        mask = [int(label) in wanted for label in record.labels]
+        kept.append(record if all(mask) else dataclasses.replace(
+            record, boxes=record.boxes[mask], labels=record.labels[mask], difficult=record.difficult[mask]))
     return kept
 
 

@@ -92,9 +92,9 @@ class SyntheticConfig:
 
     seed: int = 0
     image_size: int = 128
-    num_train: int = 2000
-    num_val: int = 500
-    num_test: int = 500
+    num_train: int = 5000  # half of each set is the manufacturer's public pool (data.public_fraction)
+    num_val: int = 1000
+    num_test: int = 1000
     min_objects: int = 1
     max_objects: int = 4             # 4 and 18 px below: measured to let the cpu edge model learn in minutes
     min_object_size: int = 18        # px, longest side of an object's box, smallest draw
