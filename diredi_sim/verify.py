@@ -95,11 +95,9 @@ def verify_update(
     ``result["voc"]["mAP"]``, precision/recall/F1 at the threshold from
     ``result["prf"]["per_class"][name]`` (with its ``"tp"``, ``"fp"``, ``"fn"`` counts) and the
     threshold itself from ``result["prf"]["score_threshold"]``. ``before`` is that result for the
-    tutor as it is, when already known. The old shape ``{"per_class": {name: AP}, "mAP": float}``
-    (only the ``"voc"`` part) is still accepted, but then only the AP checks run: the
-    operating-point checks are skipped and the verdict's precision/recall/F1 fields stay empty.
-    A full result whose ``"prf"`` lacks the ``"per_class"`` breakdown, or a ``before`` and
-    ``after`` at different score thresholds, is a ValueError.
+    tutor as it is, when already known. A result without ``"voc"``, or whose ``"prf"`` lacks the
+    ``"per_class"`` breakdown, or a ``before`` and ``after`` at different score thresholds, is a
+    ValueError: no caller can skip the operating-point checks by passing AP alone.
 
     The critical classes are ``cfg.critical_classes`` or, when that is empty, every class with
     an AP (non-NaN) before the update. For each:
@@ -141,27 +139,26 @@ def verify_update(
             reasons.append(f"critical class {name} lost {ap_before - (ap_after or 0):.3f} AP ({ap_before:.3f} -> {ap_after or 0:.3f}), "
                            f"more than {cfg.max_ap_drop:.3f}")
     threshold = math.nan
-    if prf_before is not None and prf_after is not None:
-        threshold = float(prf_before.get("score_threshold", math.nan))
-        if threshold != float(prf_after.get("score_threshold", threshold)):
-            raise ValueError(f"before and after were evaluated at different score thresholds "
-                             f"({threshold:g}, {prf_after['score_threshold']:g})")
-        at = f"at score {threshold:g}" if math.isfinite(threshold) else "at the score threshold"
-        for name in critical:
-            counts = prf_before["per_class"].get(name)
-            if counts is None or counts["tp"] + counts["fn"] == 0 or counts["tp"] + counts["fp"] == 0:
-                continue  # no ground truth or no detection before: undefined, nothing to fall from
-            now = prf_after["per_class"].get(name) or {}
-            for label, stem, bound_key in _OPERATING_POINT_CHECKS:
-                value_before, value_after, bound = counts[stem], now.get(stem, 0.0), getattr(cfg, bound_key)
-                if value_before - value_after > bound:
-                    reasons.append(f"critical class {name}: {label} {at} fell {value_before - value_after:.3f} "
-                                   f"({value_before:.3f} -> {value_after:.3f}), more than {bound:.3f}")
+    threshold = float(prf_before.get("score_threshold", math.nan))
+    if threshold != float(prf_after.get("score_threshold", threshold)):
+        raise ValueError(f"before and after were evaluated at different score thresholds "
+                         f"({threshold:g}, {prf_after['score_threshold']:g})")
+    at = f"at score {threshold:g}" if math.isfinite(threshold) else "at the score threshold"
+    for name in critical:
+        counts = prf_before["per_class"].get(name)
+        if counts is None or counts["tp"] + counts["fn"] == 0 or counts["tp"] + counts["fp"] == 0:
+            continue  # no ground truth or no detection before: undefined, nothing to fall from
+        now = prf_after["per_class"].get(name) or {}
+        for label, stem, bound_key in _OPERATING_POINT_CHECKS:
+            value_before, value_after, bound = counts[stem], now.get(stem, 0.0), getattr(cfg, bound_key)
+            if value_before - value_after > bound:
+                reasons.append(f"critical class {name}: {label} {at} fell {value_before - value_after:.3f} "
+                               f"({value_before:.3f} -> {value_after:.3f}), more than {bound:.3f}")
     if not all(torch.isfinite(v).all() for v in updated_state.values() if v.is_floating_point()):
         reasons.append("updated weights are not all finite")
 
-    def figures(prf: dict | None, stem: str) -> dict[str, float]:
-        return {name: entry[stem] for name, entry in prf["per_class"].items()} if prf is not None else {}
+    def figures(prf: dict, stem: str) -> dict[str, float]:
+        return {name: entry[stem] for name, entry in prf["per_class"].items()}
 
     verdict = Verdict(not reasons, reasons, norm, dict(voc_before["per_class"]), dict(voc_after["per_class"]),
                       voc_before["mAP"], voc_after["mAP"], threshold,
@@ -172,14 +169,14 @@ def verify_update(
 
 
 def _voc_part(result: Mapping) -> Mapping:
-    """The VOC AP part of an evaluation: ``result["voc"]``, or the result itself in the old shape."""
-    return result["voc"] if "voc" in result else result
-
-
-def _prf_part(result: Mapping) -> Mapping | None:
-    """The P/R/F1 part with its per-class breakdown; None in the old shape (no "voc" key)."""
+    """The VOC AP part of an evaluation (``result["voc"]``)."""
     if "voc" not in result:
-        return None
+        raise ValueError('evaluate(model) must return the full evaluate_detections result, with "voc" and "prf"')
+    return result["voc"]
+
+
+def _prf_part(result: Mapping) -> Mapping:
+    """The P/R/F1 part with its per-class breakdown."""
     prf = result.get("prf")
     if prf is None or "per_class" not in prf:
         raise ValueError('evaluate(model) must return the full evaluate_detections result, with '

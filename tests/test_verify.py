@@ -104,11 +104,12 @@ def test_a_false_positive_flood_keeps_ap_but_is_rejected_at_the_operating_point(
           f"{max(drops.values()):.3f}; reasons:\n  " + "\n  ".join(verdict.reasons))
 
 
-def test_the_old_result_shape_runs_the_ap_checks_only(setting):
+def test_a_result_without_the_operating_point_is_refused(setting):
+    """AP alone cannot pass the gate: the P/R/F1 checks are not optional."""
     edge, evaluate, before = setting
     delta = bias_delta(edge, 0.5)
-    verdict, _ = verify_update(edge, delta, lambda m: evaluate(m)["voc"], VerifyConfig(max_ap_drop=1.0), before=before["voc"])
-    assert verdict.accepted and verdict.precision_before == {} and math.isnan(verdict.score_threshold)
+    with pytest.raises(ValueError, match='"voc" and "prf"'):
+        verify_update(edge, delta, lambda m: evaluate(m)["voc"], VerifyConfig(max_ap_drop=1.0), before=before["voc"])
     with pytest.raises(ValueError, match="per_class"):
         stripped = {**before, "prf": {k: v for k, v in before["prf"].items() if k != "per_class"}}
         verify_update(edge, delta, evaluate, before=stripped)
