@@ -395,14 +395,14 @@ def manufacturer_work(config: FederationConfig, customer: Customer, tutor_state:
 
 
 def baseline_customer_work(config: FederationConfig, customer: Customer, num_customers: int, edge_state: dict[str, Tensor],
-                           *, proximal_mu: float = 0.0, epochs: int | None = None, datasets: DataSets | None = None) -> dict:
-    """A FedAvg / FedProx customer's step (and local fine-tuning): fine-tune the edge model on
+                           *, proximal_mu: float = 0.0, datasets: DataSets | None = None) -> dict:
+    """A FedAvg / FedProx customer's step: fine-tune the edge model on
     the customer's whole data (the shipped presumed images without its dropped classes' boxes,
     and its own images), with FedProx's proximal term when
     ``proximal_mu`` > 0. Returns the whole edge model (what FedAvg sends up) and scalar metrics."""
     start = time.perf_counter()
     datasets = datasets or DataSets(config.data)
-    cfg = config.baselines.local if epochs is None else replace(config.baselines.local, epochs=epochs)
+    cfg = config.baselines.local
     pick = pick_share(config.population, customer.partition_id, num_customers)
     edge = load_model("edge", config.preset, edge_state)
     data = select_customer_data(datasets, config.pipeline, customer.classes, cfg, pick)

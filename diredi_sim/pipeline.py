@@ -780,32 +780,36 @@ def count_customer_compute(update: CustomerUpdate, step: ManufacturerStep, pipel
     return {"diredi": sum(parts.values()), "parts": parts}
 
 
-def train_baselines(edge: nn.Module, pipeline: PipelineConfig, datasets: DataSets, customer, *, seed: int, preset: str,
-                    budget_images: int | None, recorder: StageRecorder,
-                    records: Callable[[list[ImageRecord]], list[ImageRecord]] = lambda r: r, **common) -> tuple[dict, dict]:
-    """The customer-side baselines on the customer's whole data (presumed images without its
-    dropped classes' boxes + its own): ``edge_direct``, a fresh edge model trained from scratch
-    (``pipeline.direct``), and ``edge_local``, the deployed edge fine-tuned (``pipeline.local``).
-    With ``budget_images`` each trains on that many images (as many optimizer steps as that
-    fills at its batch size), else for its configured epochs. Returns the models and the images
-    each actually trained on."""
-    models, counts = {}, {}
-    for key, cfg in (("edge_direct", pipeline.direct), ("edge_local", pipeline.local)):
-        data = select_customer_data(datasets, pipeline, customer, cfg, records)
-        steps = math.ceil(budget_images / cfg.batch_size) if budget_images else None
-        with recorder.measure(key.removeprefix("edge_"), epochs=cfg.epochs, budget_images=budget_images) as entry:
-            torch.manual_seed(seed + _SEED_OFFSETS[key.removeprefix("edge_")])
-            if key == "edge_direct":
-                student = build_detector("edge", preset, num_classes=len(VOC_CLASSES))
-                result = train_detector(student, data.combined, data.own_val, cfg, class_indices=ClassSets.indices(resolve_split(customer)),
-                                        seed=seed + _SEED_OFFSETS["direct"], name=key, total_steps=steps, **common)
-            else:
-                student = copy_for_training(edge)
-                result = finetune(student, data.combined, data.own_val, cfg, class_indices=ClassSets.indices(resolve_split(customer)),
-                                  seed=seed + _SEED_OFFSETS["local"], name=key, total_steps=steps, **common)
-            entry.update(train_images=result["train_images"], train_steps=result["train_steps"])
-        models[key], counts[key] = student, result["train_images"]
-    return models, counts
+BASELINES = ("direct", "local")
+
+
+def train_baseline(kind: str, edge: nn.Module, pipeline: PipelineConfig, datasets: DataSets, customer, *, seed: int, preset: str,
+                   budget_images: int | None, recorder: StageRecorder | None = None,
+                   records: Callable[[list[ImageRecord]], list[ImageRecord]] = lambda r: r, **common) -> tuple[nn.Module, int]:
+    """A customer-side baseline on the customer's whole data (the presumed images without its
+    dropped classes' boxes + its own): ``direct``, a fresh edge model trained from scratch
+    (``pipeline.direct``; ``edge`` is not used), or ``local``, a copy of the deployed ``edge``
+    fine-tuned (``pipeline.local``). With ``budget_images`` it trains on that many images (as
+    many optimizer steps as fill it at its batch size, the last batch counted whole), else for
+    its configured epochs. Returns the model and the images it actually trained on."""
+    if kind not in BASELINES:
+        raise ValueError(f"baseline {kind!r}: must be one of {list(BASELINES)}")
+    recorder = recorder or StageRecorder(common.get("run"))
+    cfg = pipeline.direct if kind == "direct" else pipeline.local
+    data = select_customer_data(datasets, pipeline, customer, cfg, records)
+    steps = math.ceil(budget_images / cfg.batch_size) if budget_images else None
+    settings = dict(class_indices=ClassSets.indices(resolve_split(customer)), seed=seed + _SEED_OFFSETS[kind], name=f"edge_{kind}",
+                    total_steps=steps, **common)
+    with recorder.measure(kind, epochs=cfg.epochs, budget_images=budget_images) as entry:
+        torch.manual_seed(seed + _SEED_OFFSETS[kind])
+        if kind == "direct":
+            student = build_detector("edge", preset, num_classes=len(VOC_CLASSES))
+            result = train_detector(student, data.combined, data.own_val, cfg, **settings)
+        else:
+            student = copy_for_training(edge)
+            result = finetune(student, data.combined, data.own_val, cfg, **settings)
+        entry.update(train_images=result["train_images"], train_steps=result["train_steps"])
+    return student, result["train_images"]
 
 
 def run_pipeline(
@@ -865,10 +869,11 @@ def run_pipeline(
     models.update(step.edges)
 
     compute = count_customer_compute(update, step, pipeline)
-    baselines, compute["baselines"] = train_baselines(edge, pipeline, datasets, pipeline.customer, seed=customer_seed, preset=preset,
-                                                      budget_images=compute["diredi"] if pipeline.equal_compute else None,
-                                                      recorder=recorder, **common)
-    models.update(baselines)
+    compute["baselines"] = {}
+    for kind in BASELINES:
+        models[f"edge_{kind}"], compute["baselines"][f"edge_{kind}"] = train_baseline(
+            kind, edge, pipeline, datasets, pipeline.customer, seed=customer_seed, preset=preset, recorder=recorder,
+            budget_images=compute["diredi"] if pipeline.equal_compute else None, **common)
     say("training images per method (image-steps): DiReDi customer " + f"{compute['diredi']} (" +
         ", ".join(f"{k} {v}" for k, v in compute["parts"].items()) + "); " +
         ", ".join(f"{k} {v}" for k, v in compute["baselines"].items()))
@@ -946,6 +951,6 @@ def evaluate_rows(models: dict[str, nn.Module], test: Sequence[ImageRecord], cla
 __all__ = [
     "PipelineConfig", "PipelineResult", "ClassSets", "Manufacturer", "StageRecorder", "DataSets", "ROWS",
     "load_pipeline_config", "prepare_manufacturer", "manufacturer_is_cached", "describe_manufacturer", "describe_teacher", "compute_manufacturer_key",
-    "run_pipeline", "run_customer", "run_manufacturer_step", "CustomerUpdate", "ManufacturerStep", "describe_delta",
+    "run_pipeline", "run_customer", "run_manufacturer_step", "train_baseline", "select_customer_data", "CustomerData", "CustomerUpdate", "ManufacturerStep", "describe_delta",
     "evaluate_row", "compute_knowledge", "read_peak_rss_mb", "copy_for_training",
 ]

@@ -40,15 +40,23 @@ def cmd_train(args) -> int:
     return 0
 
 
+def check_seeds(seeds: int) -> None:
+    from diredi_sim.config import ConfigError
+
+    if seeds < 1:
+        raise ConfigError(f"--seeds {seeds}: must be >= 1")
+
+
 def cmd_paper(args) -> int:
     from experiments.paper import find_paper_config, load_paper_config, run_paper
 
+    check_seeds(args.seeds)
     overrides = parse_overrides(args.set)
     for key, value in (("data.source", args.data), ("data.voc_root", args.voc_root), ("preset", args.preset), ("seed", args.seed)):
         if value is not None:
             overrides[key] = value
     config, pipeline = load_paper_config(args.config or find_paper_config(args.experiment), overrides)
-    run_paper(config, args.experiment, pipeline)
+    run_paper(config, args.experiment, pipeline, seeds=args.seeds)
     return 0
 
 
@@ -72,6 +80,7 @@ def cmd_compare(args) -> int:
     from diredi_sim.federation import load_federation_config
     from experiments.compare import run_compare
 
+    check_seeds(args.seeds)
     config = load_federation_config(args.config, parse_overrides(args.set))
     run_compare(config, seeds=args.seeds)
     return 0
@@ -158,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--voc-root")
     p.add_argument("--preset", choices=["cpu", "paper"])
     p.add_argument("--seed", type=int)
+    p.add_argument("--seeds", type=int, default=1,
+                   help="replicates: customer seeds seed, seed+1, ... (the manufacturer keeps seed); with K > 1, each seed's "
+                        "outputs in seed-<s>/ and mean ± std, paired differences and 95%% intervals over seeds at the top")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.set_defaults(func=cmd_paper)
 
@@ -173,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="DiReDi against FedAvg, FedProx, direct training and local fine-tuning")
     add_config(p, str(CONFIG_DIR / "federation.toml"))
-    p.add_argument("--seeds", type=int, default=1, help="replicates (the customers' seeds change); mean and std over them")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="replicates (the customers' seeds change); mean and std over them, and DiReDi's paired differences "
+                        "against each method with 95%% intervals")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("plot", help="redraw a comparison's plots from its saved results")

@@ -4,8 +4,11 @@ local fine-tuning, on the same customers, splits and seeds.
 Per method and customer: mAP, precision, recall and F1 on the customer's classes, gain on its
 private classes and forgetting on its presumed classes (against the original edge model), bytes
 up and down, wall time. With K seeds (replicates: the customers' seeds change, the manufacturer's
-models stay), the mean and standard deviation over seeds. Writes ``compare.json`` and
-``compare.md`` to a new run folder; every method's own run folder is listed there.
+models stay), the mean and standard deviation over seeds. DiReDi's paired differences against
+each other method on mAP, F1, gain and forgetting (pairs matched by seed and customer) with
+Student-t 95% intervals (``compare_differences``). Writes ``compare.json`` (``results``,
+``summary``, ``differences``, ``runs``) and ``compare.md`` to a new run folder; every method's
+own run folder is listed there.
 """
 
 from __future__ import annotations
@@ -24,14 +27,16 @@ from pathlib import Path
 import torch
 
 from diredi_sim.config import ConfigError
-from diredi_sim.federation import (FederationConfig, baseline_customer_work, build_population, count_state_bytes,
-                                   evaluate_for_customer, load_model)
+from diredi_sim.federation import (FederationConfig, build_population, count_state_bytes, effective_pipeline, evaluate_for_customer,
+                                   load_model, pick_share)
 from diredi_sim.models import build_detector
-from diredi_sim.pipeline import ClassSets, DataSets, prepare_manufacturer
+from diredi_sim.pipeline import DataSets, prepare_manufacturer, train_baseline
 from diredi_sim.runs import Run, atomic_write_text, to_jsonable
-from diredi_sim.train import train_detector
+from experiments.stats import paired_difference
 
 MEASURES = ("mAP", "precision", "recall", "f1", "gain", "forgetting", "uplink_bytes", "downlink_bytes", "seconds")
+DIFFERENCE_MEASURES = ("mAP", "f1", "gain", "forgetting")
+REFERENCE_METHOD = "diredi"
 
 
 def run_flower_baseline(config: FederationConfig, method: str) -> tuple[list[dict], Path]:
@@ -71,14 +76,25 @@ def run_diredi(config: FederationConfig) -> tuple[list[dict], Path]:
         detail = json.loads((outcome.folder / f"round{rounds}" / f"customer{summary['partition_id']}.json").read_text())
         by_key = {r["key"]: r for r in detail["rows"]}
         deployed = by_key[mode_key] if summary["verdict"] == "accepted" else by_key["edge_original"]
+        images = 0  # the customer's training images over every round: RD B + RD A + its Distill C
+        for r in range(1, rounds + 1):
+            record = json.loads((outcome.folder / f"round{r}" / f"customer{summary['partition_id']}.json").read_text())
+            metrics = record.get("customer_metrics", {})
+            images += int(metrics.get("rd-b-images", 0)) + int(metrics.get("num-examples", 0))
+            images += sum(int(st.get("train_images", 0)) for st in record.get("stages", [])
+                          if st.get("stage") == "distill_c_" + config.simulation.deploy_mode)
         rows.append({"partition_id": summary["partition_id"], "customer": summary["customer"], "verdict": summary["verdict"],
                      **{k: deployed.get(k) for k in ("mAP", "precision", "recall", "f1", "gain", "forgetting", "per_class", "change")},
-                     "uplink_bytes": summary["uplink_bytes"] * rounds, "downlink_bytes": (tutor_bytes + edge_bytes) * rounds})
+                     "uplink_bytes": summary["uplink_bytes"] * rounds, "downlink_bytes": (tutor_bytes + edge_bytes) * rounds,
+                     "train_images": images})
     return rows, outcome.folder
 
 
-def local_customer_work(config: FederationConfig, method: str, partition_id: int, edge_state: dict, threads: int = 0) -> dict:
-    """One customer's ``direct`` or ``local`` model and its row; plain arguments, for a worker process."""
+def local_customer_work(config: FederationConfig, method: str, partition_id: int, edge_state: dict, threads: int = 0,
+                        budget_images: int | None = None) -> dict:
+    """One customer's ``direct`` or ``local`` model and its row; plain arguments, for a worker process.
+    The model is trained by the pipeline's own baseline step (``train_baseline``), on
+    ``budget_images`` images when given (the DiReDi customer's count), else for its epochs."""
     if threads:
         torch.set_num_threads(threads)
     population = build_population(config.population, config.pipeline.presumed_split)
@@ -86,35 +102,32 @@ def local_customer_work(config: FederationConfig, method: str, partition_id: int
     datasets = DataSets(config.data)
     original = load_model("edge", config.preset, edge_state)
     reference = evaluate_for_customer(config, customer, original, datasets=datasets)["per_class"]
-    if method == "direct":
-        seed = config.customer_seed(customer.partition_id) + 6
-        torch.manual_seed(seed)
-        edge = build_detector("edge", config.preset)
-        cfg = config.pipeline.direct
-        train_detector(edge, datasets.train(customer.classes, cfg), datasets.val(customer.classes, cfg), cfg,
-                       class_indices=ClassSets.indices(customer.classes), seed=seed, progress=False)
-    else:
-        epochs = config.baselines.rounds * config.baselines.local.epochs
-        result = baseline_customer_work(config, customer, len(population), edge_state, epochs=epochs, datasets=datasets)
-        edge = load_model("edge", config.preset, result["arrays"])
+    edge, images = train_baseline(method, original, effective_pipeline(config, customer), datasets, customer.classes,
+                                  seed=config.customer_seed(customer.partition_id), preset=config.preset, budget_images=budget_images,
+                                  records=pick_share(config.population, customer.partition_id, len(population)), progress=False)
     row = evaluate_for_customer(config, customer, edge, reference, datasets)
     return {"partition_id": customer.partition_id, "customer": customer.name, "uplink_bytes": 0, "downlink_bytes": 0,
-            **{k: row.get(k) for k in ("mAP", "precision", "recall", "f1", "gain", "forgetting", "per_class", "change")}}
+            "train_images": images, **{k: row.get(k) for k in ("mAP", "precision", "recall", "f1", "gain", "forgetting", "per_class", "change")}}
 
 
-def run_local(config: FederationConfig, method: str) -> list[dict]:
+def run_local(config: FederationConfig, method: str, budgets: dict[int, int] | None = None) -> list[dict]:
     """``direct``: a fresh edge model trained on the customer's data (pipeline.direct);
-    ``local``: the deployed edge fine-tuned on it for as many epochs as FedAvg's rounds give.
-    The customers run in parallel processes, one torch thread each, as many as there are cores."""
+    ``local``: the deployed edge fine-tuned on it (pipeline.local). ``budgets`` (partition id ->
+    images) gives each customer the DiReDi customer's image count (equal compute); without it
+    each trains for its configured epochs. The customers run in parallel processes, one torch
+    thread each, as many as there are cores."""
     maker = prepare_manufacturer(config.pipeline, config.data, preset=config.preset, seed=config.seed, progress=False)
     population = build_population(config.population, config.pipeline.presumed_split)
     edge_state = {k: v.detach().clone() for k, v in maker.edge.state_dict().items()}
+    budgets = budgets or {}
     workers = min(len(population), os.cpu_count() or 1)
     if workers <= 1:
-        return [local_customer_work(config, method, c.partition_id, edge_state) for c in population]
+        return [local_customer_work(config, method, c.partition_id, edge_state, budget_images=budgets.get(c.partition_id))
+                for c in population]
     threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(local_customer_work, config, method, c.partition_id, edge_state, threads) for c in population]
+        futures = [pool.submit(local_customer_work, config, method, c.partition_id, edge_state, threads, budgets.get(c.partition_id))
+                   for c in population]
         return [future.result() for future in futures]
 
 
@@ -134,6 +147,49 @@ def summarize(results: list[dict]) -> list[dict]:
             entry[f"{measure}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0 if values else math.nan
         out.append(entry)
     return out
+
+
+def compare_differences(results: list[dict], reference: str = REFERENCE_METHOD) -> dict:
+    """Paired differences ``reference - method`` for every other method in ``results``, on
+    ``DIFFERENCE_MEASURES``, over seeds x customers: a pair is the two methods' rows of the same
+    replicate and customer (``experiments.stats.paired_difference``: mean, std, n, Student-t 95%
+    interval of the mean difference, and whether it excludes 0). Returns
+    ``{"diredi - fedavg": {"mAP": {...}, "f1": {...}, "gain": {...}, "forgetting": {...}}, ...}``;
+    empty when ``reference`` is not among the methods. Positive mAP, F1 and gain differences
+    favour ``reference``; for forgetting a negative difference does."""
+    by_method: dict[str, dict[tuple, dict]] = {}
+    for row in results:
+        by_method.setdefault(row["method"], {})[(row.get("replicate", 0), row["customer"])] = row
+    if reference not in by_method:
+        return {}
+    ours = by_method[reference]
+    out = {}
+    for method, theirs in by_method.items():
+        if method == reference:
+            continue
+        keys = sorted(set(ours) & set(theirs), key=lambda k: (k[0], str(k[1])))
+        if not keys:
+            continue
+        out[f"{reference} - {method}"] = {measure: paired_difference([ours[k].get(measure) for k in keys],
+                                                                     [theirs[k].get(measure) for k in keys])
+                                          for measure in DIFFERENCE_MEASURES}
+    return out
+
+
+def format_differences(differences: dict) -> str:
+    """``compare_differences`` as a Markdown table (differences of fractions, 3 decimals)."""
+    def number(value):
+        return "-" if value is None else f"{value:+.3f}"
+
+    lines = ["| difference | measure | mean | std | 95% interval | n | significant |", "|---|---|---|---|---|---|---|"]
+    for pair, entry in differences.items():
+        for measure, diff in entry.items():
+            lo, hi = diff["ci95"]
+            lines.append("| " + " | ".join([pair, measure, number(diff["mean"]),
+                                             "-" if diff["std"] is None else f"{diff['std']:.3f}",
+                                             "-" if lo is None else f"[{number(lo)}, {number(hi)}]", str(diff["n"]),
+                                             "**yes**" if diff["significant"] else "no"]) + " |")
+    return "\n".join(lines)
 
 
 def format_comparison(summary: list[dict], seeds: int) -> str:
@@ -160,27 +216,36 @@ def run_compare(config: FederationConfig, seeds: int = 1) -> Path:
     run = Run.create(config.runs_dir, f"{config.name}-compare", config)
     results, folders = [], []
     for replicate in range(seeds):
+        budgets: dict[int, int] = {}  # the DiReDi customers' image counts, when DiReDi ran first
         seeded = replace(config, replicate=replicate)
         for method in config.baselines.methods:
             print(f"compare: replicate {replicate}, {method}", file=sys.stderr, flush=True)
             start = time.perf_counter()
             if method == "diredi":
                 rows, folder = run_diredi(seeded)
+                budgets = {row["partition_id"]: row["train_images"] for row in rows}
             elif method in ("fedavg", "fedprox"):
                 rows, folder = run_flower_baseline(seeded, method)
             else:
-                rows, folder = run_local(seeded, method), None
+                rows, folder = run_local(seeded, method, budgets if seeded.pipeline.equal_compute else None), None
             seconds = time.perf_counter() - start
             folders.append({"replicate": replicate, "method": method, "folder": str(folder) if folder else None,
                             "seconds": round(seconds, 1)})
             for row in rows:
                 results.append({"replicate": replicate, "method": method, "seconds": seconds / max(1, len(rows)), **row})
-            run.write_json("compare.json", to_jsonable({"results": results, "summary": summarize(results), "runs": folders}))
+            run.write_json("compare.json", to_jsonable({"results": results, "summary": summarize(results),
+                                                        "differences": compare_differences(results), "runs": folders}))
     summary = summarize(results)
+    differences = compare_differences(results)
     text = (f"{seeds} seed(s). mAP, precision, recall, F1 over each customer's classes (score >= "
             f"{config.pipeline.score_threshold}); gain: mean AP change on its private classes, forgetting: mean AP lost on "
             f"its kept presumed classes, both against the original edge model; seconds: the method's wall time per "
             f"customer.\n\n" + format_comparison(summary, seeds) + "\n")
+    if differences:
+        text += ("\nPaired differences, DiReDi minus each method, over seeds x customers (a pair: the two methods on the same "
+                 "customer in the same seed): mean, std, Student-t 95% interval of the mean, n pairs; significant: the "
+                 "interval excludes 0 (needs 2 or more pairs). mAP, F1 and gain: positive favours DiReDi; forgetting: "
+                 "negative favours DiReDi.\n\n" + format_differences(differences) + "\n")
     atomic_write_text(run.folder / "compare.md", text)
     print(text)
     print(f"comparison in {run.folder} (compare.md, compare.json)")

@@ -1,10 +1,14 @@
 """The paper's two experiments (DESIGN.md section 4, Table III) as one job: ``run_paper``.
 
-Writes to a new run folder: ``table.json`` (every row: mAP / P / R / F1, per-class AP, knowledge
-gain and forgetting), ``table.md`` (the same shaped like the paper's Table III), ``verdict.json``
-(the manufacturer's verification of the customer's delta), ``stages.json`` (time and peak memory
-per stage), ``delta.pt`` (the delta that travelled), plus the usual ``config.json``,
-``metrics.jsonl`` and ``checkpoints/``.
+``diredi-sim paper --experiment exp1 --seeds K`` runs the flow K times (customer seeds seed,
+seed + 1, ...; one manufacturer) in one run folder. Each replicate writes to ``seed-<s>/``:
+``table.json`` (every row: mAP / P / R / F1, presumed mAP, private and dropped AP, per-class AP,
+knowledge gain and forgetting), ``table.md`` (the same shaped like the paper's Table III),
+``verdict.json`` (the manufacturer's verification of the customer's delta), ``stages.json``
+(time and peak memory per stage), ``delta.pt`` (the delta that travelled), ``config.json``,
+``metrics.jsonl`` and ``checkpoints/``. The top of the folder holds the summary over seeds,
+``table.json`` (``aggregate_paper_tables``: mean and std per row and measure, paired differences
+with 95% intervals, the per-seed values) and ``table.md`` (``format_paper_summary``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import torch
 
 from diredi_sim.config import ConfigError, ExperimentConfig, config_from_dict, read_toml
 from diredi_sim.pipeline import PipelineConfig, PipelineResult, load_pipeline_config, run_pipeline
-from diredi_sim.runs import Run, atomic_write_text, to_jsonable
+from diredi_sim.runs import Run, atomic_write_json, atomic_write_text, to_jsonable
+from experiments.stats import paired_difference, summarize
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 EXPERIMENTS = ("exp1", "exp2")
@@ -65,10 +70,21 @@ def load_paper_config(path: str | Path, overrides: dict[str, Any] | None = None)
     return config, pipeline
 
 
-def run_paper(config: ExperimentConfig, experiment: str, pipeline: PipelineConfig | None = None, *, progress: bool = True) -> Run:
+def run_paper(config: ExperimentConfig, experiment: str, pipeline: PipelineConfig | None = None, *, progress: bool = True,
+              seeds: int = 1) -> Run:
     """Run the paper's flow for ``experiment`` (exp1 / exp2, or any name) into a new run folder
     and print the table. The pipeline settings are ``pipeline``, else ``config.pipeline``, else
-    the defaults; an empty ``pipeline.customer`` means the split preset named ``experiment``."""
+    the defaults; an empty ``pipeline.customer`` means the split preset named ``experiment``.
+
+    ``seeds`` K: replicates. The flow runs K times with the customer's seeds ``config.seed + k``
+    (k = 0..K-1) while the manufacturer keeps ``config.seed``: its teacher, tutor and edge are
+    trained once, cached and reused, so the manufacturer's rows (teacher, tutor, edge) come out
+    the same in every replicate and have std 0; the replicates vary the customer's side (RD,
+    Distill C, the direct and local baselines). Replicate s writes its single-seed outputs to
+    ``seed-<s>/``; the top of the run folder gets the summary over seeds, ``table.json`` and
+    ``table.md`` (rewritten after every replicate, so a stopped run keeps what it finished)."""
+    if seeds < 1:
+        raise ConfigError(f"--seeds {seeds}: must be >= 1")
     pipeline = pipeline or getattr(config, "pipeline", None) or PipelineConfig()
     if pipeline.customer == "":
         pipeline = replace(pipeline, customer=experiment)
@@ -76,15 +92,35 @@ def run_paper(config: ExperimentConfig, experiment: str, pipeline: PipelineConfi
         torch.set_num_threads(config.threads)
     run_config = {"experiment": experiment, **{f.name: getattr(config, f.name) for f in fields(config) if f.name != "pipeline"},
                   "pipeline": pipeline}
-    run = Run.create(config.runs_dir, config.name or f"paper-{experiment}", run_config)
+    customer_seeds = [config.seed + k for k in range(seeds)]
+    run = Run.create(config.runs_dir, config.name or f"paper-{experiment}", {**run_config, "seeds": customer_seeds})
     if progress:
-        print(f"paper {experiment}: {config.preset} preset, seed {config.seed}; run folder {run.folder}", file=sys.stderr, flush=True)
-    started = time.perf_counter()
-    result = run_pipeline(pipeline, config.data, preset=config.preset, seed=config.seed, run=run, config=to_jsonable(run_config),
-                          progress=progress)
-    table = write_paper_outputs(run, result, experiment, total_seconds=time.perf_counter() - started)
-    print(table, flush=True)
-    print(f"\nresults in {run.folder} (table.md, table.json, verdict.json, stages.json)", flush=True)
+        print(f"paper {experiment}: {config.preset} preset, manufacturer seed {config.seed}, customer seeds "
+              f"{', '.join(map(str, customer_seeds))}; run folder {run.folder}", file=sys.stderr, flush=True)
+    rows_per_seed, replicates = [], []
+    for customer_seed in customer_seeds:
+        seed_config = {**run_config, "customer_seed": customer_seed}
+        replicate = Run(run.folder / f"seed-{customer_seed}")
+        replicate.folder.mkdir()
+        atomic_write_json(replicate.folder / "config.json", seed_config)
+        if progress:
+            print(f"paper {experiment}: customer seed {customer_seed} -> {replicate.folder}", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        result = run_pipeline(pipeline, config.data, preset=config.preset, seed=config.seed, run=replicate,
+                              config=to_jsonable(seed_config), progress=progress, customer_seed=customer_seed)
+        result.settings["customer_seed"] = customer_seed
+        print(write_paper_outputs(replicate, result, experiment, total_seconds=time.perf_counter() - started) + "\n", flush=True)
+        rows_per_seed.append(result.rows)
+        replicates.append({"folder": replicate.folder.name, "accepted": result.verdict.accepted})
+        summary = aggregate_paper_tables(experiment, config.preset, config.data.source, customer_seeds[:len(rows_per_seed)],
+                                         rows_per_seed)
+        for entry, extra in zip(summary["per_seed"], replicates):
+            entry.update(extra)
+        run.write_json("table.json", summary)
+        text = format_paper_summary(summary, manufacturer_seed=config.seed)
+        atomic_write_text(run.folder / "table.md", text + "\n")
+    print(text, flush=True)
+    print(f"\nresults in {run.folder} (table.md, table.json; each seed's outputs in seed-<s>/)", flush=True)
     return run
 
 
@@ -122,7 +158,9 @@ def format_paper_table(result: PipelineResult, experiment: str) -> str:
         f"## {experiment}: customer classes {', '.join(c.customer)} (private: {', '.join(c.private) or '-'}; "
         f"dropped: {', '.join(c.dropped) or '-'})",
         "",
-        f"{s.get('preset')} preset, seed {s.get('seed')}; {s.get('test_images')} test images holding the customer's or the presumed "
+        f"{s.get('preset')} preset, seed {s.get('seed')}"
+        + (f", customer seed {s['customer_seed']}" if s.get("customer_seed") not in (None, s.get("seed")) else "")
+        + f"; {s.get('test_images')} test images holding the customer's or the presumed "
         f"classes. mAP@0.5, precision, recall and F1 (score >= {s.get('score_threshold')}) over the customer's classes, in %. "
         "Gain: mean AP change on the private classes; forgetting: mean AP drop on the presumed classes the customer keeps"
         + ("; dropped: mean AP drop on the presumed classes the customer removed (intended)" if has_dropped else "")
@@ -167,4 +205,136 @@ def format_paper_table(result: PipelineResult, experiment: str) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["find_paper_config", "load_paper_config", "run_paper", "write_paper_outputs", "format_paper_table", "EXPERIMENTS"]
+# ------------------------------------------------------------------------------ over seeds
+
+# The pipeline's row keys that the summary renames; every other row key is carried as it is.
+PAPER_ROW_NAMES = {"teacher": "teacher", "tutor_original": "tutor", "edge_original": "edge"}
+# The summary's rows in this order first (those present), then any other row in table order.
+PAPER_ROW_ORDER = ("teacher", "tutor", "edge", "tutor1", "tutor2", "tutor_updated", "edge_direct", "edge_local",
+                   "edge_distill_c_public", "edge_distill_c_public_private")
+# (measure in the summary, key in the pipeline's row, Markdown column)
+PAPER_MEASURES = (("presumed_map", "presumed_map", "presumed mAP"), ("private_ap", "private_ap", "private AP"),
+                  ("dropped_ap", "dropped_ap", "dropped AP"), ("map", "mAP", "mAP"), ("precision", "precision", "P"),
+                  ("recall", "recall", "R"), ("f1", "f1", "F1"))
+# (row, row it is compared with, measures): the paired differences over seeds.
+PAPER_DIFFERENCES = (
+    ("edge_distill_c_public_private", "edge_direct", ("map", "f1", "private_ap", "presumed_map")),
+    ("edge_distill_c_public_private", "edge_local", ("map", "f1", "private_ap", "presumed_map")),
+    ("edge_distill_c_public_private", "edge", ("map", "f1", "private_ap", "presumed_map")),
+    ("edge_distill_c_public", "edge", ("map", "f1", "private_ap", "presumed_map")),
+    ("tutor_updated", "tutor", ("map", "f1", "private_ap", "presumed_map")),
+    ("tutor1", "edge", ("presumed_map",)),
+)
+
+
+def _value(value) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def aggregate_paper_tables(experiment: str, preset: str, data: str, seeds: list[int], rows_per_seed: list[list[dict]]) -> dict:
+    """The summary over seeds of the paper's table (a pure function of the pipeline's rows).
+
+    ``rows_per_seed[i]`` is ``PipelineResult.rows`` of the replicate with customer seed
+    ``seeds[i]``. Returns ``{"experiment", "preset", "data", "seeds", "rows", "differences",
+    "per_seed"}``:
+
+    - ``rows``: ``{row: {measure: {"mean", "std"}}}``, measures ``presumed_map``, ``private_ap``,
+      ``dropped_ap``, ``map``, ``precision``, ``recall``, ``f1`` (fractions, not %); mean and
+      sample std (ddof=1, 0.0 for one seed) over the seeds where the value exists, both None where
+      it never does (e.g. ``dropped_ap`` of a customer that drops no class). Row names: the
+      pipeline's ``teacher`` / ``tutor_original`` / ``edge_original`` become ``teacher`` /
+      ``tutor`` / ``edge``; any other row key (``tutor1``, ``edge_direct``, ``edge_local``, ...)
+      stays as it is. A row no replicate has is left out.
+    - ``differences``: ``{"A - B": {measure: paired_difference}}`` (experiments.stats): the
+      differences A - B of the same seed, their mean, std, n and Student-t 95% interval, and
+      whether it excludes 0, for the pairs in ``PAPER_DIFFERENCES``; a pair whose rows are
+      missing is left out, and so is a measure with no seed where both values exist.
+    - ``per_seed``: ``[{"seed", "rows": {row: {measure: value or None}}}]`` in ``seeds`` order.
+    """
+    if len(seeds) != len(rows_per_seed):
+        raise ValueError(f"{len(seeds)} seeds but {len(rows_per_seed)} sets of rows")
+    per_seed, names = [], []
+    for seed, rows in zip(seeds, rows_per_seed):
+        table = {}
+        for row in rows:
+            name = PAPER_ROW_NAMES.get(row["key"], row["key"])
+            table[name] = {measure: _value(row.get(key)) for measure, key, _ in PAPER_MEASURES}
+            if name not in names:
+                names.append(name)
+        per_seed.append({"seed": seed, "rows": table})
+    ordered = [n for n in PAPER_ROW_ORDER if n in names] + [n for n in names if n not in PAPER_ROW_ORDER]
+
+    def values(name: str, measure: str) -> list[float | None]:
+        return [entry["rows"].get(name, {}).get(measure) for entry in per_seed]
+
+    rows_out = {}
+    for name in ordered:
+        rows_out[name] = {}
+        for measure, _, _ in PAPER_MEASURES:
+            stats = summarize(values(name, measure))
+            rows_out[name][measure] = {"mean": stats["mean"], "std": stats["std"]}
+    differences = {}
+    for a, b, measures in PAPER_DIFFERENCES:
+        if a not in rows_out or b not in rows_out:
+            continue
+        entry = {}
+        for measure in measures:
+            diff = paired_difference(values(a, measure), values(b, measure))
+            if diff["n"]:
+                entry[measure] = diff
+        if entry:
+            differences[f"{a} - {b}"] = entry
+    return {"experiment": experiment, "preset": preset, "data": data, "seeds": list(seeds), "rows": rows_out,
+            "differences": differences, "per_seed": per_seed}
+
+
+def _pp(value) -> str:
+    """A difference of fractions in percentage points, signed, one decimal."""
+    return _signed(value)
+
+
+def format_paper_summary(summary: dict, *, manufacturer_seed: int | None = None) -> str:
+    """``aggregate_paper_tables``'s summary as Markdown: mean ± std per row, then the paired
+    differences with their 95% intervals."""
+    seeds = summary["seeds"]
+    measures_text = {"map": "mAP", "f1": "F1", "private_ap": "private AP", "presumed_map": "presumed mAP",
+                     "dropped_ap": "dropped AP", "precision": "P", "recall": "R"}
+    lines = [
+        f"## {summary['experiment']}: {len(seeds)} seed(s), {summary['preset']} preset, {summary['data']} data",
+        "",
+        f"Customer seeds {', '.join(map(str, seeds))}"
+        + (f"; the manufacturer's seed stays {manufacturer_seed}" if manufacturer_seed is not None else "")
+        + ". Mean ± sample standard deviation over the seeds, in %. presumed mAP: mAP on the presumed classes; "
+        "private AP: AP on the customer's private classes; dropped AP: AP on the presumed classes the customer dropped; "
+        "mAP, P, R, F1: over the customer's classes. The manufacturer's models (teacher, tutor, edge) are trained once "
+        "and reused, so their std is 0; the replicates vary the customer's side.",
+        "",
+        "| model | " + " | ".join(label for _, _, label in PAPER_MEASURES) + " |",
+        "|---|" + "---|" * len(PAPER_MEASURES),
+    ]
+    for name, row in summary["rows"].items():
+        cells = []
+        for measure, _, _ in PAPER_MEASURES:
+            stats = row[measure]
+            cells.append("-" if stats["mean"] is None else f"{_pct(stats['mean'])} ± {_pct(stats['std'])}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired differences over seeds (A - B of the same seed, in percentage points): mean, std, and the Student-t "
+                  "95% interval of the mean; significant: the interval excludes 0 (needs 2 or more seeds).", "",
+              "| A - B | measure | mean | std | 95% interval | n | significant |", "|---|---|---|---|---|---|---|"]
+    for pair, entry in summary["differences"].items():
+        for measure, diff in entry.items():
+            lo, hi = diff["ci95"]
+            interval = "-" if lo is None else f"[{_pp(lo)}, {_pp(hi)}]"
+            lines.append(f"| {pair} | {measures_text.get(measure, measure)} | {_pp(diff['mean'])} | {_pct(diff['std'])} | "
+                         f"{interval} | {diff['n']} | {'**yes**' if diff['significant'] else 'no'} |")
+    if not summary["differences"]:
+        lines.append("| - | - | - | - | - | - | - |")
+    return "\n".join(lines)
+
+
+__all__ = ["find_paper_config", "load_paper_config", "run_paper", "write_paper_outputs", "format_paper_table",
+           "aggregate_paper_tables", "format_paper_summary", "EXPERIMENTS"]

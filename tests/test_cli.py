@@ -84,3 +84,11 @@ def test_train_end_to_end_on_tiny_synthetic_data(tmp_path):
     assert (folder / "checkpoints" / "edge.pt").is_file()
     assert json.loads((folder / "config.json").read_text())["data"]["synthetic"]["num_train"] == 16
     assert "mAP" in result.stdout and "person" in result.stdout  # the per-class table
+
+
+@pytest.mark.parametrize("command", [["paper", "--experiment", "exp1"], ["compare"]])
+def test_seeds_below_one_is_one_clear_line(command):
+    result = run_cli(*command, "--seeds", "0")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["diredi-sim: error: --seeds 0: must be >= 1"], result.stderr  # before any config is read or run

@@ -16,7 +16,7 @@ from diredi_sim.federation import BaselineConfig, FederationConfig, PopulationCo
 from diredi_sim.models import build_detector
 from diredi_sim.pipeline import PipelineConfig
 from diredi_sim.train import compute_proximal_losses
-from experiments.compare import format_comparison, run_compare, summarize
+from experiments.compare import compare_differences, format_comparison, format_differences, run_compare, summarize
 
 TINY = SyntheticConfig(seed=3, num_train=24, num_val=8, num_test=16, min_objects=3, max_objects=5, min_object_size=24, clutter=2.0)
 STAGE = TrainConfig(epochs=1, batch_size=8, lr=0.01, warmup_steps=1)
@@ -48,6 +48,41 @@ def test_summary_over_seeds_gives_mean_and_standard_deviation():
     assert "0.300 ± 0.100" in format_comparison(summarize(results), seeds=3)
 
 
+def test_differences_pair_diredi_with_each_method_by_seed_and_customer():
+    def result(method, replicate, customer, m, f1=0.5, gain=0.1, forgetting=0.05):
+        return {"method": method, "replicate": replicate, "customer": customer, "mAP": m, "f1": f1, "gain": gain,
+                "forgetting": forgetting, "seconds": 1.0}
+
+    results = [result("diredi", 0, "exp1", 0.30), result("diredi", 0, "exp2", 0.40), result("diredi", 1, "exp1", 0.35),
+               result("diredi", 1, "exp2", 0.50, gain=float("nan")),
+               # fedavg: listed in another order, and its (seed 1, exp2) row is missing
+               result("fedavg", 1, "exp1", 0.30, forgetting=0.10), result("fedavg", 0, "exp2", 0.30, forgetting=0.15),
+               result("fedavg", 0, "exp1", 0.20, forgetting=0.05),
+               result("direct", 0, "exp1", 0.30, f1=0.4), result("direct", 0, "exp2", 0.40, f1=0.4),
+               result("direct", 1, "exp1", 0.35, f1=0.4), result("direct", 1, "exp2", 0.50, f1=0.4)]
+    diffs = compare_differences(results)
+    assert list(diffs) == ["diredi - fedavg", "diredi - direct"]
+    fedavg = diffs["diredi - fedavg"]
+    assert list(fedavg) == ["mAP", "f1", "gain", "forgetting"]
+    # pairs (0, exp1) 0.30-0.20, (0, exp2) 0.40-0.30, (1, exp1) 0.35-0.30: differences 0.1, 0.1, 0.05
+    assert fedavg["mAP"]["n"] == 3 and fedavg["mAP"]["mean"] == pytest.approx(0.25 / 3)
+    std = math.sqrt(((0.1 - 0.25 / 3) ** 2 * 2 + (0.05 - 0.25 / 3) ** 2) / 2)
+    assert fedavg["mAP"]["std"] == pytest.approx(std)
+    half = 4.302652729749464 * std / math.sqrt(3)
+    assert fedavg["mAP"]["ci95"] == pytest.approx([0.25 / 3 - half, 0.25 / 3 + half]) and fedavg["mAP"]["significant"] is True
+    # forgetting differences 0, -0.1, -0.05: the interval holds 0
+    assert fedavg["forgetting"]["mean"] == pytest.approx(-0.05) and fedavg["forgetting"]["significant"] is False
+    direct = diffs["diredi - direct"]
+    assert direct["mAP"]["n"] == 4 and direct["mAP"]["mean"] == 0.0 and direct["mAP"]["significant"] is False
+    assert direct["f1"]["mean"] == pytest.approx(0.1) and direct["f1"]["ci95"] == pytest.approx([0.1, 0.1])
+    assert direct["f1"]["significant"] is True  # the same difference on every pair
+    assert direct["gain"]["n"] == 3  # DiReDi's NaN gain drops that pair
+    table = format_differences(diffs)
+    assert "| diredi - fedavg | mAP | +0.083 |" in table and "| diredi - fedavg | forgetting | -0.050 |" in table
+    assert "**yes**" in table and "| no |" in table
+    assert compare_differences([r for r in results if r["method"] != "diredi"]) == {}
+
+
 @pytest.mark.slow
 def test_compare_runs_every_method_on_the_same_customers(tmp_path):
     pipeline = PipelineConfig(teacher=STAGE, distill_a=STAGE, distill_b=STAGE, rd=STAGE, distill_c=STAGE, direct=STAGE,
@@ -75,6 +110,9 @@ def test_compare_runs_every_method_on_the_same_customers(tmp_path):
     first = [row for row in fedavg_summary["rounds"] if row["round"] == 0]  # the original edge: the reference itself
     assert len(first) == 2 and all(row["gain"] == 0.0 and row["forgetting"] == 0.0 for row in first), first
     assert "| fedprox | all |" in (folder / "compare.md").read_text()
+    assert set(data["differences"]) == {f"diredi - {m}" for m in ("fedavg", "fedprox", "direct", "local")}
+    assert data["differences"]["diredi - fedavg"]["mAP"]["n"] == 2  # 1 seed x 2 customers
+    assert "| diredi - fedavg | mAP |" in (folder / "compare.md").read_text()
 
     # plots and the report, from the saved results alone
     from experiments.plots import plot_comparison

@@ -254,7 +254,7 @@ def test_second_run_reuses_the_manufacturer_and_a_rejected_update_keeps_the_tuto
     monkeypatch.setattr(pipeline_module, "load_detector_weights", record_load)
     config = ExperimentConfig(name="tiny-exp2-again", runs_dir=str(first.tmp / "runs"), data=first.data)
     rejecting = replace(first.cfg, verify=VerifyConfig(max_delta_norm=1e-9))  # verification is not part of the cache key
-    run = run_paper(config, "exp2", rejecting, progress=False)
+    run = Run(run_paper(config, "exp2", rejecting, progress=False).folder / "seed-0")
     assert sorted(calls.names) == sorted(["tutor1_rd_b", "tutor2_rd_a", "edge_distill_c_public", "edge_distill_c_public_private",
                                           "edge_direct", "edge_local"])  # no teacher, no Distill A / B
     for role, trained_name in (("teacher", "teacher"), ("tutor", "tutor_distill_a"), ("edge", "edge_distill_b")):
