@@ -48,7 +48,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = load_federation_config(args.config)
-    records = DataSets(config.data).records(config.data.train_set, "all", args.images)
+    records = DataSets(config.data).records(config.data.train_set, "all", args.images, pool="all")
     loader = build_loader(records, batch_size=args.batch, train=True, hflip_prob=0.5, num_workers=args.workers)
     torch.manual_seed(0)
     detector = build_detector(args.role, config.preset).train()

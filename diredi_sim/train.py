@@ -92,7 +92,8 @@ class Distiller(nn.Module):
     @torch.no_grad()
     def fit_align(self, images: list[Tensor]) -> dict[int, float]:
         """Initialise FGD's 1x1 align convs (student -> teacher channels) by least squares on one
-        batch: ``W, b = argmin ||W s + b - t||^2`` over every location of each level, so that
+        batch: ``W, b = argmin ||W s + b - t||^2`` (+ a 1e-6 relative ridge) over every location
+        of each level, so that
         L_RD starts from the best linear map between the two models' features, not from a
         random projection. Both models run in eval mode (no BatchNorm statistics move).
         Returns each level's relative residual ``||W s + b - t|| / ||t||``."""
@@ -109,8 +110,12 @@ class Distiller(nn.Module):
                 continue
             x = s.permute(0, 2, 3, 1).reshape(-1, s.shape[1])
             y = t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
-            x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
-            solution = torch.linalg.lstsq(x.double(), y.double()).solution.float()  # (C_s + 1, C_t)
+            x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1).double()
+            # Normal equations with a tiny ridge, solved in float64: torch.linalg.lstsq gave
+            # different bits in different processes on rank-deficient features (dead channels).
+            gram = x.T @ x
+            gram += 1e-6 * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(gram.shape[0], dtype=gram.dtype)
+            solution = torch.linalg.solve(gram, x.T @ y.double()).float()  # (C_s + 1, C_t)
             level.align.weight.copy_(solution[:-1].T[:, :, None, None])
             level.align.bias.copy_(solution[-1])
             residuals[index] = float((x @ solution - y).norm() / y.norm().clamp_min(1e-12))

@@ -42,7 +42,7 @@ def federation(tmp_path_factory):
                               pipeline=PipelineConfig(eval_batch_size=16, verify=VerifyConfig(max_ap_drop=0.05)),
                               population=PopulationConfig(customers=("exp1", "exp2", "exp1", "exp2"), generated=0))
     datasets = DataSets(config.data)
-    records = datasets.records("train", "presumed")
+    records = datasets.records("train", "presumed", pool="all")
     presumed = ClassSets.indices(resolve_split("presumed"))
     torch.manual_seed(0)
     tutor = build_detector("tutor", "cpu")
