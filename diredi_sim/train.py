@@ -118,7 +118,7 @@ class Distiller(nn.Module):
             solution = torch.linalg.solve(gram, x.T @ y.double()).float()  # (C_s + 1, C_t)
             level.align.weight.copy_(solution[:-1].T[:, :, None, None])
             level.align.bias.copy_(solution[-1])
-            residuals[index] = float((x @ solution - y).norm() / y.norm().clamp_min(1e-12))
+            residuals[index] = float((x.float() @ solution - y).norm() / y.norm().clamp_min(1e-12))
         return residuals
 
     def trainable_parameters(self) -> list[nn.Parameter]:
