@@ -1,32 +1,37 @@
 """The paper's whole flow for one customer, in one process (DESIGN.md section 4): the reference
 that the Flower simulation must reproduce.
 
-Manufacturer (cached on disk, keyed by everything that determines the weights):
+Data: every image set is dealt into the manufacturer's public pool and the customers' pool
+(:class:`DataSets`, disjoint by image id).
+
+Manufacturer (cached on disk, keyed by everything that determines the weights), public images:
   1. train the teacher on the ``teacher`` split;
-  2. Distill A: teacher -> tutor, and Distill B: teacher -> edge, both on the ``presumed`` split.
-Customer:
-  3. Tutor1 = RD B: ``reverse_distill(edge, copy of tutor, presumed data)``;
-     Tutor2 = RD A: ``reverse_distill(edge, copy of tutor, the customer's data)``;
+  2. Distill A: teacher -> tutor, then Distill B: tutor -> edge (the tutor is the edge's teacher,
+     paper section III-A), both with FGD on the ``presumed`` split.
+Customer (:func:`run_customer`):
+  3. Tutor1 = RD B: ``reverse_distill(edge, copy of tutor, presumed images)``; Tutor2 = RD A: the
+     same presumed batches (same order, flips, steps and seed; the dropped classes' boxes
+     removed), each extended by the customer's own images. Loss ``alpha * L_RD + beta * L_task``
+     with the edge as the frozen teacher; FGD's align convs fitted by least squares first;
   4. delta = gamma * (Tutor2 - Tutor1) over neck + head; its size at fp32 and fp16.
-Manufacturer:
-  5. verify ``tutor + delta_weight * delta`` on its own held-out presumed data (the val images
-     of the presumed classes); tutor' is the updated tutor if accepted, the unchanged tutor if not;
-  6. Distill C: tutor' -> a new edge model (starting from the deployed edge's weights) in each
-     data mode: ``public`` (manufacturer data only: the presumed train split) and
-     ``public+private`` (the customer's split: the paper's setting), with class-score
-     distillation (``distill_c_score_weight``, temperature ``distill_c_temperature``) so that a
-     class absent from the manufacturer's data can reach the edge model at all.
-Baseline:
-  7. direct training of a fresh edge model on the customer's split.
-Evaluation:
-  8. every model on the customer's test images filtered to the union of the customer's and the
-     presumed classes (so forgetting of dropped classes shows): mAP@0.5, P, R, F1 over the
-     customer's classes, per-class AP of every class of the union; knowledge gain (mean AP
-     change on the private classes), forgetting (mean AP drop on the kept presumed classes)
-     and the dropped classes' AP drop (reported apart: forgetting them is intended), each row
-     against its reference (edge rows vs the original edge, tutor rows vs the original tutor).
-     The manufacturer's three models are also evaluated on the test images of their own classes
-     (``own``), as in the top rows of the paper's Table III.
+Manufacturer (:func:`run_manufacturer_step`):
+  5. verify ``tutor + delta_weight * delta`` on its held-out presumed data (public val images):
+     AP and, at the deployment score threshold, precision / recall / F1 of every critical class;
+     tutor' is the updated tutor if accepted, the unchanged tutor if not;
+  6. Distill C: tutor' -> a new edge model (starting from the deployed edge's weights) per data
+     mode, ``public`` (the manufacturer's presumed images) and ``public+private`` (the customer's
+     whole data), and per loss: ``fgd`` (FGD at attention temperature 1.5 + task: the paper) and
+     ``fgd+score`` (+ class-score distillation normalised by positives: an ablation).
+Baselines (:func:`train_baseline`), on the customer's whole data, at the DiReDi customer's
+  image count (RD B + RD A + Distill C public+private; ``equal_compute``):
+  7. direct training of a fresh edge model, and local fine-tuning of the deployed edge.
+Evaluation (:func:`evaluate_rows`):
+  8. every model on the customer's test images (customers' pool) filtered to the union of its
+     and the presumed classes: mAP@0.5, P, R, F1 over the customer's classes, per-class AP,
+     private-class and dropped-class AP, knowledge gain and forgetting against the row's
+     reference (tutor rows vs the original tutor, edge rows vs the original edge); and on the
+     manufacturer's test images of the presumed classes (public pool): ``presumed_map``, one
+     image set for every row.
   9. time and peak memory per stage. Memory is the process's peak resident set size so far
      (``ru_maxrss``): the figure after a stage is the peak up to then, and ``peak_rss_growth_mb``
      how much that peak rose during the stage (0 when the stage stayed below an earlier peak).

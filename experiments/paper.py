@@ -210,7 +210,7 @@ def format_paper_table(result: PipelineResult, experiment: str) -> str:
 # The pipeline's row keys that the summary renames; every other row key is carried as it is.
 PAPER_ROW_NAMES = {"teacher": "teacher", "tutor_original": "tutor", "edge_original": "edge"}
 # The summary's rows in this order first (those present), then any other row in table order.
-PAPER_ROW_ORDER = ("teacher", "tutor", "edge", "tutor1", "tutor2", "tutor_updated", "edge_direct", "edge_local",
+PAPER_ROW_ORDER = ("teacher", "tutor", "edge", "tutor1", "tutor2", "tutor_updated", "tutor_deployed", "edge_direct", "edge_local",
                    "edge_distill_c_public", "edge_distill_c_public_private")
 # (measure in the summary, key in the pipeline's row, Markdown column)
 PAPER_MEASURES = (("presumed_map", "presumed_map", "presumed mAP"), ("private_ap", "private_ap", "private AP"),
@@ -247,8 +247,11 @@ def aggregate_paper_tables(experiment: str, preset: str, data: str, seeds: list[
       sample std (ddof=1, 0.0 for one seed) over the seeds where the value exists, both None where
       it never does (e.g. ``dropped_ap`` of a customer that drops no class). Row names: the
       pipeline's ``teacher`` / ``tutor_original`` / ``edge_original`` become ``teacher`` /
-      ``tutor`` / ``edge``; any other row key (``tutor1``, ``edge_direct``, ``edge_local``, ...)
-      stays as it is. A row no replicate has is left out.
+      ``tutor`` / ``edge``; ``tutor_updated`` is tutor + delta, as in the paper's table, whether
+      or not verification accepted it (the pipeline's ``tutor_rejected_candidate`` when it did
+      not), and ``tutor_deployed`` the tutor the manufacturer keeps (tutor + delta when
+      accepted, the original tutor when not); any other row key (``tutor1``, ``edge_direct``,
+      ``edge_local``, ...) stays as it is. A row no replicate has is left out.
     - ``differences``: ``{"A - B": {measure: paired_difference}}`` (experiments.stats): the
       differences A - B of the same seed, their mean, std, n and Student-t 95% interval, and
       whether it excludes 0, for the pairs in ``PAPER_DIFFERENCES``; a pair whose rows are
@@ -259,9 +262,16 @@ def aggregate_paper_tables(experiment: str, preset: str, data: str, seeds: list[
         raise ValueError(f"{len(seeds)} seeds but {len(rows_per_seed)} sets of rows")
     per_seed, names = [], []
     for seed, rows in zip(seeds, rows_per_seed):
+        # The paper's "updated tutor" is tutor + delta, whatever the verification says; what the
+        # manufacturer keeps is "tutor_deployed" (tutor + delta if accepted, else the tutor).
+        by_key = {row["key"]: row for row in rows}
+        named = {PAPER_ROW_NAMES.get(row["key"], row["key"]): row for row in rows
+                 if row["key"] not in ("tutor_updated", "tutor_rejected_candidate")}
+        if "tutor_updated" in by_key:
+            named["tutor_updated"] = by_key.get("tutor_rejected_candidate", by_key["tutor_updated"])
+            named["tutor_deployed"] = by_key["tutor_updated"]
         table = {}
-        for row in rows:
-            name = PAPER_ROW_NAMES.get(row["key"], row["key"])
+        for name, row in named.items():
             table[name] = {measure: _value(row.get(key)) for measure, key, _ in PAPER_MEASURES}
             if name not in names:
                 names.append(name)

@@ -91,7 +91,7 @@ def test_paper_summary_over_seeds_has_the_documented_shape():
     assert list(summary) == ["experiment", "preset", "data", "seeds", "rows", "differences", "per_seed"]
     assert (summary["experiment"], summary["preset"], summary["data"], summary["seeds"]) == ("exp1", "cpu", "synthetic", [5, 6, 7])
     # renamed rows first, in the documented order; others carried under their own names; no edge_local here
-    assert list(summary["rows"]) == ["teacher", "tutor", "edge", "tutor1", "tutor_updated", "edge_direct",
+    assert list(summary["rows"]) == ["teacher", "tutor", "edge", "tutor1", "tutor_updated", "tutor_deployed", "edge_direct",
                                      "edge_distill_c_public_private", "tutor_distill_a", "edge_distill_b",
                                      "edge_distill_c_public_score"]
     measures = ["presumed_map", "private_ap", "dropped_ap", "map", "precision", "recall", "f1"]
@@ -118,6 +118,7 @@ def test_paper_summary_over_seeds_has_the_documented_shape():
     half = T_975_2 * math.sqrt(0.0012) / math.sqrt(3)
     assert versus_direct["map"]["ci95"] == pytest.approx([0.09 - half, 0.09 + half]) and versus_direct["map"]["significant"]
     assert versus_direct["private_ap"]["n"] == 2  # seed 6 has no private AP for Distill C
+
     assert versus_direct["private_ap"]["mean"] == pytest.approx(-0.13)
     assert versus_direct["f1"]["mean"] == 0.0 and versus_direct["f1"]["significant"] is False
     assert list(diffs["tutor1 - edge"]) == ["presumed_map"]
@@ -135,12 +136,24 @@ def test_paper_summary_over_seeds_has_the_documented_shape():
     assert "| edge_distill_c_public_private - edge_direct | mAP | +9.0 |" in text and "**yes**" in text
 
 
+def test_the_updated_tutor_is_tutor_plus_delta_even_when_verification_rejected_it():
+    """The paper's "updated tutor" row is the substituted tutor; a rejected one is the pipeline's
+    candidate row, and what the manufacturer keeps (the original tutor) is "tutor_deployed"."""
+    accepted = seed_rows(0.18, 0.25, 0.10, 0.30)
+    rejected = [r if r["key"] != "tutor_updated" else row("tutor_updated", 0.30, presumed=0.31, private=0.0) for r in accepted]
+    rejected.insert(6, row("tutor_rejected_candidate", 0.36, presumed=0.28, private=0.3))
+    summary = aggregate_paper_tables("exp1", "cpu", "synthetic", [0, 1], [accepted, rejected])
+    first, second = (entry["rows"] for entry in summary["per_seed"])
+    assert first["tutor_updated"] == first["tutor_deployed"] and first["tutor_updated"]["private_ap"] == 0.2
+    assert second["tutor_updated"]["map"] == 0.36 and second["tutor_updated"]["private_ap"] == 0.3
+    assert second["tutor_deployed"]["map"] == 0.30 and "tutor_rejected_candidate" not in second
+
 def test_paper_summary_with_edge_local_and_public_rows():
     rows = []
     for k, (local, public) in enumerate([(0.22, 0.23), (0.24, 0.22)]):
         rows.append(seed_rows(0.18, 0.25, 0.1, 0.3) + [row("edge_local", local, private=0.05), row("edge_distill_c_public", public)])
     summary = aggregate_paper_tables("exp2", "paper", "voc", [0, 1], rows)
-    assert list(summary["rows"])[:9] == ["teacher", "tutor", "edge", "tutor1", "tutor_updated", "edge_direct", "edge_local",
+    assert list(summary["rows"])[:10] == ["teacher", "tutor", "edge", "tutor1", "tutor_updated", "tutor_deployed", "edge_direct", "edge_local",
                                          "edge_distill_c_public", "edge_distill_c_public_private"]
     local = summary["differences"]["edge_distill_c_public_private - edge_local"]
     assert local["map"]["mean"] == pytest.approx(0.02) and local["map"]["n"] == 2
