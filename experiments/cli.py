@@ -47,6 +47,13 @@ def check_seeds(seeds: int) -> None:
         raise ConfigError(f"--seeds {seeds}: must be >= 1")
 
 
+def cmd_paper_summary(args) -> int:
+    from experiments.paper import summarize_paper_run
+
+    print(summarize_paper_run(args.run_dir))
+    return 0
+
+
 def cmd_paper(args) -> int:
     from experiments.paper import find_paper_config, load_paper_config, run_paper
 
@@ -168,10 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=["cpu", "paper"])
     p.add_argument("--seed", type=int)
     p.add_argument("--seeds", type=int, default=1,
-                   help="replicates: customer seeds seed, seed+1, ... (the manufacturer keeps seed); with K > 1, each seed's "
+                   help="replicates: customer seeds seed, seed+1, ... (the manufacturer keeps seed); each seed's "
                         "outputs in seed-<s>/ and mean ± std, paired differences and 95%% intervals over seeds at the top")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.set_defaults(func=cmd_paper)
+
+    p = sub.add_parser("paper-summary", help="rewrite a paper run's table.json / table.md from its seed-<s>/ folders")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_paper_summary)
 
     p = sub.add_parser("simulate", help="the federation: a Flower ServerApp (manufacturer) and ClientApps (customers) on Ray")
     add_config(p, str(CONFIG_DIR / "federation.toml"))

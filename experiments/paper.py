@@ -13,6 +13,7 @@ with 95% intervals, the per-seed values) and ``table.md`` (``format_paper_summar
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -97,7 +98,6 @@ def run_paper(config: ExperimentConfig, experiment: str, pipeline: PipelineConfi
     if progress:
         print(f"paper {experiment}: {config.preset} preset, manufacturer seed {config.seed}, customer seeds "
               f"{', '.join(map(str, customer_seeds))}; run folder {run.folder}", file=sys.stderr, flush=True)
-    rows_per_seed, replicates = [], []
     for customer_seed in customer_seeds:
         seed_config = {**run_config, "customer_seed": customer_seed}
         replicate = Run(run.folder / f"seed-{customer_seed}")
@@ -110,18 +110,35 @@ def run_paper(config: ExperimentConfig, experiment: str, pipeline: PipelineConfi
                               config=to_jsonable(seed_config), progress=progress, customer_seed=customer_seed)
         result.settings["customer_seed"] = customer_seed
         print(write_paper_outputs(replicate, result, experiment, total_seconds=time.perf_counter() - started) + "\n", flush=True)
-        rows_per_seed.append(result.rows)
-        replicates.append({"folder": replicate.folder.name, "accepted": result.verdict.accepted})
-        summary = aggregate_paper_tables(experiment, config.preset, config.data.source, customer_seeds[:len(rows_per_seed)],
-                                         rows_per_seed)
-        for entry, extra in zip(summary["per_seed"], replicates):
-            entry.update(extra)
-        run.write_json("table.json", summary)
-        text = format_paper_summary(summary, manufacturer_seed=config.seed)
-        atomic_write_text(run.folder / "table.md", text + "\n")
+        text = summarize_paper_run(run.folder)
     print(text, flush=True)
     print(f"\nresults in {run.folder} (table.md, table.json; each seed's outputs in seed-<s>/)", flush=True)
     return run
+
+
+def summarize_paper_run(folder: str | Path) -> str:
+    """Write ``table.json`` and ``table.md`` at the top of a paper run folder from the replicates
+    it holds (``seed-<s>/table.json``, in seed order), reading nothing but those saved files and
+    the folder's ``config.json``; returns the Markdown. ``run_paper`` calls it after every
+    replicate; ``diredi-sim paper-summary RUN_DIR`` calls it again on a finished or stopped run."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        tables = sorted(((json.loads(path.read_text(encoding="utf-8")), path.parent.name) for path in folder.glob("seed-*/table.json")),
+                        key=lambda item: item[0]["settings"]["customer_seed"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{folder}: not a readable paper run folder ({exc})") from None
+    if not tables:
+        raise ConfigError(f"{folder}: no finished replicate (seed-<s>/table.json)")
+    seeds = [table["settings"]["customer_seed"] for table, _ in tables]
+    summary = aggregate_paper_tables(config["experiment"], config["preset"], config["data"]["source"], seeds,
+                                     [table["rows"] for table, _ in tables])
+    for entry, (table, name) in zip(summary["per_seed"], tables):
+        entry.update({"folder": name, "accepted": table["verdict"]["accepted"], "training_images": table["settings"].get("training_images")})
+    atomic_write_json(folder / "table.json", summary)
+    text = format_paper_summary(summary, manufacturer_seed=config.get("seed"))
+    atomic_write_text(folder / "table.md", text + "\n")
+    return text
 
 
 def write_paper_outputs(run: Run, result: PipelineResult, experiment: str, *, total_seconds: float | None = None) -> str:
@@ -346,5 +363,5 @@ def format_paper_summary(summary: dict, *, manufacturer_seed: int | None = None)
     return "\n".join(lines)
 
 
-__all__ = ["find_paper_config", "load_paper_config", "run_paper", "write_paper_outputs", "format_paper_table",
+__all__ = ["find_paper_config", "load_paper_config", "run_paper", "summarize_paper_run", "write_paper_outputs", "format_paper_table",
            "aggregate_paper_tables", "format_paper_summary", "EXPERIMENTS"]

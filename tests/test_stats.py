@@ -208,3 +208,11 @@ def test_run_paper_with_seeds_writes_each_seed_and_the_summary(tmp_path, monkeyp
     markdown = (run.folder / "table.md").read_text()
     assert "| edge_direct |" in markdown and "the manufacturer's seed stays 10" in markdown
     assert markdown.strip() in capsys.readouterr().out
+    # the summary is a function of the saved replicates alone: rewritten from them, it is the same
+    (run.folder / "table.json").unlink()
+    assert paper.summarize_paper_run(run.folder).strip() == markdown.strip()
+    assert json.loads((run.folder / "table.json").read_text()) == summary
+    with pytest.raises(ConfigError, match="no finished replicate"):
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "config.json").write_text(json.dumps({"experiment": "exp1", "preset": "cpu", "data": {"source": "synthetic"}}))
+        paper.summarize_paper_run(tmp_path / "empty")
