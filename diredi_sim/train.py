@@ -323,13 +323,9 @@ class MixedLoader:
         self._generator = torch.Generator().manual_seed(seed + 1)
         self._order: list[int] = []
         self._passes = 0
-        self.images = 0  # images handed out so far, both parts counted
 
     def __len__(self) -> int:
         return len(self.primary)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.primary.dataset.set_epoch(epoch)
 
     def _next_extra(self) -> tuple[Tensor, dict]:
         if not self._order:
@@ -344,7 +340,6 @@ class MixedLoader:
                 extra = [self._next_extra() for _ in range(self.extra_per_batch)]
                 images = list(images) + [image for image, _ in extra]
                 targets = list(targets) + [target for _, target in extra]
-            self.images += len(images)
             yield images, targets
 
 
@@ -401,9 +396,7 @@ def fit(
     result: dict = {}
     done, images = 0, 0
     for epoch in range(1, epochs + 1):
-        if isinstance(loader, MixedLoader):
-            loader.set_epoch(epoch)
-        elif hasattr(loader.dataset, "set_epoch"):
+        if hasattr(loader.dataset, "set_epoch"):  # a MixedLoader's dataset is its presumed part's
             loader.dataset.set_epoch(epoch)
         with backbone_precision(cfg.precision):
             stats = train_one_epoch(modules if modules is not None else detector, compute_losses, optimizer, loader, epoch=epoch,

@@ -62,9 +62,9 @@ def test_tutor2_batches_are_tutor1_batches_plus_the_customers_images(datasets):
                              extra_per_batch=per_batch, seed=11, hflip_prob=0.5)
         out = []
         for epoch in (1, 2):
-            loader.set_epoch(epoch)
+            loader.dataset.set_epoch(epoch)  # as fit() does
             out += list(loader)
-        return out, loader.images
+        return out, sum(len(images) for images, _ in out)
 
     tutor1, images1 = batches(data.presumed, (), 0)
     tutor2, images2 = batches(data.presumed_kept, data.own, extra)
