@@ -97,13 +97,15 @@ def test_a_round_completes_when_customers_raise_hang_or_reply_malformed(tmp_path
     """Customer 1 raises, customer 2 hangs past the round timeout, customer 3 replies without
     metrics: the round completes with customer 0, and each failure is in the run folder.
     Customer 0 is the first simulation's customer 0 (same data, seeds and settings, manufacturer
-    trained again from scratch): its results must be identical (determinism on the CPU)."""
+    trained again from scratch): its results must be identical (determinism on the CPU).
+    One actor per customer (num_cpus=4 logical CPUs), so that customer 0 never queues behind the
+    hanging one, and 60 s of timeout: on CI's 2 loaded cores 30 s was not enough for customer 0."""
     pipeline = PipelineConfig(teacher=STAGE, distill_a=STAGE, distill_b=STAGE, rd=STAGE, distill_c=STAGE, direct=STAGE,
                               cache_dir=str(tmp_path / "manufacturer-cache"), eval_batch_size=16)
     config = FederationConfig(name="faults", runs_dir=str(tmp_path / "runs"),
                               data=DataConfig(cache_dir=str(tmp_path / "data"), synthetic=TINY), pipeline=pipeline,
                               population=PopulationConfig(customers=("exp1", "exp2", "exp1", "exp2"), generated=0),
-                              simulation=SimulationConfig(num_rounds=1, client_threads=1, num_cpus=2, round_timeout=30,
+                              simulation=SimulationConfig(num_rounds=1, client_threads=1, num_cpus=4, round_timeout=60,
                                                           inject_faults="1:raise,2:hang,3:malformed"))
     from experiments.simulate import run_simulate
 
