@@ -41,7 +41,7 @@ stay_offline()
 
 from diredi_sim.deltas import compress_delta, compute_norm, count_bytes, decompress_delta  # noqa: E402
 from diredi_sim.federation import (build_population, count_state_bytes, customer_work, load_federation_config,  # noqa: E402
-                                   manufacturer_work)
+                                   round_in_one_process)
 from diredi_sim.pipeline import DataSets, manufacturer_is_cached, prepare_manufacturer, resolve_cache_dir  # noqa: E402
 
 TARGET_RATIO, TARGET_LOSS = 4.0, 0.01  # at least 4x smaller, at most 1 AP point lost
@@ -99,7 +99,7 @@ def main() -> None:
             decoded = decompress_delta(payload, shapes)
             error = compute_norm({k: decoded[k] - delta[k] for k in delta}) / max(compute_norm(delta), 1e-12)
             step = time.perf_counter()
-            result = manufacturer_work(config, customer, tutor_state, edge_state, decoded, len(population))
+            result = round_in_one_process(config, customer, len(population), tutor_state, edge_state, decoded)
             by_key = {r["key"]: r for r in result["rows"]}
             accepted = result["verdict"]["accepted"]
             tutor = by_key.get("tutor_updated" if accepted else "tutor_rejected_candidate", {})

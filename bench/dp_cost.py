@@ -37,7 +37,7 @@ from experiments.offline import stay_offline  # noqa: E402
 stay_offline()
 
 from diredi_sim.deltas import compute_norm  # noqa: E402
-from diredi_sim.federation import (build_population, customer_work, load_federation_config, manufacturer_work,  # noqa: E402
+from diredi_sim.federation import (build_population, customer_work, load_federation_config, round_in_one_process,  # noqa: E402
                                    privatize_delta)
 from diredi_sim.pipeline import DataSets, prepare_manufacturer  # noqa: E402
 
@@ -81,7 +81,7 @@ def main() -> None:
         for c, z in settings:
             dp = replace(config, simulation=replace(config.simulation, dp_clip_norm=c, dp_noise_multiplier=z))
             delta = privatize_delta(dp, customer.partition_id, raw[customer.partition_id])
-            result = manufacturer_work(dp, customer, tutor_state, edge_state, delta, len(population))
+            result = round_in_one_process(dp, customer, len(population), tutor_state, edge_state, delta)
             verdict = result["verdict"]
             deployed = {r["key"]: r for r in result["rows"]}.get("edge_distill_c_public_private", {})
             rows.append({"customer": customer.name, "setting": "off" if not c else f"clip {c:.3g}, z {z:g}",

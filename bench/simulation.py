@@ -33,7 +33,7 @@ from experiments.offline import stay_offline  # noqa: E402
 stay_offline()
 
 from diredi_sim.federation import (build_population, customer_work, load_federation_config, load_model,  # noqa: E402
-                                   manufacturer_work, merge_accepted)
+                                   round_in_one_process, merge_accepted)
 from diredi_sim.pipeline import DataSets, prepare_manufacturer  # noqa: E402
 
 
@@ -55,13 +55,14 @@ def run_plain(config) -> float:
         accepted, weights = [], []
         for customer, reply in zip(population, replies):
             step_start = time.perf_counter()
-            result = manufacturer_work(config, customer, tutor_state, deployed.get(customer.partition_id, original_edge),
-                                       reply["delta"], len(population))
+            result = round_in_one_process(config, customer, len(population), tutor_state,
+                                          deployed.get(customer.partition_id, original_edge), reply["delta"])
             print(f"plain: round {server_round}, customer {customer.name}: customer's step {reply['metrics']['seconds']:.1f} s, "
                   f"manufacturer's step {time.perf_counter() - step_start:.1f} s", flush=True)
             if result["verdict"]["accepted"]:
                 accepted.append(reply["delta"])
                 weights.append(reply["metrics"]["num-examples"])
+            if config.simulation.deploy_mode in result["edges"]:
                 deployed[customer.partition_id] = result["edges"][config.simulation.deploy_mode]
         tutor = load_model("tutor", config.preset, tutor_state)
         merged, _ = merge_accepted(config, tutor, accepted, weights, datasets)

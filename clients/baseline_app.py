@@ -1,6 +1,8 @@
-"""The FedAvg / FedProx customer as a Flower ClientApp: fine-tune the received edge model on
-this customer's data and send the whole model back (``arrays``) with ``num-examples``.
-FedProx's ``proximal-mu`` arrives in the round's config (Flower's FedProx puts it there)."""
+"""The FedAvg / FedProx customer as a Flower ClientApp: ``train`` fine-tunes the received edge
+model on this customer's data and sends the whole model back (``arrays``) with
+``num-examples``; FedProx's ``proximal-mu`` arrives in the round's config (Flower's FedProx puts
+it there). ``evaluate`` evaluates the received edge model on this customer's test images and
+replies with scalars only (per-class AP, P, R, F1)."""
 
 from __future__ import annotations
 
@@ -9,20 +11,33 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.client_app import ROUND_KEYS, read_partition_id
-from diredi_sim.federation import baseline_customer_work, build_population, federation_from_flat
+from diredi_sim.federation import baseline_customer_work, build_population, customer_evaluate, federation_from_flat
 
 app = ClientApp()
+
+
+def read_customer(msg: Message, context: Context):
+    settings = {k: v for k, v in msg.content["config"].items() if k not in (*ROUND_KEYS, "proximal-mu")}
+    config = federation_from_flat(settings, source="the round's config")
+    population = build_population(config.population, config.pipeline.presumed_split)
+    return config, population, population[read_partition_id(context, len(population))]
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     round_config = msg.content["config"]
-    settings = {k: v for k, v in round_config.items() if k not in (*ROUND_KEYS, "proximal-mu")}
-    config = federation_from_flat(settings, source="the round's config")
-    population = build_population(config.population, config.pipeline.presumed_split)
-    customer = population[read_partition_id(context, len(population))]
+    config, population, customer = read_customer(msg, context)
     torch.set_num_threads(config.simulation.client_threads)
     result = baseline_customer_work(config, customer, len(population), msg.content["arrays"].to_torch_state_dict(),
                                     proximal_mu=float(round_config.get("proximal-mu", 0.0)))
     return Message(RecordDict({"arrays": ArrayRecord(result["arrays"]), "metrics": MetricRecord(result["metrics"])}),
                    reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    config, _, customer = read_customer(msg, context)
+    torch.set_num_threads(config.simulation.client_threads)
+    metrics = customer_evaluate(config, customer, {"edge": msg.content["arrays"].to_torch_state_dict()})
+    return Message(RecordDict({"metrics": MetricRecord({**metrics, "partition-id": customer.partition_id,
+                                                        "num-examples": int(metrics["edge/test_images"])})}), reply_to=msg)

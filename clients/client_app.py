@@ -1,10 +1,17 @@
-"""The DiReDi customer as a Flower ClientApp (DESIGN.md section 6).
+"""The DiReDi customer as a Flower ClientApp (DESIGN.md section 6). Its images and labels are
+read here only (from its partition id); what goes up is the list below, nothing else.
 
-Downlink, in the message: the shared tutor (``tutor``) and this customer's deployed edge model
-(``edge``) as ArrayRecords keyed by parameter name, and the run's settings (``config``, flat
-keys). A ``query.partition`` message is answered with the node's partition id alone. The customer loads its own data from its partition id, runs RD B and RD A through
-:func:`diredi_sim.federation.customer_work`, and replies with the neck+head delta (``delta``,
-an ArrayRecord keyed by parameter name) and a MetricRecord of scalars. Nothing else goes up.
+- ``train``: down the shared tutor (``tutor``) and this customer's deployed edge model
+  (``edge``), ArrayRecords keyed by parameter name, and the run's settings (``config``, flat
+  keys). It runs RD B and RD A (:func:`diredi_sim.federation.customer_work`) and replies with
+  the neck+head delta (``delta``, by parameter name) and a MetricRecord of scalars.
+- ``train.distill_c``: down tutor' (``tutor``) and its edge (``edge``). It runs Distill C on
+  its whole data (:func:`diredi_sim.federation.customer_redistill`) and replies with the new
+  edge model under its row key (``edge_distill_c_public_private``, and ``..._score`` when that
+  loss is configured) and scalars; the manufacturer checks it before deploying it.
+- ``evaluate``: down the round's models, one ArrayRecord per table row. It evaluates each on
+  its own test images and replies with per-class AP, P, R, F1 as scalars (``metrics``).
+- ``query.partition``: answered with the node's partition id alone.
 
 With ``simulation.dp_clip_norm`` > 0, :func:`local_dp_mod` clips that delta and adds Gaussian
 noise before the reply leaves (local differential privacy). Flower's own ``LocalDpMod`` does not
@@ -27,8 +34,8 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from diredi_sim.deltas import compress_delta, compute_norm, count_state_bytes, select_neck_head
-from diredi_sim.federation import (FederationConfig, build_population, customer_work, federation_from_flat, parse_faults,
-                                   privatize_delta)
+from diredi_sim.federation import (FederationConfig, build_population, customer_evaluate, customer_redistill, customer_work,
+                                   federation_from_flat, parse_faults, privatize_delta)
 from diredi_sim.runs import release_memory
 
 # Keys the strategy adds to the round's config that are not settings of the run.
@@ -101,9 +108,7 @@ def partition(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """RD B and RD A on this customer's data; reply with the delta and scalar metrics."""
-    config = read_config(msg)
-    population = build_population(config.population, config.pipeline.presumed_split)
-    customer = population[read_partition_id(context, len(population))]
+    config, population, customer = read_customer(msg, context)
     fault = parse_faults(config.simulation.inject_faults).get(customer.partition_id)
     if fault == "raise":
         raise RuntimeError(f"injected fault: customer {customer.partition_id} raises")
@@ -119,3 +124,32 @@ def train(msg: Message, context: Context) -> Message:
     release_memory()  # the actor waits for its next customer without its training peak
     metrics = MetricRecord({**result["metrics"], "server-round": int(msg.content["config"].get("server-round", 0))})
     return Message(RecordDict({"delta": ArrayRecord(result["delta"]), "metrics": metrics}), reply_to=msg)
+
+
+def read_customer(msg: Message, context: Context):
+    config = read_config(msg)
+    population = build_population(config.population, config.pipeline.presumed_split)
+    return config, population, population[read_partition_id(context, len(population))]
+
+
+@app.train("distill_c")
+def distill_c(msg: Message, context: Context) -> Message:
+    """Distill C public+private here, on this customer's data; reply with the new edge model(s)."""
+    config, population, customer = read_customer(msg, context)
+    torch.set_num_threads(config.simulation.client_threads)
+    result = customer_redistill(config, customer, len(population), msg.content["tutor"].to_torch_state_dict(),
+                                msg.content["edge"].to_torch_state_dict())
+    release_memory()
+    records = {key: ArrayRecord(state) for key, state in result["edges"].items()}
+    return Message(RecordDict({**records, "metrics": MetricRecord(result["metrics"])}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Every model of the message on this customer's test images; reply with scalars only."""
+    config, _, customer = read_customer(msg, context)
+    torch.set_num_threads(config.simulation.client_threads)
+    models = {key: record.to_torch_state_dict() for key, record in msg.content.items() if isinstance(record, ArrayRecord)}
+    metrics = customer_evaluate(config, customer, models)
+    release_memory()
+    return Message(RecordDict({"metrics": MetricRecord({**metrics, "partition-id": customer.partition_id})}), reply_to=msg)

@@ -47,6 +47,7 @@ import io
 import json
 import math
 import resource
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -63,7 +64,7 @@ from diredi_sim.data import VOC_CLASSES
 from diredi_sim.data.sources import resolve_data_folder
 from diredi_sim.data.splits import filter_split, keep_classes, resolve_split
 from diredi_sim.data.synthetic import default_cache_dir
-from diredi_sim.data.voc import ImageRecord, load_annotations
+from diredi_sim.data.voc import ImageRecord, load_annotations, resolve_voc_folder
 from diredi_sim.deltas import apply_delta, compute_delta, compute_norm, count_bytes
 from diredi_sim.evaluate import compute_voc_ap, evaluate_detections
 from diredi_sim.losses import FGDConfig
@@ -241,6 +242,10 @@ class StageRecorder:
 POOLS = ("public", "customer", "all")
 
 
+class PrivacyError(RuntimeError):
+    """A process asked for data its side of the federation must not read."""
+
+
 def pool_of(image_id: str, public_fraction: float) -> str:
     """The pool an image belongs to: ``public`` (the manufacturer's) or ``customer``, from a hash
     of its id alone, so that the split does not depend on the order or the number of images."""
@@ -256,14 +261,26 @@ class DataSets:
     images; also shipped to customers as the presumed data of reverse distillation) and the
     ``customer`` images, which only customers hold. No image id is in both."""
 
-    def __init__(self, data: DataConfig):
+    def __init__(self, data: DataConfig, *, folder: Path | None = None, pools: Sequence[str] = POOLS):
         self.data = data
-        self.folder = resolve_data_folder(data)
+        self.folder = folder if folder is not None else resolve_data_folder(data)
+        self.pools = tuple(pools)
         self._records: dict[tuple[str, str], list[ImageRecord]] = {}
+
+    @classmethod
+    def manufacturer(cls, data: DataConfig) -> "DataSets":
+        """The manufacturer's view: its public pool only, read from ``data.manufacturer_root``
+        when set (a folder that holds nothing else), else from the data source. Asking it for
+        the customers' pool is a :class:`PrivacyError`."""
+        folder = resolve_voc_folder(data.manufacturer_root) if data.manufacturer_root else None
+        return cls(data, folder=folder, pools=("public",))
 
     def records(self, image_set: str, split, limit: int = 0, *, pool: str) -> list[ImageRecord]:
         if pool not in POOLS:
             raise ValueError(f"pool {pool!r}: must be one of {list(POOLS)}")
+        if pool not in self.pools:
+            raise PrivacyError(f"the {pool!r} pool of image set {image_set!r} was asked for where only {list(self.pools)} "
+                               f"may be read (the manufacturer's process never reads a customer's images or labels)")
         if (image_set, "all") not in self._records:
             on_problem = "warn" if self.data.source == "voc" else "raise"
             every = load_annotations(self.folder, image_set, on_problem=on_problem)
@@ -278,6 +295,29 @@ class DataSets:
 
     def val(self, split, cfg: TrainConfig, *, pool: str) -> list[ImageRecord]:
         return self.records(self.data.val_set, split, cfg.max_eval_images, pool=pool)
+
+
+def export_pool(data: DataConfig, destination: str | Path, pool: str = "public") -> dict[str, int]:
+    """Copy one pool of the data source (train, val and test image sets) into a new VOC folder
+    ``destination``: its images, its annotation files and image-set lists holding its ids only,
+    in the source's order. ``data.manufacturer_root = destination`` then gives the manufacturer
+    the same records as the source's public pool, with no other file in reach. Returns the
+    images per image set. Refuses a destination that already holds files."""
+    destination = Path(destination)
+    if destination.exists() and any(destination.iterdir()):
+        raise FileExistsError(f"{destination}: not empty; export_pool writes into a new folder")
+    datasets = DataSets(data)
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (destination / sub).mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for image_set in dict.fromkeys((data.train_set, data.val_set, data.test_set)):
+        records = datasets.records(image_set, "all", pool=pool)
+        for record in records:
+            shutil.copy2(record.image_path, destination / "JPEGImages" / record.image_path.name)
+            shutil.copy2(datasets.folder / "Annotations" / f"{record.image_id}.xml", destination / "Annotations")
+        (destination / "ImageSets" / "Main" / f"{image_set}.txt").write_text("".join(f"{r.image_id}\n" for r in records))
+        counts[image_set] = len(records)
+    return counts
 
 
 def copy_for_training(detector: nn.Module) -> nn.Module:
@@ -312,6 +352,8 @@ def describe_manufacturer(pipeline: PipelineConfig, data: DataConfig, *, preset:
         source = {"source": "synthetic", "synthetic": asdict(data.synthetic)}
     else:
         source = {"source": "voc", "voc_root": str(Path(data.voc_root).expanduser().resolve()), "year": data.year}
+    if data.manufacturer_root:  # the manufacturer's images come from there
+        source["manufacturer_root"] = str(Path(data.manufacturer_root).expanduser().resolve())
     return to_jsonable({
         "format": MANUFACTURER_CACHE_FORMAT,
         "preset": preset,
@@ -435,7 +477,7 @@ def prepare_manufacturer(
             print(f"manufacturer: reusing teacher, tutor and edge from {folder}", file=sys.stderr, flush=True)
         return Manufacturer(models["teacher"], models["tutor"], models["edge"], folder, key, True, description)
 
-    datasets = datasets or DataSets(data)
+    datasets = datasets or DataSets.manufacturer(data)
     teacher_split, presumed = pipeline.teacher_split, pipeline.presumed_split
     teacher_classes = ClassSets.indices(resolve_split(teacher_split))
     presumed_classes = ClassSets.indices(resolve_split(presumed))
@@ -689,6 +731,68 @@ def run_customer(
     return CustomerUpdate(trained["tutor1"], trained["tutor2"], delta, delta_info, counts)
 
 
+def review_update(tutor: nn.Module, delta: dict[str, Tensor], pipeline: PipelineConfig, datasets: DataSets, *,
+                  recorder: StageRecorder | None = None,
+                  say: Callable[[str], None] = lambda text: None) -> tuple[Verdict, nn.Module, nn.Module | None]:
+    """Step 5, on the manufacturer's own data: substitute ``tutor + delta_weight * delta`` and
+    verify it on the held-out presumed images (public val). Returns (verdict, tutor', the
+    rejected candidate or None): tutor' is the updated tutor if accepted, a copy of the
+    unchanged tutor if not; ``tutor`` itself is never changed."""
+    recorder = recorder or StageRecorder()
+    presumed = ClassSets.indices(resolve_split(pipeline.presumed_split))
+    verify_records = datasets.records(datasets.data.val_set, pipeline.presumed_split, pipeline.max_eval_images, pool="public")
+    with recorder.measure("verify", verify_images=len(verify_records)) as entry:
+        def evaluate_presumed(model: nn.Module) -> dict:
+            return evaluate_detector(model, verify_records, presumed, batch_size=pipeline.eval_batch_size,
+                                     score_threshold=pipeline.score_threshold)
+
+        verdict, updated_state = verify_update(tutor, delta, evaluate_presumed, pipeline.verify, weight=pipeline.delta_weight)
+        entry["accepted"] = verdict.accepted
+    say(f"verification: {'accepted' if verdict.accepted else 'REJECTED'} (presumed mAP {verdict.map_before:.3f} -> "
+        f"{verdict.map_after:.3f}){''.join(chr(10) + '  ' + r for r in verdict.reasons)}")
+    tutor_prime, candidate = copy.deepcopy(tutor), None  # a rejected update leaves the tutor untouched
+    if verdict.accepted:
+        tutor_prime.load_state_dict(updated_state)
+    else:
+        try:
+            candidate = copy.deepcopy(tutor)
+            candidate.load_state_dict(apply_delta(tutor.state_dict(), delta, pipeline.delta_weight))
+        except (ValueError, RuntimeError, KeyError):
+            candidate = None  # a malformed delta has no candidate to show
+    return verdict, tutor_prime, candidate
+
+
+def distill_c_training_data(data: CustomerData, mode: str) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """Distill C's (train, val) images in data ``mode``: the manufacturer's presumed images
+    (``public``), or the customer's whole data, validated on its own images (``public+private``)."""
+    return (data.presumed, data.presumed_val) if mode == "public" else (data.combined, data.own_val)
+
+
+def redistill(tutor_prime: nn.Module, edge: nn.Module, train: list[ImageRecord], val: list[ImageRecord],
+              classes: Sequence[str], pipeline: PipelineConfig, *, mode: str, loss: str, seed: int,
+              recorder: StageRecorder | None = None, **common) -> tuple[nn.Module, int]:
+    """Step 6, Distill C: tutor' -> a new edge model, starting from the weights of ``edge``, on
+    ``train`` (validated on ``val``, AP over ``classes``). As the paper: FGD at its attention
+    temperature (``distill_c_temperature``, the paper's 1.5) + the edge's task loss; ``loss =
+    "fgd+score"`` adds class-score distillation from tutor' (an ablation); ``mode`` names the
+    data mode (the row is :func:`distill_c_row`). Returns the new edge model and the images it trained on. The same
+    call runs at the manufacturer (public mode) and at the customer (public+private mode)."""
+    recorder = recorder or StageRecorder(common.get("run"))
+    cfg = pipeline.distill_c
+    fgd = replace(pipeline.fgd, temperature=pipeline.distill_c_temperature)
+    score_weight = pipeline.distill_c_score_weight if loss == "fgd+score" else 0.0
+    key, stage = distill_c_row(mode, loss), f"distill_c_{mode}" + ("_score" if loss == "fgd+score" else "")
+    with recorder.measure(stage, epochs=cfg.epochs, score_weight=score_weight, temperature=pipeline.distill_c_temperature) as entry:
+        torch.manual_seed(seed + _SEED_OFFSETS["distill_c"])
+        student = copy_for_training(edge)
+        result = distill(copy.deepcopy(tutor_prime), student, train, val, cfg, class_indices=ClassSets.indices(classes),
+                         feature_weight=pipeline.distill_c_feature_weight, task_weight=pipeline.distill_c_task_weight,
+                         score_weight=score_weight, temperature=pipeline.distill_c_temperature, fgd=fgd,
+                         seed=seed + _SEED_OFFSETS["distill_c"], name=key, **common)
+        entry.update(train_images=result["train_images"], train_steps=result["train_steps"])
+    return student, result["train_images"]
+
+
 @dataclass
 class ManufacturerStep:
     """What the manufacturer makes of one customer's delta (steps 5-6)."""
@@ -712,64 +816,26 @@ def run_manufacturer_step(
     recorder: StageRecorder | None = None,
     say: Callable[[str], None] = lambda text: None,
     records: Callable[[list[ImageRecord]], list[ImageRecord]] = lambda r: r,
-    run: Run | None = None,
-    config: Any = None,
-    progress: bool = True,
     distill_rejected: bool = True,
+    **common,
 ) -> ManufacturerStep:
-    """Verify ``tutor + delta_weight * delta`` on the manufacturer's held-out presumed data (the
-    val images of the presumed classes), then Distill C from tutor' into a copy of ``edge`` in
-    each data mode. ``seed`` is the customer's seed; ``records`` picks the customer's share of
-    its own split's images for the public+private mode (the public mode uses the manufacturer's).
-    With ``distill_rejected`` False a rejected update gets no Distill C: the customer keeps its
-    edge model (the federation's rule); True distils from the unchanged tutor anyway (the
-    paper command shows every row)."""
-    recorder = recorder or StageRecorder(run)
-    common = dict(run=run, config=config, progress=progress)
-    presumed = ClassSets.indices(resolve_split(pipeline.presumed_split))
-    verify_records = datasets.records(datasets.data.val_set, pipeline.presumed_split, pipeline.max_eval_images, pool="public")
-    with recorder.measure("verify", verify_images=len(verify_records)) as entry:
-        def evaluate_presumed(model: nn.Module) -> dict:
-            return evaluate_detector(model, verify_records, presumed, batch_size=pipeline.eval_batch_size,
-                                     score_threshold=pipeline.score_threshold)
-
-        verdict, updated_state = verify_update(tutor, delta, evaluate_presumed, pipeline.verify, weight=pipeline.delta_weight)
-        entry["accepted"] = verdict.accepted
-    say(f"verification: {'accepted' if verdict.accepted else 'REJECTED'} (presumed mAP {verdict.map_before:.3f} -> "
-        f"{verdict.map_after:.3f}){''.join(chr(10) + '  ' + r for r in verdict.reasons)}")
-    tutor_prime, candidate = copy.deepcopy(tutor), None  # a rejected update leaves the tutor untouched
-    if verdict.accepted:
-        tutor_prime.load_state_dict(updated_state)
-    else:
-        try:
-            candidate = copy.deepcopy(tutor)
-            candidate.load_state_dict(apply_delta(tutor.state_dict(), delta, pipeline.delta_weight))
-        except (ValueError, RuntimeError, KeyError):
-            candidate = None  # a malformed delta has no candidate to show
-
-    cfg = pipeline.distill_c
+    """Steps 5 and 6 in one process (the ``paper`` flow): :func:`review_update`, then
+    :func:`redistill` per data mode and loss. The public+private mode reads the customer's data:
+    in the federation it runs at the customer instead (``clients/``), and this function is not
+    used there. ``seed`` is the customer's seed; ``records`` picks the customer's share of its
+    split's images. With ``distill_rejected`` False a rejected update gets no Distill C (the
+    customer keeps its edge model); True distils from the unchanged tutor anyway."""
+    recorder = recorder or StageRecorder(common.get("run"))
+    verdict, tutor_prime, candidate = review_update(tutor, delta, pipeline, datasets, recorder=recorder, say=say)
     edges, counts = {}, {}
-    data = select_customer_data(datasets, pipeline, customer, cfg, records)
-    # Distill C as the paper: FGD (its attention temperature: the paper's 1.5) + the edge's task
-    # loss; "fgd+score" adds class-score distillation from tutor' (an ablation).
-    fgd = replace(pipeline.fgd, temperature=pipeline.distill_c_temperature)
+    data = select_customer_data(datasets, pipeline, customer, pipeline.distill_c, records)
     for mode in (pipeline.distill_c_modes if verdict.accepted or distill_rejected else ()):
-        train, val = (data.presumed, data.presumed_val) if mode == "public" else (data.combined, data.own_val)
+        train, val = distill_c_training_data(data, mode)
+        classes = resolve_split(pipeline.presumed_split if mode == "public" else customer)
         for loss in pipeline.distill_c_losses:
             key = distill_c_row(mode, loss)
-            score_weight = pipeline.distill_c_score_weight if loss == "fgd+score" else 0.0
-            with recorder.measure(f"distill_c_{mode}" + ("_score" if loss == "fgd+score" else ""), epochs=cfg.epochs,
-                                  score_weight=score_weight, temperature=pipeline.distill_c_temperature) as entry:
-                torch.manual_seed(seed + _SEED_OFFSETS["distill_c"])
-                student = copy_for_training(edge)
-                result = distill(copy.deepcopy(tutor_prime), student, train, val, cfg,
-                                 class_indices=ClassSets.indices(resolve_split(pipeline.presumed_split if mode == "public" else customer)),
-                                 feature_weight=pipeline.distill_c_feature_weight, task_weight=pipeline.distill_c_task_weight,
-                                 score_weight=score_weight, temperature=pipeline.distill_c_temperature, fgd=fgd,
-                                 seed=seed + _SEED_OFFSETS["distill_c"], name=key, **common)
-                entry.update(train_images=result["train_images"], train_steps=result["train_steps"])
-            edges[key] = student
-            counts[key] = result["train_images"]
+            edges[key], counts[key] = redistill(tutor_prime, edge, train, val, classes, pipeline, mode=mode, loss=loss, seed=seed,
+                                                recorder=recorder, **common)
     return ManufacturerStep(verdict, tutor_prime, candidate, edges, counts)
 
 
@@ -904,39 +970,38 @@ def _mean_ap(per_class: dict[str, float], names: Sequence[str]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def evaluate_rows(models: dict[str, nn.Module], test: Sequence[ImageRecord], classes: ClassSets, datasets: DataSets,
-                  pipeline: PipelineConfig, recorder: StageRecorder, say: Callable[[str], None],
-                  manufacturer_rows: bool = True) -> list[dict]:
-    """Every row of the table (ROWS order), with knowledge measures against its reference row.
+def measure_on_customer(model: nn.Module, test: Sequence[ImageRecord], classes: ClassSets, pipeline: PipelineConfig) -> dict:
+    """A row's numbers on the customer's test images (the customer's side): mAP, P, R, F1 over
+    its classes, per-class AP of the union, ``private_ap`` and ``dropped_ap`` (mean AP of the
+    private and of the dropped classes, None when there are none)."""
+    row = evaluate_row(model, test, classes.customer, classes.union, batch_size=pipeline.eval_batch_size,
+                       score_threshold=pipeline.score_threshold)
+    row["private_ap"] = _mean_ap(row["per_class"], classes.private)
+    row["dropped_ap"] = _mean_ap(row["per_class"], classes.dropped)
+    return row
 
-    Each model is evaluated twice: on the customer's test images ``test`` (mAP, P, R, F1 over
-    the customer's classes; per-class AP of the union; ``private_ap`` and ``dropped_ap``: mean AP
-    of the private and of the dropped classes, None when there are none) and on the
-    manufacturer's test images of the presumed classes (public pool): ``presumed_map``, the same
-    image set for every row, so that rows compare on the classes they were all trained for. The
-    teacher's row also has ``own``: its classes on the manufacturer's test images.
-    ``manufacturer_rows=False`` leaves out the teacher's row."""
+
+def measure_on_manufacturer(key: str, model: nn.Module, classes: ClassSets, datasets: DataSets, pipeline: PipelineConfig) -> dict:
+    """A row's numbers on the manufacturer's test images (its side, public pool): ``presumed_map``
+    over the presumed classes (the same images for every row); the teacher's row also ``own``,
+    its classes on those images."""
     settings = dict(batch_size=pipeline.eval_batch_size, score_threshold=pipeline.score_threshold)
     maker_test = datasets.records(datasets.data.test_set, classes.presumed, pipeline.max_eval_images, pool="public")
-    measured: dict[str, dict] = {}
-    with recorder.measure("evaluate", test_images=len(test), manufacturer_test_images=len(maker_test)):
-        for key, _, _, _, whose in ROWS:
-            if key not in models or (key == "teacher" and not manufacturer_rows):
-                continue
-            start = time.perf_counter()
-            row = evaluate_row(models[key], test, classes.customer, classes.union, **settings)
-            row["presumed_map"] = evaluate_row(models[key], maker_test, classes.presumed, classes.presumed, **settings)["mAP"]
-            row["private_ap"] = _mean_ap(row["per_class"], classes.private)
-            row["dropped_ap"] = _mean_ap(row["per_class"], classes.dropped)
-            row["presumed_test_images"] = len(maker_test)
-            if whose is not None:
-                names = {"teacher": classes.teacher, "presumed": classes.presumed}[whose]
-                records = datasets.records(datasets.data.test_set, names, pipeline.max_eval_images, pool="public")
-                result = evaluate_row(models[key], records, names, names, **settings)
-                row["own"] = {"classes": whose, "test_images": len(records),
-                              **{k: result[k] for k in ("mAP", "precision", "recall", "f1", "coco_AP", "per_class")}}
-            row["eval_seconds"] = round(time.perf_counter() - start, 2)
-            measured[key] = row
+    row = {"presumed_map": evaluate_row(model, maker_test, classes.presumed, classes.presumed, **settings)["mAP"],
+           "presumed_test_images": len(maker_test)}
+    whose = {r[0]: r[4] for r in ROWS}.get(key)
+    if whose is not None:
+        names = {"teacher": classes.teacher, "presumed": classes.presumed}[whose]
+        records = datasets.records(datasets.data.test_set, names, pipeline.max_eval_images, pool="public")
+        result = evaluate_row(model, records, names, names, **settings)
+        row["own"] = {"classes": whose, "test_images": len(records),
+                      **{k: result[k] for k in ("mAP", "precision", "recall", "f1", "coco_AP", "per_class")}}
+    return row
+
+
+def assemble_rows(measured: dict[str, dict], classes: ClassSets, say: Callable[[str], None] = lambda text: None) -> list[dict]:
+    """The table (ROWS order) from each row's measured numbers (both sides' halves merged), with
+    knowledge measures (gain, forgetting) against its reference row."""
     rows = []
     for key, label, role, reference, _ in ROWS:
         if key not in measured:
@@ -947,15 +1012,35 @@ def evaluate_rows(models: dict[str, nn.Module], test: Sequence[ImageRecord], cla
         else:
             row.update({"gain": math.nan, "forgetting": math.nan, "dropped_forgetting": math.nan, "change": {}})
         rows.append(row)
-        presumed_map = row["presumed_map"]
+        presumed_map = row.get("presumed_map", math.nan)
         say(f"{label:52} presumed mAP {presumed_map:.3f} | customer mAP {row['mAP']:.3f}  P {row['precision']:.3f}  "
-            f"R {row['recall']:.3f}  F1 {row['f1']:.3f}" + (f"  private AP {row['private_ap']:.3f}" if row["private_ap"] is not None else ""))
+            f"R {row['recall']:.3f}  F1 {row['f1']:.3f}" + (f"  private AP {row['private_ap']:.3f}" if row.get("private_ap") is not None else ""))
     return rows
+
+
+def evaluate_rows(models: dict[str, nn.Module], test: Sequence[ImageRecord], classes: ClassSets, datasets: DataSets,
+                  pipeline: PipelineConfig, recorder: StageRecorder, say: Callable[[str], None],
+                  manufacturer_rows: bool = True) -> list[dict]:
+    """Every row of the table, both halves in this process (the ``paper`` flow): each model on
+    the customer's test images ``test`` (:func:`measure_on_customer`) and on the manufacturer's
+    test images (:func:`measure_on_manufacturer`), then :func:`assemble_rows`.
+    ``manufacturer_rows=False`` leaves out the teacher's row."""
+    measured: dict[str, dict] = {}
+    with recorder.measure("evaluate", test_images=len(test)):
+        for key in (r[0] for r in ROWS):
+            if key not in models or (key == "teacher" and not manufacturer_rows):
+                continue
+            start = time.perf_counter()
+            measured[key] = {**measure_on_customer(models[key], test, classes, pipeline),
+                             **measure_on_manufacturer(key, models[key], classes, datasets, pipeline)}
+            measured[key]["eval_seconds"] = round(time.perf_counter() - start, 2)
+    return assemble_rows(measured, classes, say)
 
 
 __all__ = [
     "PipelineConfig", "PipelineResult", "ClassSets", "Manufacturer", "StageRecorder", "DataSets", "ROWS",
     "load_pipeline_config", "prepare_manufacturer", "manufacturer_is_cached", "describe_manufacturer", "describe_teacher", "compute_manufacturer_key",
     "run_pipeline", "run_customer", "run_manufacturer_step", "train_baseline", "select_customer_data", "CustomerData", "CustomerUpdate", "ManufacturerStep", "describe_delta",
-    "evaluate_row", "compute_knowledge", "read_peak_rss_mb", "copy_for_training",
+    "evaluate_row", "compute_knowledge", "read_peak_rss_mb", "copy_for_training", "review_update", "redistill",
+    "distill_c_training_data", "measure_on_customer", "measure_on_manufacturer", "assemble_rows", "export_pool", "PrivacyError",
 ]

@@ -126,7 +126,51 @@ def verify_update(
     candidate = copy.deepcopy(tutor)
     candidate.load_state_dict(updated_state)
     before = before if before is not None else evaluate(tutor)
-    after = evaluate(candidate)
+    verdict = judge(before, evaluate(candidate), cfg, norm=norm, state=updated_state)
+    return verdict, (updated_state if verdict.accepted else None)
+
+
+def check_model_state(state: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> list[str]:
+    """Every reason ``state`` cannot replace a model whose state is ``reference``: unknown or
+    missing keys, a value that is not a tensor, wrong shape or dtype, non-finite values."""
+    problems = [f"unknown key {k}" for k in sorted(set(state) - set(reference))]
+    missing = sorted(set(reference) - set(state))
+    if missing:
+        problems.append(f"{len(missing)} keys missing (e.g. {missing[0]})")
+    for key in sorted(set(state) & set(reference)):
+        value, expected = state[key], reference[key]
+        if not isinstance(value, Tensor):
+            problems.append(f"{key} is a {type(value).__name__}, not a tensor")
+        elif value.shape != expected.shape or value.dtype != expected.dtype:
+            problems.append(f"{key} is {value.dtype} {tuple(value.shape)}, expected {expected.dtype} {tuple(expected.shape)}")
+        elif value.is_floating_point() and not torch.isfinite(value).all():
+            problems.append(f"{key} has non-finite values")
+    return problems
+
+
+def verify_model(current: nn.Module, candidate_state: Mapping[str, Tensor], evaluate, cfg: VerifyConfig = VerifyConfig(), *,
+                 before: dict | None = None) -> tuple[Verdict, nn.Module | None]:
+    """The same checks for a whole model that would replace ``current`` (an edge model distilled
+    by a customer, before the manufacturer deploys it): ``candidate_state`` must match
+    ``current``'s keys, shapes and dtypes and be finite (:func:`check_model_state`, before any
+    evaluation), and on ``evaluate``'s held-out data no critical class may lose more AP,
+    precision, recall or F1 than ``cfg`` allows (``max_delta_norm`` does not apply: this is a
+    model, not a delta). The verdict's ``delta_norm`` is the norm of candidate - current over the
+    floating-point tensors. Returns the verdict and the candidate model (None when malformed)."""
+    reference = current.state_dict()
+    problems = check_model_state(candidate_state, reference)
+    if problems:
+        return Verdict(False, [f"malformed model: {p}" for p in problems], math.nan), None
+    norm = compute_norm({k: v - reference[k] for k, v in candidate_state.items() if v.is_floating_point()})
+    candidate = copy.deepcopy(current)
+    candidate.load_state_dict(candidate_state)
+    before = before if before is not None else evaluate(current)
+    return judge(before, evaluate(candidate), cfg, norm=norm, state=candidate_state), candidate
+
+
+def judge(before: Mapping, after: Mapping, cfg: VerifyConfig, *, norm: float, state: Mapping[str, Tensor]) -> Verdict:
+    """The verdict on a model evaluated ``after`` against the model it would replace, evaluated
+    ``before`` (both full ``evaluate_detections`` results), and on its weights ``state``."""
     voc_before, voc_after = _voc_part(before), _voc_part(after)
     prf_before, prf_after = _prf_part(before), _prf_part(after)
     reasons = []
@@ -154,7 +198,7 @@ def verify_update(
             if value_before - value_after > bound:
                 reasons.append(f"critical class {name}: {label} {at} fell {value_before - value_after:.3f} "
                                f"({value_before:.3f} -> {value_after:.3f}), more than {bound:.3f}")
-    if not all(torch.isfinite(v).all() for v in updated_state.values() if v.is_floating_point()):
+    if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
         reasons.append("updated weights are not all finite")
 
     def figures(prf: dict, stem: str) -> dict[str, float]:
@@ -165,7 +209,7 @@ def verify_update(
                       figures(prf_before, "precision"), figures(prf_after, "precision"),
                       figures(prf_before, "recall"), figures(prf_after, "recall"),
                       figures(prf_before, "f1"), figures(prf_after, "f1"))
-    return verdict, (updated_state if verdict.accepted else None)
+    return verdict
 
 
 def _voc_part(result: Mapping) -> Mapping:

@@ -27,9 +27,8 @@ from pathlib import Path
 import torch
 
 from diredi_sim.config import ConfigError
-from diredi_sim.federation import (FederationConfig, build_population, count_state_bytes, effective_pipeline, evaluate_for_customer,
-                                   load_model, pick_share)
-from diredi_sim.models import build_detector
+from diredi_sim.federation import (FederationConfig, build_population, effective_pipeline, evaluate_for_customer, load_model,
+                                   pick_share)
 from diredi_sim.pipeline import DataSets, prepare_manufacturer, train_baseline
 from diredi_sim.runs import Run, atomic_write_text, to_jsonable
 from experiments.stats import paired_difference
@@ -66,8 +65,6 @@ def run_diredi(config: FederationConfig) -> tuple[list[dict], Path]:
 
     outcome = run_simulate(config)
     rounds = config.simulation.num_rounds
-    tutor_bytes = count_state_bytes(build_detector("tutor", config.preset).state_dict())
-    edge_bytes = count_state_bytes(build_detector("edge", config.preset).state_dict())
     mode_key = "edge_distill_c_" + config.simulation.deploy_mode.replace("+", "_")
     rows = []
     for summary in outcome.summary:
@@ -75,17 +72,16 @@ def run_diredi(config: FederationConfig) -> tuple[list[dict], Path]:
             continue
         detail = json.loads((outcome.folder / f"round{rounds}" / f"customer{summary['partition_id']}.json").read_text())
         by_key = {r["key"]: r for r in detail["rows"]}
-        deployed = by_key[mode_key] if summary["verdict"] == "accepted" else by_key["edge_original"]
-        images = 0  # the customer's training images over every round: RD B + RD A + its Distill C
+        deployed = by_key[mode_key] if summary["edge"] == "deployed" else by_key["edge_original"]
+        images = uplink = downlink = 0  # over every round: training images (RD B + RD A + its Distill C), traffic
         for r in range(1, rounds + 1):
             record = json.loads((outcome.folder / f"round{r}" / f"customer{summary['partition_id']}.json").read_text())
-            metrics = record.get("customer_metrics", {})
-            images += int(metrics.get("rd-b-images", 0)) + int(metrics.get("num-examples", 0))
-            images += sum(int(st.get("train_images", 0)) for st in record.get("stages", [])
-                          if st.get("stage") == "distill_c_" + config.simulation.deploy_mode)
+            uplink, downlink = uplink + record["uplink_bytes"], downlink + record["downlink_bytes"]
+            counts = record.get("train_images", {})
+            images += counts.get("rd_b", 0) + counts.get("rd_a", 0) + counts.get(mode_key.replace("edge_", "", 1), 0)
         rows.append({"partition_id": summary["partition_id"], "customer": summary["customer"], "verdict": summary["verdict"],
                      **{k: deployed.get(k) for k in ("mAP", "precision", "recall", "f1", "gain", "forgetting", "per_class", "change")},
-                     "uplink_bytes": summary["uplink_bytes"] * rounds, "downlink_bytes": (tutor_bytes + edge_bytes) * rounds,
+                     "uplink_bytes": uplink, "downlink_bytes": downlink,
                      "train_images": images})
     return rows, outcome.folder
 

@@ -1,21 +1,39 @@
 """FedAvg and FedProx on the edge model, with Flower's own strategies, on the same customers,
-splits and seeds as DiReDi. After every round (and before the first) the global edge model is
-evaluated on each customer's test images: per-class AP, gain and forgetting against the
-original edge, one row per round per customer in ``metrics.jsonl``."""
+splits and seeds as DiReDi. Before the first round and after every round the global edge model
+is evaluated at each customer, on its own test images, by Flower's federated evaluation (an
+``evaluate`` message; the reply holds per-class AP and P/R/F1 as scalars): gain and
+forgetting against the original edge, one row per round per customer in ``metrics.jsonl``. The
+ServerApp's process reads no customer file."""
 
 from __future__ import annotations
 
 import sys
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedProx
 
-from diredi_sim.federation import (FederationConfig, build_population, count_state_bytes, evaluate_for_customer,
-                                   federation_to_flat, load_model)
-from diredi_sim.pipeline import DataSets, compute_knowledge, prepare_manufacturer
+from diredi_sim.federation import (FederationConfig, build_population, count_state_bytes, federation_to_flat,
+                                   rows_from_metrics)
+from diredi_sim.pipeline import compute_knowledge, prepare_manufacturer
 from diredi_sim.runs import Run, to_jsonable
 from server.server_app import FederationOutcome
+
+
+def recording_evaluation(base: type) -> type:
+    """``base`` (a Flower strategy) whose ``aggregate_evaluate`` first hands every reply to
+    ``self.on_evaluated(server_round, replies)``: the per-customer rows Flower's aggregate loses."""
+
+    class Recording(base):
+        on_evaluated = None
+
+        def aggregate_evaluate(self, server_round: int, replies):
+            replies = list(replies)
+            self.on_evaluated(server_round, replies)
+            return super().aggregate_evaluate(server_round, replies)
+
+    Recording.__name__ = f"Recording{base.__name__}"
+    return Recording
 
 
 def run_baseline(grid: Grid, config: FederationConfig, method: str, outcome: FederationOutcome | None = None) -> FederationOutcome:
@@ -26,37 +44,45 @@ def run_baseline(grid: Grid, config: FederationConfig, method: str, outcome: Fed
     print(f"diredi-sim: {method} run folder {run.folder}", file=sys.stderr, flush=True)
     population = build_population(config.population, config.pipeline.presumed_split)
     maker = prepare_manufacturer(config.pipeline, config.data, preset=config.preset, seed=config.seed)
-    datasets = DataSets(config.data)
     model_bytes = count_state_bytes(maker.edge.state_dict())
     rows: list[dict] = []
     reference: dict[int, dict] = {}  # per-class AP of the original edge model: round 0's evaluation
 
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        if server_round > 0 and not reference:
-            raise RuntimeError("Flower's strategy did not evaluate the initial edge model (round 0): no reference for gains")
-        edge = load_model("edge", config.preset, arrays.to_torch_state_dict())
-        maps = []
-        for customer in population:
+    def on_evaluated(server_round: int, replies: list[Message]) -> None:
+        for reply in replies:
+            if reply.has_error():
+                run.log({"event": "customer_failed", "method": method, "round": server_round,
+                         "node": reply.metadata.src_node_id, "reason": f"evaluate: {reply.error.reason}"})
+                continue
+            metrics = dict(reply.content["metrics"])
+            customer = population[int(metrics["partition-id"])]
+            row = rows_from_metrics(metrics)["edge"]
             if server_round == 0:  # the original edge model, against itself: every later round's reference
-                row = evaluate_for_customer(config, customer, edge, datasets=datasets)
                 reference[customer.partition_id] = row["per_class"]
-                row.update(to_jsonable(compute_knowledge(row["per_class"], row["per_class"], customer.class_sets(config.pipeline))))
-            else:
-                row = evaluate_for_customer(config, customer, edge, reference[customer.partition_id], datasets)
+            classes = customer.class_sets(config.pipeline)
+            row.update(compute_knowledge(row["per_class"], reference[customer.partition_id], classes))
             record = {"event": "customer", "method": method, "round": server_round, "partition_id": customer.partition_id,
                       "customer": customer.name, "uplink_bytes": model_bytes * server_round,
-                      "downlink_bytes": model_bytes * server_round, **row}
+                      "downlink_bytes": model_bytes * server_round, **to_jsonable(row)}
             rows.append(record)
             run.log(record)
-            maps.append(row["mAP"])
-        return MetricRecord({"mean-map": sum(maps) / len(maps)})
 
     sim = config.simulation
-    common = dict(fraction_train=sim.fraction_train, fraction_evaluate=0.0, min_train_nodes=1,
+    common = dict(fraction_train=sim.fraction_train, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=len(population),
                   min_available_nodes=len(population))
-    strategy = FedProx(proximal_mu=config.baselines.proximal_mu, **common) if method == "fedprox" else FedAvg(**common)
-    strategy.start(grid, initial_arrays=ArrayRecord(maker.edge.state_dict()), num_rounds=config.baselines.rounds,
-                   timeout=sim.round_timeout, train_config=ConfigRecord(federation_to_flat(config)), evaluate_fn=evaluate)
+    strategy = recording_evaluation(FedProx)(proximal_mu=config.baselines.proximal_mu, **common) if method == "fedprox" \
+        else recording_evaluation(FedAvg)(**common)
+    strategy.on_evaluated = on_evaluated
+    settings = ConfigRecord(federation_to_flat(config))
+    initial = ArrayRecord(maker.edge.state_dict())
+    # round 0: the original edge at every customer (Flower's own evaluation starts after round 1)
+    strategy.aggregate_evaluate(0, grid.send_and_receive(list(strategy.configure_evaluate(0, initial, settings, grid)),
+                                                         timeout=sim.round_timeout))
+    if len(reference) < len(population):
+        raise RuntimeError(f"{len(population) - len(reference)} customer(s) did not evaluate the original edge model (round 0): "
+                           "no reference for gains; see metrics.jsonl")
+    strategy.start(grid, initial_arrays=initial, num_rounds=config.baselines.rounds, timeout=sim.round_timeout,
+                   train_config=settings, evaluate_config=ConfigRecord(federation_to_flat(config)))
     last = max(r["round"] for r in rows)
     outcome.summary = [r for r in rows if r["round"] == last]
     run.write_json("summary.json", to_jsonable({"method": method, "customers": outcome.summary, "rounds": rows}))

@@ -1,11 +1,22 @@
-"""The DiReDi manufacturer as a Flower strategy: FedAvg with two methods overridden.
+"""The DiReDi manufacturer as a Flower strategy: FedAvg's sampling, DiReDi's round.
 
-``configure_train`` sends every sampled customer the shared tutor, its own deployed edge model
-and the run's settings. ``aggregate_train`` takes each customer's neck+head delta through the
-manufacturer's step (substitution, verification, Distill C, per-class AP before and after:
-:func:`diredi_sim.federation.manufacturer_work`), in parallel worker processes, records every
-verdict and failure, and merges the accepted deltas into the shared tutor by the configured
-rule (the merged tutor is verified too). Everything it learns goes to the run folder.
+A round is three exchanges of Flower Messages with each sampled customer (README, "The
+protocol"); the manufacturer's process reads only its own public data throughout:
+
+1. ``train`` (``configure_train``): down the shared tutor, the customer's deployed edge and
+   the settings; up the neck+head delta and scalars (RD B and RD A ran at the customer).
+2. The manufacturer's review of each delta, in worker processes
+   (:func:`diredi_sim.federation.manufacturer_review`): substitution, verification, Distill C
+   ``public`` on its own data, its half of each table row. Then ``train.distill_c`` (when the
+   public+private mode is configured): down tutor' and the customer's edge; up the edge model
+   the customer distilled on its own data, which the manufacturer checks on its held-out data
+   (:func:`diredi_sim.federation.review_edge`) before it may be deployed.
+3. ``evaluate``: down the round's models; up per-class AP, P, R, F1 on the customer's own test
+   images, as scalars. Gain, forgetting and the tables come from these replies.
+
+Then the accepted deltas are merged into the shared tutor by the configured rule (the merged
+tutor is verified too). Bytes are counted per message type, both ways. Everything it learns
+goes to the run folder.
 
 After each round, ``state.json`` (written last, atomically) records what a resumed run needs
 (``diredi-sim resume``): the last completed round, the checkpoints of the shared tutor and of
@@ -31,15 +42,44 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
 from diredi_sim.deltas import decompress_delta, select_neck_head
-from diredi_sim.federation import (Customer, FederationConfig, load_model, manufacturer_work, merge_round,
-                                   reply_problems)
+from diredi_sim.pipeline import distill_c_row
+from diredi_sim.federation import (Customer, FederationConfig, combine_round, evaluation_models, load_model,
+                                   manufacturer_review, merge_round, reply_problems, review_edge, rows_from_metrics)
 from diredi_sim.runs import (Run, atomic_write_bytes, atomic_write_json, load_checkpoint, release_memory, save_checkpoint,
                              to_jsonable)
 
 # Columns of the per-customer summary (summary.md), in order.
-SUMMARY_COLUMNS = ("round", "partition_id", "customer", "private", "dropped", "verdict", "gain", "forgetting",
+SUMMARY_COLUMNS = ("round", "partition_id", "customer", "private", "dropped", "verdict", "edge", "gain", "forgetting",
                    "dropped_forgetting", "mAP_before", "mAP_after", "uplink_bytes", "seconds")
 STATE_FORMAT = "diredi-sim-federation-state/1"
+
+
+def content_bytes(content: RecordDict) -> int:
+    """The bytes of a message's records: arrays as Flower counts them (``ArrayRecord.count_bytes``),
+    and for metrics and settings each key's length plus 8 bytes per number (as Flower encodes
+    them) or the string's length. (``ConfigRecord.count_bytes`` raises on an empty string.)"""
+    def scalar(value) -> int:
+        return len(value) if isinstance(value, (str, bytes)) else 8
+
+    total = 0
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            total += record.count_bytes()
+        else:
+            total += sum(len(key) + (sum(map(scalar, value)) if isinstance(value, list) else scalar(value))
+                         for key, value in record.items())
+    return total
+
+
+def read_edges(reply: Message, reference: dict, pipeline) -> dict[str, dict]:
+    """The edge models of a ``train.distill_c`` reply (row key -> state): exactly one ArrayRecord
+    per configured Distill C loss, under its row key, plus a MetricRecord. Shapes and values
+    are checked later (:func:`diredi_sim.verify.check_model_state`)."""
+    expected = {distill_c_row("public+private", loss) for loss in pipeline.distill_c_losses}
+    keys = set(reply.content.keys()) - {"metrics"}
+    if keys != expected:
+        raise ValueError(f"records {sorted(keys)}, expected {sorted(expected)} and 'metrics'")
+    return {key: reply.content[key].to_torch_state_dict() for key in sorted(expected)}
 
 
 def step_then_release(step: Callable[..., dict], *args) -> dict:
@@ -53,7 +93,7 @@ class DiReDiStrategy(FedAvg):
     """FedAvg's sampling and round loop; DiReDi's downlink and aggregation."""
 
     def __init__(self, config: FederationConfig, population: list[Customer], edge_state: dict, run: Run,
-                 manufacturer_step: Callable[..., dict] = manufacturer_work):
+                 review_step: Callable[..., dict] = manufacturer_review, edge_step: Callable[..., dict] = review_edge):
         sim = config.simulation
         super().__init__(fraction_train=sim.fraction_train, fraction_evaluate=0.0, min_train_nodes=1,
                          min_available_nodes=len(population), arrayrecord_key="tutor")
@@ -63,7 +103,10 @@ class DiReDiStrategy(FedAvg):
         self.deployed_edges: dict[int, dict] = {}  # partition id -> the edge model the customer runs now
         self.partition_of_node: dict[int, int] = {}  # learnt from the replies
         self.run = run
-        self.manufacturer_step = manufacturer_step
+        self.review_step, self.edge_step = review_step, edge_step
+        self.train_bytes_down: dict[int, int] = {}  # node -> bytes of this round's train message
+        self.grid: Grid | None = None  # this round's: the Distill C and evaluate exchanges use it
+        self.round_config: ConfigRecord | None = None
         self.tutor_state: dict | None = None
         self.sampled_nodes: list[int] = []  # this round's
         self.summary_rows: list[dict] = []
@@ -105,6 +148,7 @@ class DiReDiStrategy(FedAvg):
         """FedAvg's sampling; each message carries the tutor, that customer's edge and the settings."""
         server_round += self.round_offset
         self.tutor_state = arrays.to_torch_state_dict()
+        self.grid, self.round_config = grid, config
         self.start_workers()  # their start-up (importing torch: seconds) overlaps the customers' work
         sampled = list(super().configure_train(server_round, arrays, config, grid))
         self.sampled_nodes = [message.metadata.dst_node_id for message in sampled]
@@ -116,6 +160,7 @@ class DiReDiStrategy(FedAvg):
     def _train_message(self, node: int, arrays: ArrayRecord, config: ConfigRecord, message_type: str) -> Message:
         edge = self.deployed_edges.get(self.partition_of_node.get(node, -1), self.original_edge)
         content = RecordDict({"tutor": arrays, "edge": ArrayRecord(edge), "config": config})
+        self.train_bytes_down[node] = content_bytes(content)
         return Message(content=content, message_type=message_type, dst_node_id=node)
 
     def _learn_partitions(self, grid: Grid, nodes: list[int]) -> None:
@@ -164,17 +209,17 @@ class DiReDiStrategy(FedAvg):
                 continue
             seen.add(job["customer"].partition_id)
             jobs.append(job)
+        results = self._run_round_steps(server_round, jobs, failures)
         for failure in failures:
             log(WARNING, "round %d: customer on node %s failed: %s", server_round, failure["node"], failure["reason"])
             self.run.log({"event": "customer_failed", **failure})
-
-        results = self._run_manufacturer_steps(jobs)
         accepted, weights = [], []
         for job, result in zip(jobs, results):
             self._record(server_round, job, result)
             if result["verdict"]["accepted"]:
                 accepted.append(job["delta"])
                 weights.append(float(job["metrics"].get("num-examples", 1)))
+            if self.config.simulation.deploy_mode in result["edges"]:  # accepted, and the edge passed its check
                 self.deployed_edges[job["customer"].partition_id] = result["edges"][self.config.simulation.deploy_mode]
 
         selected, selected_weights, selection = self._select(accepted, weights)
@@ -232,8 +277,8 @@ class DiReDiStrategy(FedAvg):
             delta = decompress_delta(delta, select_neck_head(self.tutor_state))
         self.partition_of_node[message.metadata.src_node_id] = partition_id
         return {"customer": self.population[partition_id], "delta": delta, "metrics": metrics,
-                "node": message.metadata.src_node_id,
-                "edge": self.deployed_edges.get(partition_id, self.original_edge)}
+                "node": message.metadata.src_node_id, "edge": self.deployed_edges.get(partition_id, self.original_edge),
+                "bytes_down": self.train_bytes_down.get(message.metadata.src_node_id, 0), "bytes_up": content_bytes(message.content)}
 
     def start_workers(self) -> None:
         """Start the manufacturer's worker processes (server_workers, or as many as CPUs and
@@ -241,7 +286,7 @@ class DiReDiStrategy(FedAvg):
         In worker processes even when there is one: in the ServerApp's process the step's Python
         parts share the GIL with Flower's simulation loop (measured: 55 s a step there, 31 s alone).
         A test's stand-in step runs in this process and needs none."""
-        if self.pool is not None or self.manufacturer_step is not manufacturer_work:
+        if self.pool is not None or self.review_step is not manufacturer_review:
             return
         self.pool = ProcessPoolExecutor(max_workers=self.server_workers, mp_context=multiprocessing.get_context("spawn"),
                                         initializer=importlib.import_module, initargs=("diredi_sim.federation",))
@@ -254,12 +299,67 @@ class DiReDiStrategy(FedAvg):
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
 
-    def _run_manufacturer_steps(self, jobs: list[dict]) -> list[dict]:
-        """The manufacturer's step per customer: a malformed delta is rejected at once; the rest
-        run in parallel in the worker processes (:meth:`start_workers`)."""
+    def _in_workers(self, step: Callable[..., dict], calls: dict[int, tuple], done: Callable[[int, dict], None]) -> dict[int, dict]:
+        """``step(*args, threads)`` for each call (key -> args) in the worker processes, in
+        parallel; a test's stand-in step runs here, in this process. ``done`` is told each result."""
+        results: dict[int, dict] = {}
+        if not calls:
+            return results
+        self.start_workers()
+        if self.pool is None:
+            for key, args in calls.items():
+                results[key] = step(*args, 0)
+                done(key, results[key])
+            return results
+        try:
+            futures = {self.pool.submit(step_then_release, step, *args, self.server_threads): key for key, args in calls.items()}
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                done(futures[future], results[futures[future]])
+        except BrokenProcessPool:  # a worker died (killed, out of memory): the next round starts new ones
+            self.close()
+            raise
+        return results
+
+    def _exchange(self, server_round: int, kind: str, messages: dict[int, Message], jobs: list[dict],
+                  failures: list[dict]) -> dict[int, Message]:
+        """Send one message per job (job index -> message) and wait up to the round timeout;
+        returns job index -> reply. A customer that does not answer, or answers with an error,
+        is a failure of this exchange (recorded; its round goes on without that part)."""
+        if not messages:
+            return {}
+        for i, message in messages.items():
+            jobs[i]["bytes"][f"{kind}.down"] = content_bytes(message.content)
+        node_to_job = {jobs[i]["node"]: i for i in messages}
+        replies = {}
+        for reply in self.grid.send_and_receive(list(messages.values()), timeout=self.config.simulation.round_timeout):
+            i = node_to_job.get(reply.metadata.src_node_id)
+            if i is None:
+                continue
+            if reply.has_error():
+                failures.append({"round": server_round, "node": jobs[i]["node"], "partition_id": jobs[i]["customer"].partition_id,
+                                 "reason": f"{kind}: {reply.error.reason}"})
+                continue
+            jobs[i]["bytes"][f"{kind}.up"] = content_bytes(reply.content)
+            replies[i] = reply
+        for i in set(messages) - set(replies):
+            if not any(f.get("node") == jobs[i]["node"] and f["reason"].startswith(kind) for f in failures):
+                failures.append({"round": server_round, "node": jobs[i]["node"], "partition_id": jobs[i]["customer"].partition_id,
+                                 "reason": f"{kind}: no reply within simulation.round_timeout = {self.config.simulation.round_timeout} s"})
+        return replies
+
+    def _message(self, kind: str, node: int, records: dict) -> Message:
+        return Message(RecordDict({**records, "config": self.round_config}), message_type=kind, dst_node_id=node)
+
+    def _run_round_steps(self, server_round: int, jobs: list[dict], failures: list[dict]) -> list[dict]:
+        """After the deltas came up: the manufacturer's review per customer (a malformed delta is
+        rejected at once), the customers' Distill C public+private and its check, the customers'
+        evaluation; one combined result per job (:func:`combine_round`)."""
+        sim, pipeline = self.config.simulation, self.config.pipeline
         results: list[dict | None] = [None] * len(jobs)
-        runnable = []
+        calls = {}
         for i, job in enumerate(jobs):
+            job["bytes"] = {"train.down": job["bytes_down"], "train.up": job["bytes_up"]}
             problems = reply_problems(job["delta"], self.tutor_state)
             if problems:
                 log(WARNING, "customer %d (%s): malformed delta rejected: %s", job["customer"].partition_id, job["customer"].name,
@@ -267,35 +367,76 @@ class DiReDiStrategy(FedAvg):
                 results[i] = {"verdict": {"accepted": False, "reasons": problems, "delta_norm": math.nan}, "rows": [],
                               "edges": {}, "stages": [], "seconds": 0.0}
             else:
-                runnable.append(i)
-        args = lambda i, threads: (self.config, jobs[i]["customer"], self.tutor_state, jobs[i]["edge"], jobs[i]["delta"],  # noqa: E731
-                                   len(self.population), threads)
-        def report(i: int) -> None:
-            verdict = results[i]["verdict"]
-            log(INFO, "customer %d (%s): %s; manufacturer's step %.0f s", jobs[i]["customer"].partition_id,
-                jobs[i]["customer"].name, "accepted" if verdict["accepted"] else "rejected: " + "; ".join(verdict["reasons"]),
-                results[i]["seconds"])
+                calls[i] = (self.config, job["customer"], self.tutor_state, job["edge"], job["delta"])
 
-        if not runnable:
-            return results
-        self.start_workers()
-        if self.pool is None:  # a test's stand-in step: in this process
-            for i in runnable:
-                results[i] = self.manufacturer_step(*args(i, 0))
-                report(i)
-        else:
-            log(INFO, "manufacturer: %d customers' steps in %d processes (%d torch threads each)", len(runnable),
-                min(self.server_workers, len(runnable)), self.server_threads)
+        def reviewed(i: int, review: dict) -> None:
+            verdict = review["verdict"]
+            log(INFO, "customer %d (%s): %s; manufacturer's review %.0f s", jobs[i]["customer"].partition_id,
+                jobs[i]["customer"].name, "accepted" if verdict["accepted"] else "rejected: " + "; ".join(verdict["reasons"]),
+                review["seconds"])
+
+        if calls and self.pool is not None:
+            log(INFO, "manufacturer: %d customers' reviews in %d processes (%d torch threads each)", len(calls),
+                min(self.server_workers, len(calls)), self.server_threads)
+        reviews = self._in_workers(self.review_step, calls, reviewed)
+
+        # Distill C public+private, at the customer; each edge it sends up checked here
+        distilling = [i for i in reviews if "public+private" in pipeline.distill_c_modes
+                      and (reviews[i]["verdict"]["accepted"] or sim.distill_rejected)]
+        messages = {i: self._message(f"{MessageType.TRAIN}.distill_c", jobs[i]["node"],
+                                     {"tutor": ArrayRecord(reviews[i]["tutor_prime"]), "edge": ArrayRecord(jobs[i]["edge"])})
+                    for i in distilling}
+        edges: dict[int, dict[str, dict]] = {i: {} for i in reviews}
+        checks = {}
+        for i, reply in self._exchange(server_round, "distill_c", messages, jobs, failures).items():
             try:
-                futures = {self.pool.submit(step_then_release, self.manufacturer_step, *args(i, self.server_threads)): i
-                           for i in runnable}
-                for future in as_completed(futures):
-                    results[futures[future]] = future.result()
-                    report(futures[future])
-            except BrokenProcessPool:  # a worker died (killed, out of memory): the next round starts new ones
-                self.close()
-                raise
+                made = read_edges(reply, jobs[i]["edge"], pipeline)
+                jobs[i]["distill_c_metrics"] = dict(reply.content["metrics"])
+            except (KeyError, TypeError, ValueError) as exc:
+                failures.append({"round": server_round, "node": jobs[i]["node"], "partition_id": jobs[i]["customer"].partition_id,
+                                 "reason": f"distill_c: malformed reply: {exc}"})
+                continue
+            for key, state in made.items():
+                edges[i][key] = {"state": state}
+                checks[(i, key)] = (self.config, jobs[i]["customer"], jobs[i]["edge"], state)
+        for (i, key), check in self._in_workers(self.edge_step, checks, lambda key, result: None).items():
+            edges[i][key].update(check)
+            if not check["verdict"]["accepted"]:
+                log(WARNING, "customer %d: its Distill C edge (%s) fails the manufacturer's check: %s", jobs[i]["customer"].partition_id,
+                    key, "; ".join(check["verdict"]["reasons"]))
+
+        # evaluation, at the customer, on its own test images
+        messages = {}
+        for i, review in reviews.items():
+            models = evaluation_models(self.tutor_state, jobs[i]["edge"], review)
+            models.update({key: entry["state"] for key, entry in edges[i].items()})
+            messages[i] = self._message(MessageType.EVALUATE, jobs[i]["node"], {key: ArrayRecord(state) for key, state in models.items()})
+        evaluated = self._exchange(server_round, "evaluate", messages, jobs, failures)
+        for i, review in reviews.items():
+            try:
+                rows = rows_from_metrics(dict(evaluated[i].content["metrics"])) if i in evaluated else {}
+            except (KeyError, TypeError, ValueError) as exc:
+                failures.append({"round": server_round, "node": jobs[i]["node"], "partition_id": jobs[i]["customer"].partition_id,
+                                 "reason": f"evaluate: malformed reply: {exc}"})
+                rows = {}
+            results[i] = combine_round(self.config, jobs[i]["customer"], review, rows,
+                                       {k: v for k, v in edges[i].items() if "verdict" in v})
         return results
+
+    @staticmethod
+    def _train_images(job: dict, result: dict) -> dict[str, int]:
+        """The images each stage of this customer's round trained on: RD B and RD A (its train
+        reply), Distill C public (the manufacturer's review), Distill C public+private (its
+        distill_c reply), by stage name."""
+        metrics, counts = job["metrics"], {}
+        if "rd-b-images" in metrics:
+            counts.update(rd_b=int(metrics["rd-b-images"]), rd_a=int(metrics.get("num-examples", 0)))
+        for key, images in result.get("train_images", {}).items():
+            counts[key.replace("edge_", "", 1)] = int(images)
+        for name, value in job.get("distill_c_metrics", {}).items():
+            if name.endswith("/train-images"):
+                counts[name.split("/")[0].replace("edge_", "", 1)] = int(value)
+        return counts
 
     def _record(self, server_round: int, job: dict, result: dict) -> None:
         customer = job["customer"]
@@ -303,26 +444,37 @@ class DiReDiStrategy(FedAvg):
         rows = {row["key"]: row for row in result["rows"]}
         verdict = result["verdict"]
         before = rows.get("edge_original", {})
-        # what the customer runs from now on: the new edge model, or its old one when rejected
-        deployed = rows.get("edge_distill_c_" + self.config.simulation.deploy_mode.replace("+", "_"), {}) \
-            if verdict["accepted"] else before
+        # what the customer runs from now on: the new edge model, or its old one when the delta
+        # was rejected or the edge failed the manufacturer's check
+        edge_deployed = self.config.simulation.deploy_mode in result["edges"]
+        deployed = rows.get(distill_c_row(self.config.simulation.deploy_mode, self.config.pipeline.distill_c_losses[0]), {}) \
+            if edge_deployed else before
         summary = {
             "round": server_round, "partition_id": customer.partition_id, "customer": customer.name,
             "classes": list(customer.classes), "private": list(classes.private), "dropped": list(classes.dropped),
             "verdict": "accepted" if verdict["accepted"] else "rejected", "reasons": verdict["reasons"],
+            "edge": "deployed" if edge_deployed else "kept",
+            "edge_reasons": [r for check in verdict.get("edge_checks", {}).values() for r in check["reasons"]],
             "gain": deployed.get("gain", math.nan), "forgetting": deployed.get("forgetting", math.nan),
             "dropped_forgetting": deployed.get("dropped_forgetting", math.nan),
             "mAP_before": before.get("mAP", math.nan), "mAP_after": deployed.get("mAP", math.nan),
-            "uplink_bytes": int(job["metrics"].get("uplink-bytes", job["metrics"].get("delta-bytes-fp32", 0))),
+            # the method's traffic: the delta and, with Distill C public+private at the customer, its
+            # edge model up; the tutor and edge down (twice with Distill C). The evaluate exchange is
+            # the simulator's measurement: in "bytes" only.
+            "uplink_bytes": sum(job.get("bytes", {}).get(k, 0) for k in ("train.up", "distill_c.up")),
+            "downlink_bytes": sum(job.get("bytes", {}).get(k, 0) for k in ("train.down", "distill_c.down")),
+            "delta_bytes": int(job["metrics"].get("uplink-bytes", job["metrics"].get("delta-bytes-fp32", 0))),
             "seconds": round(float(job["metrics"].get("seconds", 0.0)) + result["seconds"], 3),
             "customer_seconds": job["metrics"].get("seconds"), "manufacturer_seconds": result["seconds"],
+            "bytes": job.get("bytes", {}),  # per message type and direction: train.down, train.up, distill_c.*, evaluate.*
+            "train_images": self._train_images(job, result),
         }
         self.summary_rows.append(summary)
         self.run.log({"event": "customer", **to_jsonable(summary), "customer_metrics": job["metrics"]})
         atomic_write_json(self.run.folder / f"round{server_round}" / f"customer{customer.partition_id}.json",
                           to_jsonable({**summary, "verdict_detail": verdict, "rows": result["rows"], "stages": result["stages"],
                                        "customer_metrics": job["metrics"]}))
-        if verdict["accepted"] and result["edges"]:
+        if edge_deployed:
             # edge_customer<p>_round<r>: kept for a resumed run; edge_customer<p>: the latest, a copy
             edge = load_model("edge", self.config.preset, result["edges"][self.config.simulation.deploy_mode])
             path = save_checkpoint(self.run.checkpoint_path(f"edge_customer{customer.partition_id}_round{server_round}"), edge,

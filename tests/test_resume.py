@@ -289,13 +289,13 @@ def test_a_restored_strategy_numbers_rounds_on_and_sends_each_customer_its_own_e
     """After round 1 (customer 1's edge deployed), a new process: node ids are new, so the strategy
     asks the nodes who they are before the downlink, and customer 1 gets its own edge at once."""
     from diredi_sim.config import DataConfig
-    from diredi_sim.federation import FederationConfig, PopulationConfig, SimulationConfig, build_population, load_model
+    from diredi_sim.federation import FederationConfig, PopulationConfig, SimulationConfig, load_model
     from diredi_sim.models import build_detector
     from diredi_sim.pipeline import PipelineConfig
     from diredi_sim.runs import Run, save_checkpoint
     from flwr.app import ArrayRecord, ConfigRecord
-    from server.strategy import STATE_FORMAT, DiReDiStrategy
-    from test_strategy import TINY, reply_to, stub_step
+    from server.strategy import STATE_FORMAT
+    from test_strategy import TINY, FakeGrid, reply_to, stub_strategy
 
     config = FederationConfig(runs_dir=str(tmp_path / "runs"), data=DataConfig(cache_dir=str(tmp_path / "data"), synthetic=TINY),
                               pipeline=PipelineConfig(eval_batch_size=8),
@@ -308,31 +308,13 @@ def test_a_restored_strategy_numbers_rounds_on_and_sends_each_customer_its_own_e
     save_checkpoint(run.checkpoint_path("edge_customer1_round1"), load_model("edge", "cpu", mine), config=config, round=1)
     state = {"format": STATE_FORMAT, "last_round": 1, "tutor_round": None, "edges": {"1": 1},
              "summary_rows": [{"round": 1, "partition_id": 1}], "round_reports": [{"round": 1, "replies": 1}]}
-    strategy = DiReDiStrategy(config, build_population(config.population), edge.state_dict(), run, manufacturer_step=stub_step)
+    strategy = stub_strategy(config, run, edge.state_dict())
     assert strategy.restore(state) is None  # the tutor was never changed: the manufacturer's own
     key = "head.classification_head.cls_logits.weight"
     partition_of = {51: 0, 52: 1}
     delta = {k: torch.full_like(v, 0.01) for k, v in tutor.state_dict().items() if k.startswith(("backbone.fpn", "head"))}
 
-    class Grid:
-        def __init__(self):
-            self.sent = []
-
-        def get_node_ids(self):
-            return list(partition_of)
-
-        def send_and_receive(self, messages, timeout=None):  # the ClientApp's query handler, for real
-            from flwr.app import Context, RecordDict
-
-            from clients.client_app import partition
-
-            messages = list(messages)
-            self.sent += [(m.metadata.message_type, m.metadata.dst_node_id) for m in messages]
-            return [partition(m, Context(run_id=1, node_id=m.metadata.dst_node_id, state=RecordDict(), run_config={},
-                                         node_config={"partition-id": partition_of[m.metadata.dst_node_id]}))
-                    for m in messages]
-
-    grid = Grid()
+    grid = FakeGrid(list(partition_of), partition_of)
     messages = list(strategy.configure_train(1, ArrayRecord(tutor.state_dict()), ConfigRecord({}), grid))  # Flower's round 1
     assert sorted(grid.sent) == [("query.partition", 51), ("query.partition", 52)]
     assert {m.content["config"]["server-round"] for m in messages} == {2}
@@ -341,7 +323,8 @@ def test_a_restored_strategy_numbers_rounds_on_and_sends_each_customer_its_own_e
     _, metrics = strategy.aggregate_train(1, [reply_to(m, partition_of[m.metadata.dst_node_id], delta, 10) for m in messages])
     assert metrics["replies"] == 2 and metrics["accepted"] == 2
     messages = list(strategy.configure_train(2, ArrayRecord(tutor.state_dict()), ConfigRecord({}), grid))
-    assert len(grid.sent) == 2  # every node known now: no more questions
+    assert [kind for kind, _ in grid.sent].count("query.partition") == 2  # every node known now: no more questions
+    assert sorted(grid.sent[2:]) == [("evaluate", 51), ("evaluate", 52), ("train.distill_c", 51), ("train.distill_c", 52)]
     assert sorted(p.name for p in (run.folder / "round2").iterdir()) == ["customer0.json", "customer1.json"]
     saved = read_state(run.folder)
     assert saved["last_round"] == 2 and saved["edges"] == {"0": 2, "1": 2} and saved["tutor_round"] == 2

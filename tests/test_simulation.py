@@ -8,6 +8,7 @@ import json
 import math
 import os
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from diredi_sim.config import DataConfig, TrainConfig
 from diredi_sim.data.synthetic import SyntheticConfig
 from diredi_sim.federation import (FederationConfig, PopulationConfig, SimulationConfig, build_population, customer_seed,
                                    effective_pipeline)
-from diredi_sim.pipeline import PipelineConfig, run_pipeline
+from diredi_sim.pipeline import PipelineConfig, export_pool, run_pipeline
 from diredi_sim.verify import VerifyConfig
 from experiments.processes import command_line, descendants
 
@@ -99,13 +100,13 @@ def test_a_round_completes_when_customers_raise_hang_or_reply_malformed(tmp_path
     Customer 0 is the first simulation's customer 0 (same data, seeds and settings, manufacturer
     trained again from scratch): its results must be identical (determinism on the CPU).
     One actor per customer (num_cpus=4 logical CPUs), so that customer 0 never queues behind the
-    hanging one, and 60 s of timeout: on CI's 2 loaded cores 30 s was not enough for customer 0."""
+    hanging one, and 120 s of timeout: on CI's 2 loaded cores 30 s was not enough for customer 0."""
     pipeline = PipelineConfig(teacher=STAGE, distill_a=STAGE, distill_b=STAGE, rd=STAGE, distill_c=STAGE, direct=STAGE,
                               cache_dir=str(tmp_path / "manufacturer-cache"), eval_batch_size=16)
     config = FederationConfig(name="faults", runs_dir=str(tmp_path / "runs"),
                               data=DataConfig(cache_dir=str(tmp_path / "data"), synthetic=TINY), pipeline=pipeline,
                               population=PopulationConfig(customers=("exp1", "exp2", "exp1", "exp2"), generated=0),
-                              simulation=SimulationConfig(num_rounds=1, client_threads=1, num_cpus=4, round_timeout=60,
+                              simulation=SimulationConfig(num_rounds=1, client_threads=1, num_cpus=4, round_timeout=120,
                                                           inject_faults="1:raise,2:hang,3:malformed"))
     from experiments.simulate import run_simulate
 
@@ -123,3 +124,36 @@ def test_a_round_completes_when_customers_raise_hang_or_reply_malformed(tmp_path
     first = json.loads((simulated[1].folder / "round1" / "customer0.json").read_text())
     untimed = lambda rows: [{k: v for k, v in row.items() if k != "eval_seconds"} for row in rows]  # noqa: E731
     assert untimed(mine["rows"]) == untimed(first["rows"]) and mine["verdict_detail"] == first["verdict_detail"]
+
+
+def test_the_server_runs_on_public_data_alone_with_the_same_results(tmp_path, simulated):
+    """The boundary test: the ServerApp (and its workers) given a copy of the public pool as
+    data.manufacturer_root, every open() of this process (the ServerApp's) watched: it opens no
+    customer image or annotation, and every customer's result equals the normal run's."""
+    from test_boundary import _WATCH, customer_files
+    config, outcome, _, _ = simulated
+    public = tmp_path / "public"
+    export_pool(config.data, public)
+    boundary = replace(config, name="boundary", runs_dir=str(tmp_path / "runs"),
+                       data=replace(config.data, manufacturer_root=str(public)),
+                       pipeline=replace(config.pipeline, cache_dir=str(tmp_path / "manufacturer-cache")))
+    from experiments.simulate import run_simulate
+
+    _WATCH.update(paths=customer_files(config.data), opened=[])
+    assert _WATCH["paths"]
+    torch.set_num_threads(1)
+    _WATCH["active"] = True
+    try:
+        mine = run_simulate(boundary)
+    finally:
+        _WATCH["active"] = False
+    assert _WATCH["opened"] == []  # the ServerApp's process opened no customer file
+    manufacturer = json.loads((mine.folder / "summary.json").read_text())["customers"]
+    normal = json.loads((outcome.folder / "summary.json").read_text())["customers"]
+    assert [r["partition_id"] for r in manufacturer] == [r["partition_id"] for r in normal] == [0, 1]
+    for row in normal:
+        theirs = json.loads((outcome.folder / "round1" / f"customer{row['partition_id']}.json").read_text())
+        ours = json.loads((mine.folder / "round1" / f"customer{row['partition_id']}.json").read_text())
+        untimed = lambda rows: [{k: v for k, v in r.items() if k != "eval_seconds"} for r in rows]  # noqa: E731
+        assert untimed(ours["rows"]) == untimed(theirs["rows"]) and ours["verdict_detail"] == theirs["verdict_detail"]
+        assert ours["bytes"] == theirs["bytes"] and set(ours["bytes"]) >= {"train.down", "train.up", "evaluate.down", "evaluate.up"}

@@ -25,23 +25,59 @@ TINY = SyntheticConfig(seed=3, num_train=16, num_val=8, num_test=8, min_objects=
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # Messages need a run identity
 
 
-class FakeGrid:
-    """The part of Flower's Grid that configure_train uses."""
+def answer_as_customer(message: Message, partition_id: int) -> Message:
+    """A stand-in customer for the round's later exchanges: ``train.distill_c`` is answered with
+    an edge model whose every float tensor is 100 + partition id (to recognise it later),
+    ``evaluate`` with no rows, ``query.partition`` by the ClientApp's own handler."""
+    kind = message.metadata.message_type
+    if kind == "train.distill_c":
+        edge = {k: (torch.full_like(v, 100.0 + partition_id) if v.is_floating_point() else v)
+                for k, v in message.content["edge"].to_torch_state_dict().items()}
+        return Message(RecordDict({"edge_distill_c_public_private": ArrayRecord(edge),
+                                   "metrics": MetricRecord({"partition-id": partition_id})}), reply_to=message)
+    if kind == "evaluate":
+        return Message(RecordDict({"metrics": MetricRecord({"partition-id": partition_id})}), reply_to=message)
+    from flwr.app import Context
 
-    def __init__(self, node_ids):
+    from clients.client_app import partition
+    return partition(message, Context(run_id=1, node_id=message.metadata.dst_node_id, state=RecordDict(), run_config={},
+                                      node_config={"partition-id": partition_id}))
+
+
+class FakeGrid:
+    """The part of Flower's Grid that the strategy uses; nodes answer as ``partition_of`` says."""
+
+    def __init__(self, node_ids, partition_of=None):
         self.node_ids = list(node_ids)
+        self.partition_of = dict(partition_of or {})
+        self.sent: list[tuple[str, int]] = []
 
     def get_node_ids(self):
         return self.node_ids
 
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        self.sent += [(m.metadata.message_type, m.metadata.dst_node_id) for m in messages]
+        return [answer_as_customer(m, self.partition_of[m.metadata.dst_node_id]) for m in messages
+                if m.metadata.dst_node_id in self.partition_of]
 
-def stub_step(config, customer, tutor_state, edge_state, delta, num_customers, threads=0):
-    """The manufacturer's step replaced by a rule: partition 2 is rejected; the others get an
-    edge model whose every float tensor is 100 + partition id (to recognise it later)."""
+
+def stub_review(config, customer, tutor_state, edge_state, delta, threads=0):
+    """The manufacturer's review replaced by a rule: partition 2 is rejected."""
     accepted = customer.partition_id != 2
-    edge = {k: (torch.full_like(v, 100.0 + customer.partition_id) if v.is_floating_point() else v) for k, v in edge_state.items()}
     return {"verdict": {"accepted": accepted, "reasons": [] if accepted else ["stub: bus lost 0.2 AP"], "delta_norm": 1.0},
-            "rows": [], "edges": {"public+private": edge, "public": edge}, "stages": [], "seconds": 0.5}
+            "tutor_prime": tutor_state, "candidate": None, "edges": {}, "manufacturer_rows": {}, "train_images": {},
+            "stages": [], "seconds": 0.5}
+
+
+def stub_edge_check(config, customer, current_state, candidate_state, threads=0):
+    """The manufacturer's check of a customer's edge, replaced: every edge passes."""
+    return {"verdict": {"accepted": True, "reasons": [], "delta_norm": 1.0}, "manufacturer_row": {}}
+
+
+def stub_strategy(config, run, edge_state, review=stub_review) -> DiReDiStrategy:
+    return DiReDiStrategy(config, build_population(config.population), edge_state, run, review_step=review,
+                          edge_step=stub_edge_check)
 
 
 @pytest.fixture()
@@ -52,11 +88,10 @@ def setup(tmp_path):
         pipeline=PipelineConfig(eval_batch_size=8),
         population=PopulationConfig(customers=("exp1", "exp2", "aeroplane+bus+dog", "bus+cat"), generated=0),
         simulation=SimulationConfig(merge="mean", server_workers=1))
-    population = build_population(config.population)
     tutor = build_detector("tutor", "cpu")
     edge = build_detector("edge", "cpu")
     run = Run.create(config.runs_dir, "strategy-test", config)
-    strategy = DiReDiStrategy(config, population, edge.state_dict(), run, manufacturer_step=stub_step)
+    strategy = stub_strategy(config, run, edge.state_dict())
     return config, strategy, tutor, edge, run
 
 
@@ -68,7 +103,7 @@ def reply_to(message: Message, partition_id: int, delta: dict, num_examples: int
 def test_strategy_merges_accepted_deltas_and_records_everything_else(setup):
     config, strategy, tutor, edge, run = setup
     tutor_state = {k: v.clone() for k, v in tutor.state_dict().items()}
-    grid = FakeGrid([11, 12, 13, 14, 15, 16])
+    grid = FakeGrid([11, 12, 13, 14, 15, 16], {11: 0, 12: 1, 13: 2, 14: 3, 15: 0, 16: 3})
     arrays = ArrayRecord(tutor.state_dict())
     messages = list(strategy.configure_train(1, arrays, ConfigRecord(federation_to_flat(config)), grid))
     assert len(messages) == 6
@@ -125,7 +160,7 @@ def test_strategy_merges_accepted_deltas_and_records_everything_else(setup):
 
 def test_a_round_without_accepted_deltas_keeps_the_tutor(setup):
     config, strategy, tutor, edge, run = setup
-    grid = FakeGrid([21, 22, 23, 24])  # sampling waits until the whole population is connected
+    grid = FakeGrid([21, 22, 23, 24], {21: 0, 22: 1, 23: 2, 24: 3})  # sampling waits until the whole population is connected
     message = list(strategy.configure_train(1, ArrayRecord(tutor.state_dict()), ConfigRecord({}), grid))[0]
     delta = {k: torch.full_like(v, 0.5, dtype=torch.float32) for k, v in select_neck_head(tutor.state_dict()).items()}
     new_arrays, metrics = strategy.aggregate_train(1, [reply_to(message, 2, delta, 10)])
@@ -140,11 +175,10 @@ def test_krum_keeps_a_poisoned_delta_out_of_the_shared_tutor(setup, tmp_path):
     from dataclasses import replace
 
     krum = replace(config, simulation=replace(config.simulation, select="multikrum", num_malicious=1))
-    strategy = DiReDiStrategy(krum, build_population(krum.population), edge.state_dict(), run,
-                              manufacturer_step=lambda *args: {**stub_step(*args), "verdict": {"accepted": True, "reasons": [],
-                                                                                              "delta_norm": 1.0}})
+    strategy = stub_strategy(krum, run, edge.state_dict(), review=lambda *args: {
+        **stub_review(*args), "verdict": {"accepted": True, "reasons": [], "delta_norm": 1.0}})
     tutor_state = {k: v.clone() for k, v in tutor.state_dict().items()}
-    grid = FakeGrid([31, 32, 33, 34])
+    grid = FakeGrid([31, 32, 33, 34], {31: 0, 32: 1, 33: 2, 34: 3})
     by_node = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, ArrayRecord(tutor.state_dict()), ConfigRecord({}), grid)}
     neck_head = select_neck_head(tutor_state)
     honest = [{k: torch.full_like(v, value, dtype=torch.float32) for k, v in neck_head.items()} for value in (0.010, 0.011, 0.012)]

@@ -27,20 +27,28 @@ STAGE = TrainConfig(epochs=1, batch_size=8, lr=0.01, warmup_steps=1)
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # Messages need a run identity
 
 
-def call_client(tmp_path, partition_id: int, **simulation) -> tuple[Message, dict]:
-    torch.manual_seed(0)
-    config = FederationConfig(data=DataConfig(cache_dir=str(tmp_path / "data"), synthetic=TINY),
-                              pipeline=PipelineConfig(rd=STAGE, eval_batch_size=8),
-                              population=PopulationConfig(customers=("exp1", "exp2"), generated=0),
-                              simulation=SimulationConfig(**simulation))
-    tutor = build_detector("tutor", "cpu")
-    edge = build_detector("edge", "cpu")
-    content = RecordDict({"tutor": ArrayRecord(tutor.state_dict()), "edge": ArrayRecord(edge.state_dict()),
-                          "config": ConfigRecord({**federation_to_flat(config), "server-round": 1})})
-    message = Message(content=content, dst_node_id=5, message_type="train")
+def tiny_config(tmp_path, **simulation) -> FederationConfig:
+    return FederationConfig(data=DataConfig(cache_dir=str(tmp_path / "data"), synthetic=TINY),
+                            pipeline=PipelineConfig(rd=STAGE, distill_c=STAGE, eval_batch_size=8),
+                            population=PopulationConfig(customers=("exp1", "exp2"), generated=0),
+                            simulation=SimulationConfig(**simulation))
+
+
+def send(config: FederationConfig, partition_id: int, kind: str, records: dict) -> Message:
+    """One message of type ``kind`` through the ClientApp, as Flower delivers it."""
+    content = RecordDict({**records, "config": ConfigRecord({**federation_to_flat(config), "server-round": 1})})
+    message = Message(content=content, dst_node_id=5, message_type=kind)
     context = Context(run_id=1, node_id=5, node_config={"partition-id": partition_id, "num-partitions": 2},
                       state=RecordDict(), run_config={})
-    reply = client_app(message, context)
+    return client_app(message, context)
+
+
+def call_client(tmp_path, partition_id: int, **simulation) -> tuple[Message, dict]:
+    torch.manual_seed(0)
+    tutor = build_detector("tutor", "cpu")
+    edge = build_detector("edge", "cpu")
+    reply = send(tiny_config(tmp_path, **simulation), partition_id, "train",
+                 {"tutor": ArrayRecord(tutor.state_dict()), "edge": ArrayRecord(edge.state_dict())})
     return reply, tutor.state_dict()
 
 
@@ -114,7 +122,7 @@ def test_a_compressed_uplink_is_the_private_delta_encoded_and_the_strategy_reads
     assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())
     assert metrics["uplink-bytes"] == count_state_bytes(payload) and 7 * metrics["uplink-bytes"] < metrics["delta-bytes-fp32"]
     strategy = SimpleNamespace(config=config, population=[None, "customer-1"], tutor_state=tutor_state, partition_of_node={},
-                               deployed_edges={}, original_edge={})
+                               deployed_edges={}, original_edge={}, train_bytes_down={})
     job = DiReDiStrategy._read_reply(strategy, reply)
     assert check_delta(job["delta"], tutor_state) == []
     decoded = decompress_delta(encoded, select_neck_head(tutor_state))
@@ -123,3 +131,47 @@ def test_a_compressed_uplink_is_the_private_delta_encoded_and_the_strategy_reads
     del reply.content["delta"][name]
     with pytest.raises(ValueError, match=name.partition("::")[0]):  # the strategy records it as a malformed reply
         DiReDiStrategy._read_reply(strategy, reply)
+
+
+def audit_scalars(metrics: MetricRecord) -> dict:
+    values = dict(metrics)
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()), values  # scalars only
+    return values
+
+
+def test_the_distill_c_reply_holds_only_the_new_edge_model_and_scalars(tmp_path):
+    """train.distill_c: down tutor' and the customer's edge; up the edge it distilled on its own
+    data (the edge's own names, shapes and dtypes: no other tensor) and scalars."""
+    torch.manual_seed(0)
+    tutor, edge = build_detector("tutor", "cpu"), build_detector("edge", "cpu")
+    reply = send(tiny_config(tmp_path), 1, "train.distill_c",
+                 {"tutor": ArrayRecord(tutor.state_dict()), "edge": ArrayRecord(edge.state_dict())})
+    assert not reply.has_error()
+    assert set(reply.content.keys()) == {"edge_distill_c_public_private", "metrics"}
+    sent = reply.content["edge_distill_c_public_private"].to_torch_state_dict()
+    expected = edge.state_dict()
+    assert set(sent) == set(expected)
+    for key, value in sent.items():
+        assert value.shape == expected[key].shape and value.dtype == expected[key].dtype, key
+    assert any(not torch.equal(sent[k], expected[k]) for k in expected)  # it trained
+    metrics = audit_scalars(reply.content["metrics"])
+    assert set(metrics) == {"partition-id", "edge_distill_c_public_private/train-images", "seconds"}
+    assert metrics["partition-id"] == 1 and metrics["edge_distill_c_public_private/train-images"] > 0
+
+
+def test_the_evaluate_reply_holds_per_class_scalars_only(tmp_path):
+    """evaluate: down the round's models; up, per model, its headline figures and per-class AP
+    and ground-truth counts: a bounded number of scalars, nothing per image."""
+    from diredi_sim.data import VOC_CLASSES
+    from diredi_sim.federation import rows_from_metrics
+
+    torch.manual_seed(0)
+    tutor, edge = build_detector("tutor", "cpu"), build_detector("edge", "cpu")
+    reply = send(tiny_config(tmp_path), 0, "evaluate",
+                 {"tutor_original": ArrayRecord(tutor.state_dict()), "edge_original": ArrayRecord(edge.state_dict())})
+    assert not reply.has_error() and set(reply.content.keys()) == {"metrics"}
+    metrics = audit_scalars(reply.content["metrics"])
+    rows = rows_from_metrics(metrics)
+    assert set(rows) == {"tutor_original", "edge_original"}
+    assert len(metrics) <= 1 + 2 * (12 + 2 * len(VOC_CLASSES))  # partition id + per row: 12 figures, AP and count per class
+    assert rows["edge_original"]["test_images"] > 0 and set(rows["edge_original"]["per_class"]) <= set(VOC_CLASSES)
