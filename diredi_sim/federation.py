@@ -499,7 +499,7 @@ def rows_from_metrics(metrics: dict[str, Any]) -> dict[str, dict]:
             rows.setdefault(parts[0], {"per_class": {}, "num_gt": {}})[parts[1]] = value
         elif len(parts) == 3 and parts[1] in ("ap", "num_gt") and parts[2] in VOC_CLASSES:
             rows.setdefault(parts[0], {"per_class": {}, "num_gt": {}})["per_class" if parts[1] == "ap" else "num_gt"][parts[2]] = value
-        elif name not in ("partition-id", "server-round", "seconds"):
+        elif name not in ("partition-id", "server-round", "seconds", "num-examples"):
             raise ValueError(f"evaluate reply: unexpected metric {name!r}")
     for row in rows.values():
         for measure in ("private_ap", "dropped_ap"):

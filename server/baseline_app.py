@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedProx
 
@@ -21,16 +21,15 @@ from server.server_app import FederationOutcome
 
 
 def recording_evaluation(base: type) -> type:
-    """``base`` (a Flower strategy) whose ``aggregate_evaluate`` first hands every reply to
-    ``self.on_evaluated(server_round, replies)``: the per-customer rows Flower's aggregate loses."""
+    """``base`` (a Flower strategy) whose ``aggregate_evaluate`` hands every reply to
+    ``self.on_evaluated(server_round, replies) -> MetricRecord``: per-customer rows, which
+    Flower's own aggregation cannot take (each customer reports its own classes' keys)."""
 
     class Recording(base):
         on_evaluated = None
 
         def aggregate_evaluate(self, server_round: int, replies):
-            replies = list(replies)
-            self.on_evaluated(server_round, replies)
-            return super().aggregate_evaluate(server_round, replies)
+            return self.on_evaluated(server_round, list(replies))
 
     Recording.__name__ = f"Recording{base.__name__}"
     return Recording
@@ -48,7 +47,8 @@ def run_baseline(grid: Grid, config: FederationConfig, method: str, outcome: Fed
     rows: list[dict] = []
     reference: dict[int, dict] = {}  # per-class AP of the original edge model: round 0's evaluation
 
-    def on_evaluated(server_round: int, replies: list[Message]) -> None:
+    def on_evaluated(server_round: int, replies: list[Message]) -> MetricRecord:
+        maps = []
         for reply in replies:
             if reply.has_error():
                 run.log({"event": "customer_failed", "method": method, "round": server_round,
@@ -66,6 +66,8 @@ def run_baseline(grid: Grid, config: FederationConfig, method: str, outcome: Fed
                       "downlink_bytes": model_bytes * server_round, **to_jsonable(row)}
             rows.append(record)
             run.log(record)
+            maps.append(row["mAP"])
+        return MetricRecord({"mean-map": sum(maps) / len(maps) if maps else float("nan")})
 
     sim = config.simulation
     common = dict(fraction_train=sim.fraction_train, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=len(population),
