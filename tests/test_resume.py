@@ -135,9 +135,12 @@ class Tracked:
 # ------------------------------------------------------------------------------------ results
 
 def untimed(value):
-    """A result without its wall times and memory peaks (seconds, eval_seconds, time, peak_rss_mb)."""
+    """A result without its wall times and memory peaks (seconds, eval_seconds, time, peak_rss_mb),
+    and without downlink byte counts: every downlink carries the run's settings, whose runs_dir
+    differs between the two runs compared here (uplink bytes are kept)."""
     if isinstance(value, dict):
-        return {k: untimed(v) for k, v in value.items() if "seconds" not in k and "rss" not in k and k != "time"}
+        return {k: untimed(v) for k, v in value.items()
+                if "seconds" not in k and "rss" not in k and k != "time" and k != "downlink_bytes" and not k.endswith(".down")}
     if isinstance(value, list):
         return [untimed(v) for v in value]
     return value
