@@ -6,9 +6,9 @@ in Flower's ClientApp and ServerApp; nothing here imports flwr or ray.
   presets such as ``exp1``, or class names joined by ``+``) followed by ``generated`` customers
   drawn from a seed, each adding one or more private classes outside the presumed set and
   possibly dropping presumed ones. A customer's partition id is its index in that list.
-- :func:`customer_seed`: the seed of a customer's stages, from (run seed, partition id); the
-  customer with partition id 0 uses the run seed itself, so that a one-customer federation
-  repeats :func:`diredi_sim.pipeline.run_pipeline` exactly.
+- :meth:`FederationConfig.seeds`: a customer's seeds, from (run seed, partition id, replicate)
+  by :func:`diredi_sim.seeds.derive_seed`; partition 0 of replicate 0 uses the run seed's, so
+  that a one-customer federation repeats :func:`diredi_sim.pipeline.run_pipeline` exactly.
 - :func:`customer_work`: the customer's step (RD B, RD A, delta) on its own data;
   :func:`privatize_delta`: local differential privacy on that delta, when configured.
 - :func:`manufacturer_work`: the manufacturer's step for one reply (verification, Distill C per
@@ -40,6 +40,7 @@ from diredi_sim.pipeline import (DISTILL_C_MODES, ClassSets, DataSets, PipelineC
                                  measure_on_customer, measure_on_manufacturer, redistill, review_update, run_customer,
                                  select_customer_data)
 from diredi_sim.runs import to_jsonable
+from diredi_sim.seeds import Seeds
 from diredi_sim.train import evaluate_detector, finetune
 from diredi_sim.verify import Verdict, verify_model, verify_update
 
@@ -186,8 +187,9 @@ class FederationConfig:
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     replicate: int = 0  # the customers' seeds of replicate k differ; the manufacturer's models stay (compare --seeds)
 
-    def customer_seed(self, partition_id: int) -> int:
-        return customer_seed(self.seed + 100_003 * self.replicate, partition_id)
+    def seeds(self, partition_id: int) -> Seeds:
+        """Customer ``partition_id``'s seeds in this replicate (:func:`diredi_sim.seeds.derive_seed`)."""
+        return Seeds(self.seed, partition_id, self.replicate)
 
     def __post_init__(self):
         _check(self.preset in ("cpu", "paper"), "preset", self.preset, "must be 'cpu' or 'paper'")
@@ -289,11 +291,6 @@ def build_population(population: PopulationConfig, presumed_split="presumed") ->
     return customers
 
 
-def customer_seed(run_seed: int, partition_id: int) -> int:
-    """The seed of a customer's stages; partition 0 uses the run seed (the one-customer pipeline's)."""
-    return run_seed + 1009 * partition_id
-
-
 def pick_share(population: PopulationConfig, partition_id: int, num_customers: int):
     """The customer's share of a split's images: all (``shared``) or every n-th (``disjoint``)."""
     if population.partition == "shared":
@@ -331,7 +328,7 @@ def customer_work(config: FederationConfig, customer: Customer, num_customers: i
     tutor, edge = load_model("tutor", config.preset, tutor_state), load_model("edge", config.preset, edge_state)
     recorder = StageRecorder()
     say(f"RD B (presumed data) and RD A ({', '.join(customer.classes)}), {pipeline.rd.epochs} epoch(s) each")
-    update = run_customer(tutor, edge, pipeline, datasets, customer.classes, seed=config.customer_seed(customer.partition_id),
+    update = run_customer(tutor, edge, pipeline, datasets, customer.classes, seeds=config.seeds(customer.partition_id),
                           recorder=recorder, records=pick_share(config.population, customer.partition_id, num_customers),
                           say=say, progress=False)
     metrics = {
@@ -354,8 +351,7 @@ def privatize_delta(config: FederationConfig, partition_id: int, delta: dict[str
     """The customer's delta as it goes up under simulation.dp_clip_norm / dp_noise_multiplier
     (unchanged when dp_clip_norm is 0): clipped, plus noise seeded by the customer and round."""
     sim = config.simulation
-    seed = config.customer_seed(partition_id) + 7919 * server_round + 17
-    return privatize(delta, sim.dp_clip_norm, sim.dp_noise_multiplier, seed=seed)
+    return privatize(delta, sim.dp_clip_norm, sim.dp_noise_multiplier, seed=config.seeds(partition_id)("dp", server_round))
 
 
 # The manufacturer's side works on DataSets.manufacturer(config.data): its public pool only (a
@@ -392,7 +388,7 @@ def manufacturer_review(config: FederationConfig, customer: Customer, tutor_stat
         for loss in pipeline.distill_c_losses:
             key = distill_c_row("public", loss)
             models[key], counts[key] = redistill(tutor_prime, edge, train, val, presumed, pipeline, mode="public", loss=loss,
-                                                 seed=config.customer_seed(customer.partition_id), recorder=recorder, progress=False)
+                                                 seeds=config.seeds(customer.partition_id), recorder=recorder, progress=False)
     with recorder.measure("evaluate_manufacturer"):
         halves = {key: measure_on_manufacturer(key, model, classes, datasets, pipeline) for key, model in models.items()}
     return {
@@ -425,7 +421,7 @@ def customer_redistill(config: FederationConfig, customer: Customer, num_custome
     for loss in pipeline.distill_c_losses:
         key = distill_c_row("public+private", loss)
         student, images = redistill(tutor, edge, train, val, customer.classes, pipeline, mode="public+private", loss=loss,
-                                    seed=config.customer_seed(customer.partition_id), progress=False)
+                                    seeds=config.seeds(customer.partition_id), progress=False)
         edges[key] = _as_state(student)
         metrics[f"{key}/train-images"] = images
     metrics["seconds"] = round(time.perf_counter() - start, 3)
@@ -576,7 +572,7 @@ def baseline_customer_work(config: FederationConfig, customer: Customer, num_cus
     edge = load_model("edge", config.preset, edge_state)
     data = select_customer_data(datasets, config.pipeline, customer.classes, cfg, pick)
     train = data.combined
-    seed = config.customer_seed(customer.partition_id) + 7
+    seed = config.seeds(customer.partition_id)("fedavg")
     torch.manual_seed(seed)
     finetune(edge, train, data.own_val, cfg, class_indices=ClassSets.indices(customer.classes),
              proximal_mu=proximal_mu, seed=seed, name=f"edge_customer{customer.partition_id}", progress=False)
@@ -644,7 +640,7 @@ def reply_problems(delta: dict[str, Tensor], tutor_state: dict[str, Tensor]) -> 
 
 __all__ = [
     "PopulationConfig", "SimulationConfig", "FederationConfig", "Customer", "build_population", "parse_customer",
-    "customer_seed", "pick_share", "effective_pipeline", "customer_work", "privatize_delta", "manufacturer_review", "merge_accepted",
+    "pick_share", "effective_pipeline", "customer_work", "privatize_delta", "manufacturer_review", "merge_accepted",
     "customer_redistill", "review_edge", "customer_evaluate", "rows_to_metrics", "rows_from_metrics", "combine_round",
     "round_in_one_process", "evaluation_models",
     "load_federation_config", "federation_config_from_dict", "federation_to_flat", "federation_from_flat",

@@ -69,6 +69,7 @@ from diredi_sim.deltas import apply_delta, compute_delta, compute_norm, count_by
 from diredi_sim.evaluate import compute_voc_ap, evaluate_detections
 from diredi_sim.losses import FGDConfig
 from diredi_sim.models import build_detector
+from diredi_sim.seeds import Seeds, derive_seed
 from diredi_sim.runs import (CheckpointError, Run, atomic_write_bytes, atomic_write_json, load_detector_weights,
                              save_checkpoint, to_jsonable)
 from diredi_sim.train import (build_loader, distill, evaluate_detector, finetune, predict, records_to_ground_truth,
@@ -81,11 +82,6 @@ MANUFACTURER_CACHE_FORMAT = 2  # 2: public pool only, Distill B from the tutor; 
 
 # Training-config fields that do not change the trained weights (left out of the cache key).
 _EVAL_ONLY_FIELDS = ("eval_every", "max_eval_images", "score_threshold")
-
-# Seed offsets per stage (same run seed, same numbers). RD A and RD B share one seed, so that
-# Tutor1 and Tutor2 differ by their data only.
-_SEED_OFFSETS = {"teacher": 0, "distill_a": 1, "distill_b": 2, "rd": 3, "distill_c": 5, "direct": 6, "local": 8}
-
 
 @dataclass(frozen=True)
 class PipelineConfig:
@@ -499,10 +495,10 @@ def prepare_manufacturer(
         cfg = pipeline.teacher
         train = datasets.train(teacher_split, cfg, pool="public")
         with recorder.measure("teacher", cached=False, train_images=len(train), epochs=cfg.epochs) as entry:
-            torch.manual_seed(seed + _SEED_OFFSETS["teacher"])
+            torch.manual_seed(derive_seed(seed, "teacher"))
             teacher = build_detector("teacher", preset, num_classes=len(VOC_CLASSES))
             train_detector(teacher, train, datasets.val(teacher_split, cfg, pool="public"), cfg, class_indices=teacher_classes,
-                           seed=seed + _SEED_OFFSETS["teacher"], name="teacher", **common)
+                           seed=derive_seed(seed, "teacher"), name="teacher", **common)
         save_checkpoint(teacher_folder / "teacher.pt", teacher, config=teacher_description, cache_key=teacher_key)
         atomic_write_json(teacher_folder / "manifest.json", {"key": teacher_key, "description": teacher_description,
                                                              "stage": entry, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
@@ -518,10 +514,10 @@ def prepare_manufacturer(
         train = datasets.train(presumed, cfg, pool="public")
         source_model = teacher if source == "teacher" else copy.deepcopy(students["tutor"])
         with recorder.measure(stage, cached=False, train_images=len(train), epochs=cfg.epochs, teacher=source) as entry:
-            torch.manual_seed(seed + _SEED_OFFSETS[stage])
+            torch.manual_seed(derive_seed(seed, stage))
             student = build_detector(role, preset, num_classes=len(VOC_CLASSES))
             distill(source_model, student, train, datasets.val(presumed, cfg, pool="public"), cfg, class_indices=presumed_classes,
-                    seed=seed + _SEED_OFFSETS[stage], name=f"{role}_{stage}", **distill_settings, **common)
+                    seed=derive_seed(seed, stage), name=f"{role}_{stage}", **distill_settings, **common)
         trained.append(entry)
         students[role] = student
 
@@ -685,7 +681,7 @@ def run_customer(
     datasets: DataSets,
     customer,
     *,
-    seed: int,
+    seeds: Seeds,
     recorder: StageRecorder | None = None,
     say: Callable[[str], None] = lambda text: None,
     records: Callable[[list[ImageRecord]], list[ImageRecord]] = lambda r: r,
@@ -694,7 +690,7 @@ def run_customer(
     progress: bool = True,
 ) -> CustomerUpdate:
     """The customer's side (steps 3-4): RD B and RD A from copies of ``tutor`` with ``edge`` as
-    the frozen teacher, then the delta. ``seed`` is the customer's seed; ``records`` picks the
+    the frozen teacher, then the delta. ``seeds`` are the customer's; ``records`` picks the
     customer's share of the customer pool.
 
     Tutor1 (RD B) trains on the presumed images; Tutor2 (RD A) on the same presumed batches, in
@@ -715,9 +711,9 @@ def run_customer(
     trained, counts = {}, {}
     for key, stage, presumed, own, per_batch, val, classes in plans:
         with recorder.measure(stage, presumed_images=len(presumed), own_images=len(own), epochs=cfg.epochs) as entry:
-            torch.manual_seed(seed + _SEED_OFFSETS["rd"])
+            torch.manual_seed(seeds("rd"))
             student = copy_for_training(tutor)
-            result = reverse_distill(edge, student, presumed, val, cfg, class_indices=classes, seed=seed + _SEED_OFFSETS["rd"],
+            result = reverse_distill(edge, student, presumed, val, cfg, class_indices=classes, seed=seeds("rd"),
                                      extra_records=own, extra_per_batch=per_batch, name=f"{key}_{stage}", **rd_settings, **common)
             entry.update(train_images=result["train_images"], train_steps=result["train_steps"])
         counts[stage] = result["train_images"]
@@ -769,7 +765,7 @@ def distill_c_training_data(data: CustomerData, mode: str) -> tuple[list[ImageRe
 
 
 def redistill(tutor_prime: nn.Module, edge: nn.Module, train: list[ImageRecord], val: list[ImageRecord],
-              classes: Sequence[str], pipeline: PipelineConfig, *, mode: str, loss: str, seed: int,
+              classes: Sequence[str], pipeline: PipelineConfig, *, mode: str, loss: str, seeds: Seeds,
               recorder: StageRecorder | None = None, **common) -> tuple[nn.Module, int]:
     """Step 6, Distill C: tutor' -> a new edge model, starting from the weights of ``edge``, on
     ``train`` (validated on ``val``, AP over ``classes``). As the paper: FGD at its attention
@@ -783,12 +779,12 @@ def redistill(tutor_prime: nn.Module, edge: nn.Module, train: list[ImageRecord],
     score_weight = pipeline.distill_c_score_weight if loss == "fgd+score" else 0.0
     key, stage = distill_c_row(mode, loss), f"distill_c_{mode}" + ("_score" if loss == "fgd+score" else "")
     with recorder.measure(stage, epochs=cfg.epochs, score_weight=score_weight, temperature=pipeline.distill_c_temperature) as entry:
-        torch.manual_seed(seed + _SEED_OFFSETS["distill_c"])
+        torch.manual_seed(seeds("distill_c"))
         student = copy_for_training(edge)
         result = distill(copy.deepcopy(tutor_prime), student, train, val, cfg, class_indices=ClassSets.indices(classes),
                          feature_weight=pipeline.distill_c_feature_weight, task_weight=pipeline.distill_c_task_weight,
                          score_weight=score_weight, temperature=pipeline.distill_c_temperature, fgd=fgd,
-                         seed=seed + _SEED_OFFSETS["distill_c"], name=key, **common)
+                         seed=seeds("distill_c"), name=key, **common)
         entry.update(train_images=result["train_images"], train_steps=result["train_steps"])
     return student, result["train_images"]
 
@@ -812,7 +808,7 @@ def run_manufacturer_step(
     datasets: DataSets,
     customer,
     *,
-    seed: int,
+    seeds: Seeds,
     recorder: StageRecorder | None = None,
     say: Callable[[str], None] = lambda text: None,
     records: Callable[[list[ImageRecord]], list[ImageRecord]] = lambda r: r,
@@ -822,7 +818,7 @@ def run_manufacturer_step(
     """Steps 5 and 6 in one process (the ``paper`` flow): :func:`review_update`, then
     :func:`redistill` per data mode and loss. The public+private mode reads the customer's data:
     in the federation it runs at the customer instead (``clients/``), and this function is not
-    used there. ``seed`` is the customer's seed; ``records`` picks the customer's share of its
+    used there. ``seeds`` are the customer's; ``records`` picks the customer's share of its
     split's images. With ``distill_rejected`` False a rejected update gets no Distill C (the
     customer keeps its edge model); True distils from the unchanged tutor anyway."""
     recorder = recorder or StageRecorder(common.get("run"))
@@ -834,7 +830,7 @@ def run_manufacturer_step(
         classes = resolve_split(pipeline.presumed_split if mode == "public" else customer)
         for loss in pipeline.distill_c_losses:
             key = distill_c_row(mode, loss)
-            edges[key], counts[key] = redistill(tutor_prime, edge, train, val, classes, pipeline, mode=mode, loss=loss, seed=seed,
+            edges[key], counts[key] = redistill(tutor_prime, edge, train, val, classes, pipeline, mode=mode, loss=loss, seeds=seeds,
                                                 recorder=recorder, **common)
     return ManufacturerStep(verdict, tutor_prime, candidate, edges, counts)
 
@@ -854,7 +850,7 @@ def count_customer_compute(update: CustomerUpdate, step: ManufacturerStep, pipel
 BASELINES = ("direct", "local")
 
 
-def train_baseline(kind: str, edge: nn.Module, pipeline: PipelineConfig, datasets: DataSets, customer, *, seed: int, preset: str,
+def train_baseline(kind: str, edge: nn.Module, pipeline: PipelineConfig, datasets: DataSets, customer, *, seeds: Seeds, preset: str,
                    budget_images: int | None, recorder: StageRecorder | None = None,
                    records: Callable[[list[ImageRecord]], list[ImageRecord]] = lambda r: r, **common) -> tuple[nn.Module, int]:
     """A customer-side baseline on the customer's whole data (the presumed images without its
@@ -869,10 +865,10 @@ def train_baseline(kind: str, edge: nn.Module, pipeline: PipelineConfig, dataset
     cfg = pipeline.direct if kind == "direct" else pipeline.local
     data = select_customer_data(datasets, pipeline, customer, cfg, records)
     steps = math.ceil(budget_images / cfg.batch_size) if budget_images else None
-    settings = dict(class_indices=ClassSets.indices(resolve_split(customer)), seed=seed + _SEED_OFFSETS[kind], name=f"edge_{kind}",
+    settings = dict(class_indices=ClassSets.indices(resolve_split(customer)), seed=seeds(kind), name=f"edge_{kind}",
                     total_steps=steps, **common)
     with recorder.measure(kind, epochs=cfg.epochs, budget_images=budget_images) as entry:
-        torch.manual_seed(seed + _SEED_OFFSETS[kind])
+        torch.manual_seed(seeds(kind))
         if kind == "direct":
             student = build_detector("edge", preset, num_classes=len(VOC_CLASSES))
             result = train_detector(student, data.combined, data.own_val, cfg, **settings)
@@ -892,14 +888,14 @@ def run_pipeline(
     run: Run | None = None,
     config: Any = None,
     progress: bool = True,
-    customer_seed: int | None = None,
+    seeds: Seeds | None = None,
 ) -> PipelineResult:
     """The whole flow for one customer (module docstring). ``run`` (optional) receives every
     stage's metrics rows and checkpoints; ``config`` is embedded in those checkpoints.
-    ``customer_seed`` seeds the customer's stages, Distill C and the direct and local baselines
-    (default: ``seed``); the manufacturer's stages always use ``seed`` (replicates over customer
-    seeds share one manufacturer)."""
-    customer_seed = seed if customer_seed is None else customer_seed
+    ``seeds`` seed the customer's stages, Distill C and the direct and local baselines (default:
+    ``Seeds(seed)``, partition 0 of replicate 0); the manufacturer's stages always use ``seed``
+    (replicates share one manufacturer)."""
+    seeds = seeds or Seeds(seed)
     if pipeline.customer == "":
         raise ValueError("pipeline.customer is empty: name the customer's split (a preset such as exp1, or class names)")
     classes = ClassSets.of(pipeline.customer, pipeline.presumed_split, pipeline.teacher_split)
@@ -922,7 +918,7 @@ def run_pipeline(
     tutor, edge = maker.tutor, maker.edge
     models: dict[str, nn.Module] = {"teacher": maker.teacher, "tutor_original": tutor, "edge_original": edge}
 
-    update = run_customer(tutor, edge, pipeline, datasets, pipeline.customer, seed=customer_seed, recorder=recorder, say=say,
+    update = run_customer(tutor, edge, pipeline, datasets, pipeline.customer, seeds=seeds, recorder=recorder, say=say,
                           **common)
     models.update(tutor1=update.tutor1, tutor2=update.tutor2)
     delta, delta_info = update.delta, update.delta_info
@@ -931,7 +927,7 @@ def run_pipeline(
         torch.save(delta, buffer)
         atomic_write_bytes(run.folder / "delta.pt", buffer.getvalue())
 
-    step = run_manufacturer_step(tutor, edge, delta, pipeline, datasets, pipeline.customer, seed=customer_seed, recorder=recorder,
+    step = run_manufacturer_step(tutor, edge, delta, pipeline, datasets, pipeline.customer, seeds=seeds, recorder=recorder,
                                  say=say, **common)
     verdict = step.verdict
     models["tutor_updated"] = step.tutor_prime
@@ -943,7 +939,7 @@ def run_pipeline(
     compute["baselines"] = {}
     for kind in BASELINES:
         models[f"edge_{kind}"], compute["baselines"][f"edge_{kind}"] = train_baseline(
-            kind, edge, pipeline, datasets, pipeline.customer, seed=customer_seed, preset=preset, recorder=recorder,
+            kind, edge, pipeline, datasets, pipeline.customer, seeds=seeds, preset=preset, recorder=recorder,
             budget_images=compute["diredi"] if pipeline.equal_compute else None, **common)
     say("training images per method (image-steps): DiReDi customer " + f"{compute['diredi']} (" +
         ", ".join(f"{k} {v}" for k, v in compute["parts"].items()) + "); " +
@@ -959,7 +955,7 @@ def run_pipeline(
         "epochs": {s: getattr(pipeline, s).epochs for s in ("teacher", "distill_a", "distill_b", "rd", "distill_c", "direct", "local")},
         "rd_customer_per_batch": pipeline.rd_customer_per_batch, "rd_score_weight": pipeline.rd_score_weight,
         "rd_align_init": pipeline.rd_align_init, "distill_c_losses": list(pipeline.distill_c_losses),
-        "customer_seed": customer_seed, "training_images": compute,
+        "customer_seed": seeds.customer, "training_images": compute,
     }
     return PipelineResult(rows, verdict, delta, delta_info, recorder.stages, classes,
                           {"folder": str(maker.folder), "key": maker.key, "reused": maker.reused}, settings)

@@ -99,7 +99,7 @@ def local_customer_work(config: FederationConfig, method: str, partition_id: int
     original = load_model("edge", config.preset, edge_state)
     reference = evaluate_for_customer(config, customer, original, datasets=datasets)["per_class"]
     edge, images = train_baseline(method, original, effective_pipeline(config, customer), datasets, customer.classes,
-                                  seed=config.customer_seed(customer.partition_id), preset=config.preset, budget_images=budget_images,
+                                  seeds=config.seeds(customer.partition_id), preset=config.preset, budget_images=budget_images,
                                   records=pick_share(config.population, customer.partition_id, len(population)), progress=False)
     row = evaluate_for_customer(config, customer, edge, reference, datasets)
     return {"partition_id": customer.partition_id, "customer": customer.name, "uplink_bytes": 0, "downlink_bytes": 0,

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from diredi_sim.seeds import Seeds
 from diredi_sim.config import ConfigError, ExperimentConfig, config_from_dict, read_toml
 from diredi_sim.pipeline import PipelineConfig, PipelineResult, load_pipeline_config, run_pipeline
 from diredi_sim.runs import Run, atomic_write_json, atomic_write_text, to_jsonable
@@ -77,8 +78,8 @@ def run_paper(config: ExperimentConfig, experiment: str, pipeline: PipelineConfi
     and print the table. The pipeline settings are ``pipeline``, else ``config.pipeline``, else
     the defaults; an empty ``pipeline.customer`` means the split preset named ``experiment``.
 
-    ``seeds`` K: replicates. The flow runs K times with the customer's seeds ``config.seed + k``
-    (k = 0..K-1) while the manufacturer keeps ``config.seed``: its teacher, tutor and edge are
+    ``seeds`` K: replicates. The flow runs K times with the customer's seeds of replicates
+    k = 0..K-1 (``Seeds(config.seed, replicate=k)``: customer seed ``config.seed + k``) while the manufacturer keeps ``config.seed``: its teacher, tutor and edge are
     trained once, cached and reused, so the manufacturer's rows (teacher, tutor, edge) come out
     the same in every replicate and have std 0; the replicates vary the customer's side (RD,
     Distill C, the direct and local baselines). Replicate s writes its single-seed outputs to
@@ -93,12 +94,13 @@ def run_paper(config: ExperimentConfig, experiment: str, pipeline: PipelineConfi
         torch.set_num_threads(config.threads)
     run_config = {"experiment": experiment, **{f.name: getattr(config, f.name) for f in fields(config) if f.name != "pipeline"},
                   "pipeline": pipeline}
-    customer_seeds = [config.seed + k for k in range(seeds)]
+    replicates = [Seeds(config.seed, replicate=k) for k in range(seeds)]
+    customer_seeds = [r.customer for r in replicates]
     run = Run.create(config.runs_dir, config.name or f"paper-{experiment}", {**run_config, "seeds": customer_seeds})
     if progress:
         print(f"paper {experiment}: {config.preset} preset, manufacturer seed {config.seed}, customer seeds "
               f"{', '.join(map(str, customer_seeds))}; run folder {run.folder}", file=sys.stderr, flush=True)
-    for customer_seed in customer_seeds:
+    for seeds_k, customer_seed in zip(replicates, customer_seeds):
         seed_config = {**run_config, "customer_seed": customer_seed}
         replicate = Run(run.folder / f"seed-{customer_seed}")
         replicate.folder.mkdir()
@@ -107,7 +109,7 @@ def run_paper(config: ExperimentConfig, experiment: str, pipeline: PipelineConfi
             print(f"paper {experiment}: customer seed {customer_seed} -> {replicate.folder}", file=sys.stderr, flush=True)
         started = time.perf_counter()
         result = run_pipeline(pipeline, config.data, preset=config.preset, seed=config.seed, run=replicate,
-                              config=to_jsonable(seed_config), progress=progress, customer_seed=customer_seed)
+                              config=to_jsonable(seed_config), progress=progress, seeds=seeds_k)
         result.settings["customer_seed"] = customer_seed
         print(write_paper_outputs(replicate, result, experiment, total_seconds=time.perf_counter() - started) + "\n", flush=True)
         text = summarize_paper_run(run.folder)

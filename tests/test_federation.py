@@ -11,7 +11,8 @@ import pytest
 
 from diredi_sim.config import ConfigError
 from diredi_sim.data.splits import SPLIT_PRESETS
-from diredi_sim.federation import (FederationConfig, PopulationConfig, build_population, customer_seed, effective_pipeline,
+from diredi_sim.seeds import Seeds, derive_seed
+from diredi_sim.federation import (FederationConfig, PopulationConfig, build_population, effective_pipeline,
                                    federation_from_flat, federation_to_flat, load_federation_config, parse_customer,
                                    pick_share)
 
@@ -45,8 +46,13 @@ def test_customer_specs_and_their_errors():
 
 
 def test_seeds_and_shares():
-    assert customer_seed(7, 0) == 7  # partition 0 repeats the one-customer pipeline
-    assert len({customer_seed(7, p) for p in range(100)}) == 100
+    assert FederationConfig(seed=7).seeds(0).customer == 7  # partition 0 repeats the one-customer pipeline
+    assert len({FederationConfig(seed=7).seeds(p)("rd") for p in range(100)}) == 100
+    assert FederationConfig(seed=7, replicate=2).seeds(0) == Seeds(7, 0, 2)  # replicate k: the paper command's seed-<7+k>
+    assert Seeds(7, 0, 2).customer == 9 and derive_seed(7, "teacher") == derive_seed(7, "teacher", partition=3, replicate=2)
+    assert Seeds(7, 1)("dp", 2) != Seeds(7, 1)("dp", 3)  # local DP's noise differs per round
+    with pytest.raises(ValueError, match="unknown stage 'rdd'"):
+        derive_seed(7, "rdd")
     records = list(range(10))
     assert pick_share(PopulationConfig(), 1, 3)(records) == records
     shares = [pick_share(PopulationConfig(partition="disjoint"), p, 3)(records) for p in range(3)]

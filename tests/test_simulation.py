@@ -15,7 +15,7 @@ import torch
 
 from diredi_sim.config import DataConfig, TrainConfig
 from diredi_sim.data.synthetic import SyntheticConfig
-from diredi_sim.federation import (FederationConfig, PopulationConfig, SimulationConfig, build_population, customer_seed,
+from diredi_sim.federation import (FederationConfig, PopulationConfig, SimulationConfig, build_population,
                                    effective_pipeline)
 from diredi_sim.pipeline import PipelineConfig, export_pool, run_pipeline
 from diredi_sim.verify import VerifyConfig
@@ -81,7 +81,7 @@ def test_flower_and_the_plain_pipeline_give_the_same_per_customer_results(simula
     for customer in build_population(config.population):
         flower = json.loads((outcome.folder / "round1" / f"customer{customer.partition_id}.json").read_text())
         plain = run_pipeline(effective_pipeline(config, customer), config.data, preset=config.preset, seed=config.seed,
-                             customer_seed=customer_seed(config.seed, customer.partition_id), progress=False)
+                             seeds=config.seeds(customer.partition_id), progress=False)
         assert plain.manufacturer["reused"] is True  # the simulation's manufacturer, from the cache
         assert plain.verdict.accepted == flower["verdict_detail"]["accepted"], customer.name
         assert math.isclose(plain.delta_info["norm"], flower["verdict_detail"]["delta_norm"], rel_tol=1e-6), customer.name

@@ -174,7 +174,8 @@ def test_run_paper_with_seeds_writes_each_seed_and_the_summary(tmp_path, monkeyp
 
     calls = []
 
-    def fake_pipeline(pipeline, data, *, preset, seed, run, config, progress, customer_seed):
+    def fake_pipeline(pipeline, data, *, preset, seed, run, config, progress, seeds):
+        customer_seed = seeds.customer
         calls.append((seed, customer_seed, run.folder.name, config["customer_seed"]))
         k = customer_seed - 10
         rows = [{**row(key, m, presumed=0.3, private=p), "forgetting": 0.0, "dropped_forgetting": float("nan")}
