@@ -42,7 +42,8 @@ stay_offline()
 from diredi_sim.deltas import compress_delta, compute_norm, count_bytes, decompress_delta  # noqa: E402
 from diredi_sim.federation import (build_population, count_state_bytes, customer_work, load_federation_config,  # noqa: E402
                                    round_in_one_process)
-from diredi_sim.pipeline import DataSets, manufacturer_is_cached, prepare_manufacturer, resolve_cache_dir  # noqa: E402
+from diredi_sim.datasets import DataSets
+from diredi_sim.manufacturer import manufacturer_is_cached, prepare_manufacturer, resolve_cache_dir
 
 TARGET_RATIO, TARGET_LOSS = 4.0, 0.01  # at least 4x smaller, at most 1 AP point lost
 

@@ -39,7 +39,8 @@ stay_offline()
 from diredi_sim.deltas import compute_norm  # noqa: E402
 from diredi_sim.federation import (build_population, customer_work, load_federation_config, round_in_one_process,  # noqa: E402
                                    privatize_delta)
-from diredi_sim.pipeline import DataSets, prepare_manufacturer  # noqa: E402
+from diredi_sim.datasets import DataSets
+from diredi_sim.manufacturer import prepare_manufacturer
 
 QUICK = {"pipeline.distill_c_modes": "public+private"}  # the deployed mode only
 

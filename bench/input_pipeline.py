@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from diredi_sim.federation import load_federation_config  # noqa: E402
 from diredi_sim.models import build_detector  # noqa: E402
-from diredi_sim.pipeline import DataSets  # noqa: E402
+from diredi_sim.datasets import DataSets
 from diredi_sim.train import build_loader  # noqa: E402
 
 

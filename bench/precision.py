@@ -15,7 +15,7 @@ import torch
 
 from diredi_sim.config import DataConfig
 from diredi_sim.models import backbone_precision, build_detector
-from diredi_sim.pipeline import DataSets
+from diredi_sim.datasets import DataSets
 from diredi_sim.train import build_loader, compute_task_losses
 
 

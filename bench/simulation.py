@@ -34,7 +34,8 @@ stay_offline()
 
 from diredi_sim.federation import (build_population, customer_work, load_federation_config, load_model,  # noqa: E402
                                    round_in_one_process, merge_accepted)
-from diredi_sim.pipeline import DataSets, prepare_manufacturer  # noqa: E402
+from diredi_sim.datasets import DataSets
+from diredi_sim.manufacturer import prepare_manufacturer
 
 
 def run_plain(config) -> float:

@@ -33,14 +33,15 @@ from torch import Tensor, nn
 from diredi_sim.config import ConfigError, DataConfig, TrainConfig, _check, config_from_dict, read_toml, to_flat
 from diredi_sim.data import VOC_CLASSES
 from diredi_sim.data.splits import SPLIT_PRESETS, resolve_split
+from diredi_sim.datasets import DataSets, select_customer_data
 from diredi_sim.deltas import COMPRESSIONS, MERGE_RULES, check_delta, compute_norm, count_state_bytes, merge_deltas, privatize
+from diredi_sim.flow import distill_c_training_data, redistill, review_update, run_customer
 from diredi_sim.models import build_detector
-from diredi_sim.pipeline import (DISTILL_C_MODES, ClassSets, DataSets, PipelineConfig, StageRecorder, assemble_rows,
-                                 compute_knowledge, distill_c_row, distill_c_training_data, evaluate_row, load_pipeline_config,
-                                 measure_on_customer, measure_on_manufacturer, redistill, review_update, run_customer,
-                                 select_customer_data)
 from diredi_sim.runs import to_jsonable
 from diredi_sim.seeds import Seeds
+from diredi_sim.settings import ClassSets, PipelineConfig, DISTILL_C_MODES, load_pipeline_config
+from diredi_sim.stages import StageRecorder
+from diredi_sim.table import (assemble_rows, compute_knowledge, distill_c_row, evaluate_row, measure_on_customer, measure_on_manufacturer)
 from diredi_sim.train import evaluate_detector, finetune
 from diredi_sim.verify import Verdict, verify_model, verify_update
 

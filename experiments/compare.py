@@ -29,7 +29,9 @@ import torch
 from diredi_sim.config import ConfigError
 from diredi_sim.federation import (FederationConfig, build_population, effective_pipeline, evaluate_for_customer, load_model,
                                    pick_share)
-from diredi_sim.pipeline import DataSets, prepare_manufacturer, train_baseline
+from diredi_sim.datasets import DataSets
+from diredi_sim.flow import train_baseline
+from diredi_sim.manufacturer import prepare_manufacturer
 from diredi_sim.runs import Run, atomic_write_text, to_jsonable
 from experiments.stats import paired_difference
 

@@ -25,7 +25,8 @@ import torch
 
 from diredi_sim.seeds import Seeds
 from diredi_sim.config import ConfigError, ExperimentConfig, config_from_dict, read_toml
-from diredi_sim.pipeline import PipelineConfig, PipelineResult, load_pipeline_config, run_pipeline
+from diredi_sim.pipeline import PipelineResult, run_pipeline
+from diredi_sim.settings import PipelineConfig, load_pipeline_config
 from diredi_sim.runs import Run, atomic_write_json, atomic_write_text, to_jsonable
 from experiments.stats import paired_difference, summarize
 

@@ -16,7 +16,8 @@ import warnings
 from pathlib import Path
 
 from diredi_sim.federation import FederationConfig, build_population
-from diredi_sim.pipeline import DataSets, manufacturer_is_cached, prepare_manufacturer
+from diredi_sim.datasets import DataSets
+from diredi_sim.manufacturer import manufacturer_is_cached, prepare_manufacturer
 
 
 def build_backend_config(config: FederationConfig) -> dict:

@@ -15,7 +15,8 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 
 from diredi_sim.federation import (FederationConfig, build_population, count_state_bytes, federation_to_flat,
                                    rows_from_metrics)
-from diredi_sim.pipeline import compute_knowledge, prepare_manufacturer
+from diredi_sim.manufacturer import prepare_manufacturer
+from diredi_sim.table import compute_knowledge
 from diredi_sim.runs import Run, to_jsonable
 from server.server_app import FederationOutcome
 

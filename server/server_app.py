@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from diredi_sim.federation import FederationConfig, build_population, federation_from_flat, federation_to_flat
-from diredi_sim.pipeline import prepare_manufacturer
+from diredi_sim.manufacturer import prepare_manufacturer
 from diredi_sim.runs import Run, atomic_write_text, to_jsonable
 from server.strategy import SUMMARY_COLUMNS, DiReDiStrategy
 

@@ -42,7 +42,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
 from diredi_sim.deltas import decompress_delta, select_neck_head
-from diredi_sim.pipeline import distill_c_row
+from diredi_sim.table import distill_c_row
 from diredi_sim.federation import (Customer, FederationConfig, combine_round, evaluation_models, load_model,
                                    manufacturer_review, merge_round, reply_problems, review_edge, rows_from_metrics)
 from diredi_sim.runs import (Run, atomic_write_bytes, atomic_write_json, load_checkpoint, release_memory, save_checkpoint,

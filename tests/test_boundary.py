@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from diredi_sim.config import DataConfig
-from diredi_sim.pipeline import DataSets, PrivacyError, export_pool
+from diredi_sim.datasets import DataSets, PrivacyError, export_pool
 from diredi_sim.data.synthetic import SyntheticConfig
 
 TINY = SyntheticConfig(seed=3, num_train=24, num_val=8, num_test=16, min_objects=3, max_objects=5, min_object_size=24, clutter=2.0)

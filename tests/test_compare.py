@@ -14,7 +14,7 @@ from diredi_sim.config import DataConfig, TrainConfig
 from diredi_sim.data.synthetic import SyntheticConfig
 from diredi_sim.federation import BaselineConfig, FederationConfig, PopulationConfig, SimulationConfig
 from diredi_sim.models import build_detector
-from diredi_sim.pipeline import PipelineConfig
+from diredi_sim.settings import PipelineConfig
 from diredi_sim.train import compute_proximal_losses
 from experiments.compare import compare_differences, format_comparison, format_differences, run_compare, summarize
 

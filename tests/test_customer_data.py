@@ -11,7 +11,8 @@ from diredi_sim.config import DataConfig, TrainConfig
 from diredi_sim.data import VOC_CLASSES
 from diredi_sim.data.splits import keep_classes
 from diredi_sim.data.synthetic import SyntheticConfig
-from diredi_sim.pipeline import DataSets, PipelineConfig, pool_of, select_customer_data
+from diredi_sim.datasets import DataSets, pool_of, select_customer_data
+from diredi_sim.settings import PipelineConfig
 from diredi_sim.train import MixedLoader, build_loader
 
 SMALL = SyntheticConfig(seed=5, num_train=80, num_val=24, num_test=24, min_objects=2, max_objects=4, min_object_size=20)

@@ -13,12 +13,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import diredi_sim.pipeline as pipeline_module
+import diredi_sim.flow as flow_module
+import diredi_sim.manufacturer as manufacturer_module
 from diredi_sim.config import ConfigError, DataConfig, ExperimentConfig, TrainConfig
 from diredi_sim.data.synthetic import SyntheticConfig
 from diredi_sim.models import build_detector, part_of
-from diredi_sim.pipeline import (ROWS, ClassSets, PipelineConfig, compute_knowledge, compute_manufacturer_key,
-                                 describe_manufacturer, run_pipeline)
+from diredi_sim.manufacturer import compute_manufacturer_key, describe_manufacturer
+from diredi_sim.pipeline import run_pipeline
+from diredi_sim.settings import ClassSets, PipelineConfig
+from diredi_sim.table import ROWS, compute_knowledge
 from diredi_sim.runs import Run, load_checkpoint
 from diredi_sim.verify import VerifyConfig
 from experiments.paper import find_paper_config, load_paper_config, run_paper, write_paper_outputs
@@ -45,9 +48,11 @@ class CallCounter:
     def __init__(self, monkeypatch):
         self.names: list[str] = []
         self.teachers: dict[str, str] = {}
-        for attr in ("train_detector", "distill", "reverse_distill", "finetune"):
-            real = getattr(pipeline_module, attr)
-            monkeypatch.setattr(pipeline_module, attr, self._wrap(real, attr in ("distill", "reverse_distill")))
+        for module in (manufacturer_module, flow_module):  # where the flow's stages call them
+            for attr in ("train_detector", "distill", "reverse_distill", "finetune"):
+                if hasattr(module, attr):
+                    real = getattr(module, attr)
+                    monkeypatch.setattr(module, attr, self._wrap(real, attr in ("distill", "reverse_distill")))
 
     def _wrap(self, real, teaches: bool):
         def wrapped(*args, **kwargs):
@@ -245,13 +250,13 @@ def test_second_run_reuses_the_manufacturer_and_a_rejected_update_keeps_the_tuto
     assert {p.name for p in folder.iterdir()} == {"teacher.pt", "tutor.pt", "edge.pt", "manifest.json"}
     calls = CallCounter(monkeypatch)
     loaded = {}
-    real_load = pipeline_module.load_detector_weights
+    real_load = manufacturer_module.load_detector_weights
 
     def record_load(detector, path):
         loaded[path.stem] = detector
         return real_load(detector, path)
 
-    monkeypatch.setattr(pipeline_module, "load_detector_weights", record_load)
+    monkeypatch.setattr(manufacturer_module, "load_detector_weights", record_load)
     config = ExperimentConfig(name="tiny-exp2-again", runs_dir=str(first.tmp / "runs"), data=first.data)
     rejecting = replace(first.cfg, verify=VerifyConfig(max_delta_norm=1e-9))  # verification is not part of the cache key
     run = Run(run_paper(config, "exp2", rejecting, progress=False).folder / "seed-0")
@@ -285,10 +290,10 @@ def test_new_distillation_settings_reuse_the_cached_teacher(first, monkeypatch):
     again from the very teacher the first run trained."""
     calls = CallCounter(monkeypatch)
     changed = replace(first.cfg, distill_feature_weight=0.5)
-    assert pipeline_module.manufacturer_is_cached(first.cfg, first.data, preset="cpu", seed=0)
-    assert not pipeline_module.manufacturer_is_cached(changed, first.data, preset="cpu", seed=0)
-    maker = pipeline_module.prepare_manufacturer(changed, first.data, preset="cpu", seed=0, progress=False)
-    assert pipeline_module.manufacturer_is_cached(changed, first.data, preset="cpu", seed=0)
+    assert manufacturer_module.manufacturer_is_cached(first.cfg, first.data, preset="cpu", seed=0)
+    assert not manufacturer_module.manufacturer_is_cached(changed, first.data, preset="cpu", seed=0)
+    maker = manufacturer_module.prepare_manufacturer(changed, first.data, preset="cpu", seed=0, progress=False)
+    assert manufacturer_module.manufacturer_is_cached(changed, first.data, preset="cpu", seed=0)
     assert calls.names == ["tutor_distill_a", "edge_distill_b"]
     assert maker.reused is False and maker.key != first.result.manufacturer["key"]
     trained = load_checkpoint(first.run.checkpoint_path("teacher"))["state_dict"]

@@ -294,7 +294,7 @@ def test_a_restored_strategy_numbers_rounds_on_and_sends_each_customer_its_own_e
     from diredi_sim.config import DataConfig
     from diredi_sim.federation import FederationConfig, PopulationConfig, SimulationConfig, load_model
     from diredi_sim.models import build_detector
-    from diredi_sim.pipeline import PipelineConfig
+    from diredi_sim.settings import PipelineConfig
     from diredi_sim.runs import Run, save_checkpoint
     from flwr.app import ArrayRecord, ConfigRecord
     from server.strategy import STATE_FORMAT

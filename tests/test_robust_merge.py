@@ -19,7 +19,8 @@ from diredi_sim.data.synthetic import SyntheticConfig
 from diredi_sim.deltas import compute_delta, compute_norm
 from diredi_sim.federation import FederationConfig, PopulationConfig, SimulationConfig, build_population, merge_accepted
 from diredi_sim.models import build_detector
-from diredi_sim.pipeline import ClassSets, DataSets, PipelineConfig
+from diredi_sim.datasets import DataSets
+from diredi_sim.settings import ClassSets, PipelineConfig
 from diredi_sim.runs import Run
 from diredi_sim.train import finetune, train_detector
 from diredi_sim.verify import VerifyConfig

@@ -17,7 +17,9 @@ from diredi_sim.config import DataConfig, TrainConfig
 from diredi_sim.data.synthetic import SyntheticConfig
 from diredi_sim.federation import (FederationConfig, PopulationConfig, SimulationConfig, build_population,
                                    effective_pipeline)
-from diredi_sim.pipeline import PipelineConfig, export_pool, run_pipeline
+from diredi_sim.datasets import export_pool
+from diredi_sim.pipeline import run_pipeline
+from diredi_sim.settings import PipelineConfig
 from diredi_sim.verify import VerifyConfig
 from experiments.processes import command_line, descendants
 

@@ -169,7 +169,8 @@ def test_run_paper_with_seeds_writes_each_seed_and_the_summary(tmp_path, monkeyp
     summary over seeds to the top of the one run folder."""
     import experiments.paper as paper
     from diredi_sim.config import ConfigError, ExperimentConfig
-    from diredi_sim.pipeline import ClassSets, PipelineConfig, PipelineResult
+    from diredi_sim.pipeline import PipelineResult
+    from diredi_sim.settings import ClassSets, PipelineConfig
     from diredi_sim.verify import Verdict
 
     calls = []

@@ -15,7 +15,7 @@ from diredi_sim.data.synthetic import SyntheticConfig
 from diredi_sim.deltas import select_neck_head
 from diredi_sim.federation import FederationConfig, PopulationConfig, SimulationConfig, build_population, federation_to_flat
 from diredi_sim.models import build_detector
-from diredi_sim.pipeline import PipelineConfig
+from diredi_sim.settings import PipelineConfig
 from diredi_sim.runs import Run, read_jsonl
 from server.strategy import DiReDiStrategy
 

@@ -17,7 +17,7 @@ from diredi_sim.deltas import check_delta, compress_delta, compute_norm, decompr
 from diredi_sim.federation import (FederationConfig, PopulationConfig, SimulationConfig, federation_to_flat,
                                    privatize_delta)
 from diredi_sim.models import build_detector, part_of
-from diredi_sim.pipeline import PipelineConfig
+from diredi_sim.settings import PipelineConfig
 from server.strategy import DiReDiStrategy
 
 TINY = SyntheticConfig(seed=3, num_train=16, num_val=8, num_test=8, min_objects=3, max_objects=5, min_object_size=24)

@@ -1,0 +1,256 @@
+"""The paper's Fig. 2 as calls (DESIGN.md section 4): the customer's update (:func:`run_customer`:
+RD B, RD A, the delta), the manufacturer's review of it (:func:`review_update`), Distill C
+(:func:`redistill`, at the manufacturer or at the customer), both manufacturer steps in one process
+(:func:`run_manufacturer_step`), and the customer-side baselines (:func:`train_baseline`)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from diredi_sim.data import VOC_CLASSES
+from diredi_sim.data.splits import resolve_split
+from diredi_sim.data.voc import ImageRecord
+from diredi_sim.datasets import CustomerData, DataSets, select_customer_data
+from diredi_sim.deltas import apply_delta, compute_delta, compute_norm, count_bytes
+from diredi_sim.models import build_detector
+from diredi_sim.runs import Run
+from diredi_sim.seeds import Seeds
+from diredi_sim.settings import ClassSets, PipelineConfig
+from diredi_sim.stages import StageRecorder
+from diredi_sim.table import distill_c_row
+from diredi_sim.train import distill, evaluate_detector, finetune, reverse_distill, train_detector
+from diredi_sim.verify import Verdict, verify_update
+
+
+def copy_for_training(detector: nn.Module) -> nn.Module:
+    """A deep copy that can be trained: a Distiller freezes the teacher it is given (no
+    gradients, eval mode), and a copy of a frozen model would inherit that."""
+    return copy.deepcopy(detector).requires_grad_(True).train()
+
+
+@dataclass
+class CustomerUpdate:
+    """What a customer computes: Tutor1 (RD B), Tutor2 (RD A) and the neck+head delta that travels."""
+
+    tutor1: nn.Module
+    tutor2: nn.Module
+    delta: dict[str, Tensor]
+    delta_info: dict  # gamma, norm, tensors, values, bytes at fp32 / fp16
+    train_images: dict[str, int]  # images trained on per RD stage (Tutor2's count includes the customer's images)
+
+
+def describe_delta(delta: dict[str, Tensor], gamma: float = 1.0) -> dict:
+    return {"gamma": gamma, "norm": compute_norm(delta), "tensors": len(delta), "values": sum(v.numel() for v in delta.values()),
+            "bytes_fp32": count_bytes(delta, torch.float32), "bytes_fp16": count_bytes(delta, torch.float16)}
+
+
+def run_customer(
+    tutor: nn.Module,
+    edge: nn.Module,
+    pipeline: PipelineConfig,
+    datasets: DataSets,
+    customer,
+    *,
+    seeds: Seeds,
+    recorder: StageRecorder | None = None,
+    say: Callable[[str], None] = lambda text: None,
+    records: Callable[[list[ImageRecord]], list[ImageRecord]] = lambda r: r,
+    run: Run | None = None,
+    config: Any = None,
+    progress: bool = True,
+) -> CustomerUpdate:
+    """The customer's side (steps 3-4): RD B and RD A from copies of ``tutor`` with ``edge`` as
+    the frozen teacher, then the delta. ``seeds`` are the customer's; ``records`` picks the
+    customer's share of the customer pool.
+
+    Tutor1 (RD B) trains on the presumed images; Tutor2 (RD A) on the same presumed batches, in
+    the same order with the same flips, the boxes of the dropped classes removed, each batch
+    extended by ``rd_customer_per_batch`` of the customer's own images. Both start from the same
+    weights and seed and take the same optimizer steps on the same schedule: they differ by the
+    customer's data only, which is what the delta carries."""
+    recorder = recorder or StageRecorder(run)
+    common = dict(run=run, config=config, progress=progress)
+    cfg = pipeline.rd
+    data = select_customer_data(datasets, pipeline, customer, cfg, records)
+    rd_settings = dict(alpha=pipeline.alpha, beta=pipeline.beta, freeze_backbone=pipeline.freeze_backbone, fgd=pipeline.fgd,
+                       score_weight=pipeline.rd_score_weight, align_init=pipeline.rd_align_init)
+    presumed_classes = ClassSets.indices(resolve_split(pipeline.presumed_split))
+    plans = (("tutor1", "rd_b", data.presumed, (), 0, data.presumed_val, presumed_classes),
+             ("tutor2", "rd_a", data.presumed_kept, data.own, pipeline.rd_customer_per_batch, data.own_val,
+              ClassSets.indices(resolve_split(customer))))
+    trained, counts = {}, {}
+    for key, stage, presumed, own, per_batch, val, classes in plans:
+        with recorder.measure(stage, presumed_images=len(presumed), own_images=len(own), epochs=cfg.epochs) as entry:
+            torch.manual_seed(seeds("rd"))
+            student = copy_for_training(tutor)
+            result = reverse_distill(edge, student, presumed, val, cfg, class_indices=classes, seed=seeds("rd"),
+                                     extra_records=own, extra_per_batch=per_batch, name=f"{key}_{stage}", **rd_settings, **common)
+            entry.update(train_images=result["train_images"], train_steps=result["train_steps"])
+        counts[stage] = result["train_images"]
+        trained[key] = student
+    with recorder.measure("delta") as entry:
+        delta = compute_delta(trained["tutor2"].state_dict(), trained["tutor1"].state_dict(), pipeline.gamma)
+        delta_info = describe_delta(delta, pipeline.gamma)
+        entry.update({k: delta_info[k] for k in ("bytes_fp32", "bytes_fp16")})
+    say(f"delta: {delta_info['tensors']} neck/head tensors, {delta_info['values']} values, norm {delta_info['norm']:.4g}, "
+        f"{delta_info['bytes_fp32'] / 2**20:.2f} MiB at fp32 / {delta_info['bytes_fp16'] / 2**20:.2f} MiB at fp16")
+    return CustomerUpdate(trained["tutor1"], trained["tutor2"], delta, delta_info, counts)
+
+
+def review_update(tutor: nn.Module, delta: dict[str, Tensor], pipeline: PipelineConfig, datasets: DataSets, *,
+                  recorder: StageRecorder | None = None,
+                  say: Callable[[str], None] = lambda text: None) -> tuple[Verdict, nn.Module, nn.Module | None]:
+    """Step 5, on the manufacturer's own data: substitute ``tutor + delta_weight * delta`` and
+    verify it on the held-out presumed images (public val). Returns (verdict, tutor', the
+    rejected candidate or None): tutor' is the updated tutor if accepted, a copy of the
+    unchanged tutor if not; ``tutor`` itself is never changed."""
+    recorder = recorder or StageRecorder()
+    presumed = ClassSets.indices(resolve_split(pipeline.presumed_split))
+    verify_records = datasets.records(datasets.data.val_set, pipeline.presumed_split, pipeline.max_eval_images, pool="public")
+    with recorder.measure("verify", verify_images=len(verify_records)) as entry:
+        def evaluate_presumed(model: nn.Module) -> dict:
+            return evaluate_detector(model, verify_records, presumed, batch_size=pipeline.eval_batch_size,
+                                     score_threshold=pipeline.score_threshold)
+
+        verdict, updated_state = verify_update(tutor, delta, evaluate_presumed, pipeline.verify, weight=pipeline.delta_weight)
+        entry["accepted"] = verdict.accepted
+    say(f"verification: {'accepted' if verdict.accepted else 'REJECTED'} (presumed mAP {verdict.map_before:.3f} -> "
+        f"{verdict.map_after:.3f}){''.join(chr(10) + '  ' + r for r in verdict.reasons)}")
+    tutor_prime, candidate = copy.deepcopy(tutor), None  # a rejected update leaves the tutor untouched
+    if verdict.accepted:
+        tutor_prime.load_state_dict(updated_state)
+    else:
+        try:
+            candidate = copy.deepcopy(tutor)
+            candidate.load_state_dict(apply_delta(tutor.state_dict(), delta, pipeline.delta_weight))
+        except (ValueError, RuntimeError, KeyError):
+            candidate = None  # a malformed delta has no candidate to show
+    return verdict, tutor_prime, candidate
+
+
+def distill_c_training_data(data: CustomerData, mode: str) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """Distill C's (train, val) images in data ``mode``: the manufacturer's presumed images
+    (``public``), or the customer's whole data, validated on its own images (``public+private``)."""
+    return (data.presumed, data.presumed_val) if mode == "public" else (data.combined, data.own_val)
+
+
+def redistill(tutor_prime: nn.Module, edge: nn.Module, train: list[ImageRecord], val: list[ImageRecord],
+              classes: Sequence[str], pipeline: PipelineConfig, *, mode: str, loss: str, seeds: Seeds,
+              recorder: StageRecorder | None = None, **common) -> tuple[nn.Module, int]:
+    """Step 6, Distill C: tutor' -> a new edge model, starting from the weights of ``edge``, on
+    ``train`` (validated on ``val``, AP over ``classes``). As the paper: FGD at its attention
+    temperature (``distill_c_temperature``, the paper's 1.5) + the edge's task loss; ``loss =
+    "fgd+score"`` adds class-score distillation from tutor' (an ablation); ``mode`` names the
+    data mode (the row is :func:`distill_c_row`). Returns the new edge model and the images it trained on. The same
+    call runs at the manufacturer (public mode) and at the customer (public+private mode)."""
+    recorder = recorder or StageRecorder(common.get("run"))
+    cfg = pipeline.distill_c
+    fgd = replace(pipeline.fgd, temperature=pipeline.distill_c_temperature)
+    score_weight = pipeline.distill_c_score_weight if loss == "fgd+score" else 0.0
+    key, stage = distill_c_row(mode, loss), f"distill_c_{mode}" + ("_score" if loss == "fgd+score" else "")
+    with recorder.measure(stage, epochs=cfg.epochs, score_weight=score_weight, temperature=pipeline.distill_c_temperature) as entry:
+        torch.manual_seed(seeds("distill_c"))
+        student = copy_for_training(edge)
+        result = distill(copy.deepcopy(tutor_prime), student, train, val, cfg, class_indices=ClassSets.indices(classes),
+                         feature_weight=pipeline.distill_c_feature_weight, task_weight=pipeline.distill_c_task_weight,
+                         score_weight=score_weight, temperature=pipeline.distill_c_temperature, fgd=fgd,
+                         seed=seeds("distill_c"), name=key, **common)
+        entry.update(train_images=result["train_images"], train_steps=result["train_steps"])
+    return student, result["train_images"]
+
+
+@dataclass
+class ManufacturerStep:
+    """What the manufacturer makes of one customer's delta (steps 5-6)."""
+
+    verdict: Verdict
+    tutor_prime: nn.Module  # the updated tutor if accepted, the unchanged tutor if not
+    candidate: nn.Module | None  # the rejected tutor + delta (shown apart, never deployed)
+    edges: dict[str, nn.Module]  # Distill C's edge model per row key (data mode and loss, distill_c_row)
+    train_images: dict[str, int] = field(default_factory=dict)  # images each Distill C trained on
+
+
+def run_manufacturer_step(
+    tutor: nn.Module,
+    edge: nn.Module,
+    delta: dict[str, Tensor],
+    pipeline: PipelineConfig,
+    datasets: DataSets,
+    customer,
+    *,
+    seeds: Seeds,
+    recorder: StageRecorder | None = None,
+    say: Callable[[str], None] = lambda text: None,
+    records: Callable[[list[ImageRecord]], list[ImageRecord]] = lambda r: r,
+    distill_rejected: bool = True,
+    **common,
+) -> ManufacturerStep:
+    """Steps 5 and 6 in one process (the ``paper`` flow): :func:`review_update`, then
+    :func:`redistill` per data mode and loss. The public+private mode reads the customer's data:
+    in the federation it runs at the customer instead (``clients/``), and this function is not
+    used there. ``seeds`` are the customer's; ``records`` picks the customer's share of its
+    split's images. With ``distill_rejected`` False a rejected update gets no Distill C (the
+    customer keeps its edge model); True distils from the unchanged tutor anyway."""
+    recorder = recorder or StageRecorder(common.get("run"))
+    verdict, tutor_prime, candidate = review_update(tutor, delta, pipeline, datasets, recorder=recorder, say=say)
+    edges, counts = {}, {}
+    data = select_customer_data(datasets, pipeline, customer, pipeline.distill_c, records)
+    for mode in (pipeline.distill_c_modes if verdict.accepted or distill_rejected else ()):
+        train, val = distill_c_training_data(data, mode)
+        classes = resolve_split(pipeline.presumed_split if mode == "public" else customer)
+        for loss in pipeline.distill_c_losses:
+            key = distill_c_row(mode, loss)
+            edges[key], counts[key] = redistill(tutor_prime, edge, train, val, classes, pipeline, mode=mode, loss=loss, seeds=seeds,
+                                                recorder=recorder, **common)
+    return ManufacturerStep(verdict, tutor_prime, candidate, edges, counts)
+
+
+def count_customer_compute(update: CustomerUpdate, step: ManufacturerStep, pipeline: PipelineConfig) -> dict:
+    """The images a DiReDi customer trains on in total (image-steps): RD B + RD A + its Distill C
+    (public+private, the paper's setting, FGD loss; the public mode's when only that one ran)."""
+    parts = dict(update.train_images)
+    for mode in ("public+private", "public"):
+        key = distill_c_row(mode, pipeline.distill_c_losses[0])
+        if key in step.train_images:
+            parts[key] = step.train_images[key]
+            break
+    return {"diredi": sum(parts.values()), "parts": parts}
+
+
+BASELINES = ("direct", "local")
+
+
+def train_baseline(kind: str, edge: nn.Module, pipeline: PipelineConfig, datasets: DataSets, customer, *, seeds: Seeds, preset: str,
+                   budget_images: int | None, recorder: StageRecorder | None = None,
+                   records: Callable[[list[ImageRecord]], list[ImageRecord]] = lambda r: r, **common) -> tuple[nn.Module, int]:
+    """A customer-side baseline on the customer's whole data (the presumed images without its
+    dropped classes' boxes + its own): ``direct``, a fresh edge model trained from scratch
+    (``pipeline.direct``; ``edge`` is not used), or ``local``, a copy of the deployed ``edge``
+    fine-tuned (``pipeline.local``). With ``budget_images`` it trains on that many images (as
+    many optimizer steps as fill it at its batch size, the last batch counted whole), else for
+    its configured epochs. Returns the model and the images it actually trained on."""
+    if kind not in BASELINES:
+        raise ValueError(f"baseline {kind!r}: must be one of {list(BASELINES)}")
+    recorder = recorder or StageRecorder(common.get("run"))
+    cfg = pipeline.direct if kind == "direct" else pipeline.local
+    data = select_customer_data(datasets, pipeline, customer, cfg, records)
+    steps = math.ceil(budget_images / cfg.batch_size) if budget_images else None
+    settings = dict(class_indices=ClassSets.indices(resolve_split(customer)), seed=seeds(kind), name=f"edge_{kind}",
+                    total_steps=steps, **common)
+    with recorder.measure(kind, epochs=cfg.epochs, budget_images=budget_images) as entry:
+        torch.manual_seed(seeds(kind))
+        if kind == "direct":
+            student = build_detector("edge", preset, num_classes=len(VOC_CLASSES))
+            result = train_detector(student, data.combined, data.own_val, cfg, **settings)
+        else:
+            student = copy_for_training(edge)
+            result = finetune(student, data.combined, data.own_val, cfg, **settings)
+        entry.update(train_images=result["train_images"], train_steps=result["train_steps"])
+    return student, result["train_images"]

@@ -1,0 +1,226 @@
+"""The manufacturer's models: teacher, Distill A (tutor), Distill B (edge), on its public
+images, cached on disk and keyed by everything that determines their weights
+(:func:`prepare_manufacturer`)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from diredi_sim.config import DataConfig, TrainConfig
+from diredi_sim.data import VOC_CLASSES
+from diredi_sim.data.splits import resolve_split
+from diredi_sim.data.synthetic import default_cache_dir
+from diredi_sim.datasets import DataSets
+from diredi_sim.models import build_detector
+from diredi_sim.runs import CheckpointError, Run, atomic_write_json, load_detector_weights, save_checkpoint, to_jsonable
+from diredi_sim.seeds import derive_seed
+from diredi_sim.settings import ClassSets, PipelineConfig
+from diredi_sim.stages import StageRecorder
+from diredi_sim.train import distill, train_detector
+
+
+MANUFACTURER_CACHE_FORMAT = 2  # 2: public pool only, Distill B from the tutor; bump when the manufacturer's training code changes what it produces
+
+# Training-config fields that do not change the trained weights (left out of the cache key).
+_EVAL_ONLY_FIELDS = ("eval_every", "max_eval_images", "score_threshold")
+
+
+
+@dataclass
+class Manufacturer:
+    """The manufacturer's artefacts: the teacher, the tutor after Distill A, the edge after Distill B."""
+
+    teacher: nn.Module
+    tutor: nn.Module
+    edge: nn.Module
+    folder: Path
+    key: str
+    reused: bool
+    description: dict
+
+
+def describe_manufacturer(pipeline: PipelineConfig, data: DataConfig, *, preset: str, seed: int) -> dict:
+    """Everything that determines the manufacturer's weights (the cache key is its hash)."""
+
+    def train_settings(cfg: TrainConfig) -> dict:
+        return {k: v for k, v in asdict(cfg).items() if k not in _EVAL_ONLY_FIELDS}
+
+    if data.source == "synthetic":
+        source = {"source": "synthetic", "synthetic": asdict(data.synthetic)}
+    else:
+        source = {"source": "voc", "voc_root": str(Path(data.voc_root).expanduser().resolve()), "year": data.year}
+    if data.manufacturer_root:  # the manufacturer's images come from there
+        source["manufacturer_root"] = str(Path(data.manufacturer_root).expanduser().resolve())
+    return to_jsonable({
+        "format": MANUFACTURER_CACHE_FORMAT,
+        "preset": preset,
+        "seed": seed,
+        "data": {**source, "train_set": data.train_set, "val_set": data.val_set, "public_fraction": data.public_fraction},
+        "teacher_split": list(resolve_split(pipeline.teacher_split)),
+        "teacher": train_settings(pipeline.teacher),
+        "presumed_split": list(resolve_split(pipeline.presumed_split)),
+        "distill_a": train_settings(pipeline.distill_a),
+        "distill_b": train_settings(pipeline.distill_b),
+        "fgd": asdict(pipeline.fgd),
+        "distill": {"feature_weight": pipeline.distill_feature_weight, "task_weight": pipeline.distill_task_weight,
+                    "score_weight": pipeline.distill_score_weight, "temperature": pipeline.distill_temperature},
+    })
+
+
+# The part of the manufacturer's description that determines the teacher alone: the teacher is
+# cached on its own, so that changing how the tutor and the edge are distilled does not retrain it.
+_TEACHER_KEYS = ("format", "preset", "seed", "data", "teacher_split", "teacher")
+
+
+def compute_manufacturer_key(description: dict) -> str:
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def describe_teacher(description: dict) -> dict:
+    return {k: description[k] for k in _TEACHER_KEYS}
+
+
+def resolve_cache_dir(pipeline: PipelineConfig) -> Path:
+    return Path(pipeline.cache_dir).expanduser() if pipeline.cache_dir else default_cache_dir()
+
+
+def _cached_manifest(folder: Path, key: str) -> dict | None:
+    """The cache folder's manifest when it is there and names ``key`` (it is written last: the
+    models beside it are complete); OSError or ValueError when it cannot be read."""
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        return None
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    return manifest if manifest.get("key") == key else None
+
+
+def manufacturer_is_cached(pipeline: PipelineConfig, data: DataConfig, *, preset: str = "cpu", seed: int = 0) -> bool:
+    """Whether :func:`prepare_manufacturer` would load these settings' models from the cache
+    rather than train them (as far as the manifest tells: unreadable weights are trained again)."""
+    key = compute_manufacturer_key(describe_manufacturer(pipeline, data, preset=preset, seed=seed))
+    try:
+        return _cached_manifest(resolve_cache_dir(pipeline) / f"manufacturer-{key}", key) is not None
+    except (OSError, ValueError):
+        return False
+
+
+def _load_cached(folder: Path, key: str, preset: str, roles=("teacher", "tutor", "edge")) -> tuple[dict[str, nn.Module], dict] | None:
+    """The ``roles``' models saved in ``folder`` under ``key`` and its manifest, or None when
+    there is none (or it names another key); unreadable files are reported and give None too."""
+    try:
+        manifest = _cached_manifest(folder, key)
+        if manifest is None:
+            return None
+        models = {}
+        for role in roles:
+            detector = build_detector(role, preset, num_classes=len(VOC_CLASSES))
+            load_detector_weights(detector, folder / f"{role}.pt")
+            models[role] = detector
+        return models, manifest
+    except (OSError, ValueError, CheckpointError) as exc:
+        print(f"diredi-sim: cached {' and '.join(roles)} in {folder} unusable ({exc}); training again", file=sys.stderr, flush=True)
+        return None
+
+
+def prepare_manufacturer(
+    pipeline: PipelineConfig,
+    data: DataConfig,
+    *,
+    preset: str = "cpu",
+    seed: int = 0,
+    datasets: DataSets | None = None,
+    recorder: StageRecorder | None = None,
+    run: Run | None = None,
+    config: Any = None,
+    progress: bool = True,
+) -> Manufacturer:
+    """Teacher, Distill A (tutor) and Distill B (edge): loaded from the cache when a previous run
+    with the same description saved them, trained (and cached) otherwise.
+
+    The cache is ``<cache_dir>/manufacturer-<key>/{teacher,tutor,edge}.pt`` plus
+    ``manifest.json`` (the description and the training times), written last: a folder without
+    a matching manifest is never used. The teacher is also cached alone, in
+    ``<cache_dir>/teacher-<key>/``, keyed by the settings that determine it, so that new
+    distillation settings reuse it.
+    """
+    recorder = recorder or StageRecorder(run)
+    description = describe_manufacturer(pipeline, data, preset=preset, seed=seed)
+    key = compute_manufacturer_key(description)
+    folder = resolve_cache_dir(pipeline) / f"manufacturer-{key}"
+    with recorder.measure("manufacturer_cache_load", folder=str(folder)) as entry:
+        cached = _load_cached(folder, key, preset)
+        entry["hit"] = cached is not None
+    if cached is not None:
+        models, manifest = cached
+        for stage in manifest.get("stages", []):
+            recorder.stages.append({**stage, "cached": True, "seconds_when_trained": stage.get("seconds_when_trained", stage.get("seconds")),
+                                    "seconds": 0.0})
+        if progress:
+            print(f"manufacturer: reusing teacher, tutor and edge from {folder}", file=sys.stderr, flush=True)
+        return Manufacturer(models["teacher"], models["tutor"], models["edge"], folder, key, True, description)
+
+    datasets = datasets or DataSets.manufacturer(data)
+    teacher_split, presumed = pipeline.teacher_split, pipeline.presumed_split
+    teacher_classes = ClassSets.indices(resolve_split(teacher_split))
+    presumed_classes = ClassSets.indices(resolve_split(presumed))
+    trained: list[dict] = []
+    common = dict(run=run, config=config, progress=progress)
+
+    teacher_description = describe_teacher(description)
+    teacher_key = compute_manufacturer_key(teacher_description)
+    teacher_folder = resolve_cache_dir(pipeline) / f"teacher-{teacher_key}"
+    cached_teacher = _load_cached(teacher_folder, teacher_key, preset, roles=("teacher",))
+    if cached_teacher is not None:
+        (teacher,), teacher_manifest = cached_teacher[0].values(), cached_teacher[1]
+        entry = {**teacher_manifest["stage"], "cached": True, "seconds_when_trained": teacher_manifest["stage"].get("seconds"),
+                 "seconds": 0.0}
+        recorder.stages.append(entry)
+        if progress:
+            print(f"manufacturer: reusing the teacher from {teacher_folder}", file=sys.stderr, flush=True)
+    else:
+        cfg = pipeline.teacher
+        train = datasets.train(teacher_split, cfg, pool="public")
+        with recorder.measure("teacher", cached=False, train_images=len(train), epochs=cfg.epochs) as entry:
+            torch.manual_seed(derive_seed(seed, "teacher"))
+            teacher = build_detector("teacher", preset, num_classes=len(VOC_CLASSES))
+            train_detector(teacher, train, datasets.val(teacher_split, cfg, pool="public"), cfg, class_indices=teacher_classes,
+                           seed=derive_seed(seed, "teacher"), name="teacher", **common)
+        save_checkpoint(teacher_folder / "teacher.pt", teacher, config=teacher_description, cache_key=teacher_key)
+        atomic_write_json(teacher_folder / "manifest.json", {"key": teacher_key, "description": teacher_description,
+                                                             "stage": entry, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+    trained.append(entry)
+
+    distill_settings = dict(feature_weight=pipeline.distill_feature_weight, task_weight=pipeline.distill_task_weight,
+                            score_weight=pipeline.distill_score_weight, temperature=pipeline.distill_temperature, fgd=pipeline.fgd)
+    students = {}
+    # Distill A: teacher -> tutor; Distill B: tutor -> edge (the tutor is the edge's teacher, paper
+    # section III-A, IV-A: "the tutor model is used to distill knowledge in the same manner").
+    for stage, role, source in (("distill_a", "tutor", "teacher"), ("distill_b", "edge", "tutor")):
+        cfg = getattr(pipeline, stage)
+        train = datasets.train(presumed, cfg, pool="public")
+        source_model = teacher if source == "teacher" else copy.deepcopy(students["tutor"])
+        with recorder.measure(stage, cached=False, train_images=len(train), epochs=cfg.epochs, teacher=source) as entry:
+            torch.manual_seed(derive_seed(seed, stage))
+            student = build_detector(role, preset, num_classes=len(VOC_CLASSES))
+            distill(source_model, student, train, datasets.val(presumed, cfg, pool="public"), cfg, class_indices=presumed_classes,
+                    seed=derive_seed(seed, stage), name=f"{role}_{stage}", **distill_settings, **common)
+        trained.append(entry)
+        students[role] = student
+
+    with recorder.measure("manufacturer_cache_save", folder=str(folder)):
+        for role, detector in (("teacher", teacher), ("tutor", students["tutor"]), ("edge", students["edge"])):
+            save_checkpoint(folder / f"{role}.pt", detector, config=description, cache_key=key)
+        atomic_write_json(folder / "manifest.json", {"key": key, "description": description, "stages": trained,
+                                                     "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+    teacher.requires_grad_(True)  # Distill A/B froze it; leave the caller a plain model
+    return Manufacturer(teacher, students["tutor"], students["edge"], folder, key, False, description)
