@@ -27,15 +27,14 @@ records the bytes actually sent as the ``uplink-bytes`` metric.
 
 from __future__ import annotations
 
-import time
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from diredi_sim.deltas import compress_delta, compute_norm, count_state_bytes, select_neck_head
+from diredi_sim.deltas import compress_delta, compute_norm, count_state_bytes
 from diredi_sim.federation import (FederationConfig, build_population, customer_evaluate, customer_redistill, customer_work,
-                                   federation_from_flat, parse_faults, privatize_delta)
+                                   federation_from_flat, privatize_delta)
 from diredi_sim.runs import release_memory
 
 # Keys the strategy adds to the round's config that are not settings of the run.
@@ -109,15 +108,6 @@ def partition(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """RD B and RD A on this customer's data; reply with the delta and scalar metrics."""
     config, population, customer = read_customer(msg, context)
-    fault = parse_faults(config.simulation.inject_faults).get(customer.partition_id)
-    if fault == "raise":
-        raise RuntimeError(f"injected fault: customer {customer.partition_id} raises")
-    if fault == "hang":
-        time.sleep(config.simulation.round_timeout + 15)  # answers too late: the round has gone on without it
-    if fault == "malformed":  # no metrics, and a delta that lost a tensor
-        zeros = {k: torch.zeros_like(v, dtype=torch.float32)
-                 for k, v in select_neck_head(msg.content["tutor"].to_torch_state_dict()).items()}
-        return Message(RecordDict({"delta": ArrayRecord(dict(list(zeros.items())[1:]))}), reply_to=msg)
     torch.set_num_threads(config.simulation.client_threads)
     result = customer_work(config, customer, len(population), msg.content["tutor"].to_torch_state_dict(),
                            msg.content["edge"].to_torch_state_dict(), progress=True)

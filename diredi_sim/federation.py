@@ -104,9 +104,6 @@ class SimulationConfig:
     ray_address: str = ""  # an existing Ray cluster ("auto" or host:port); "" = a local Ray bound to 127.0.0.1
     server_workers: int = 0  # processes for the manufacturer's per-customer steps (0: min(customers, CPUs))
     round_timeout: float = 86400.0  # seconds the server waits for a round's replies
-    # Test only: faults injected into customers, "<partition id>:<fault>" comma-separated, with
-    # fault one of raise | hang | malformed (e.g. "1:raise,2:hang"). Empty in every real run.
-    inject_faults: str = ""
 
     def __post_init__(self):
         _check(self.num_rounds >= 1, "simulation.num_rounds", self.num_rounds, "must be >= 1")
@@ -131,24 +128,6 @@ class SimulationConfig:
         _check(self.num_cpus >= 0, "simulation.num_cpus", self.num_cpus, "must be >= 0")
         _check(self.server_workers >= 0, "simulation.server_workers", self.server_workers, "must be >= 0")
         _check(self.round_timeout > 0, "simulation.round_timeout", self.round_timeout, "must be > 0")
-        try:
-            parse_faults(self.inject_faults)
-        except ValueError as exc:
-            raise ConfigError(f"simulation.inject_faults = {self.inject_faults!r}: {exc}") from None
-
-
-FAULTS = ("raise", "hang", "malformed")
-
-
-def parse_faults(spec: str) -> dict[int, str]:
-    """``"1:raise,2:hang"`` -> {1: "raise", 2: "hang"} (the test-only fault injection)."""
-    faults = {}
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        partition, _, fault = item.partition(":")
-        if not partition.isdigit() or fault not in FAULTS:
-            raise ValueError(f"{item!r}: expected <partition id>:<fault> with fault one of {list(FAULTS)}")
-        faults[int(partition)] = fault
-    return faults
 
 
 METHODS = ("diredi", "fedavg", "fedprox", "direct", "local")
@@ -646,5 +625,5 @@ __all__ = [
     "round_in_one_process", "evaluation_models",
     "load_federation_config", "federation_config_from_dict", "federation_to_flat", "federation_from_flat",
     "reply_problems", "verdict_to_dict", "BaselineConfig", "METHODS", "baseline_customer_work", "evaluate_for_customer",
-    "count_state_bytes", "load_model", "to_flat_dict", "parse_faults", "FAULTS",
+    "count_state_bytes", "load_model", "to_flat_dict",
 ]

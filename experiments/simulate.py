@@ -32,12 +32,14 @@ def build_backend_config(config: FederationConfig) -> dict:
 
 
 def run_simulate(config: FederationConfig, run_folder: str | Path | None = None, verbose: bool = False,
-                 resume: dict | None = None):
+                 resume: dict | None = None, faults: str = ""):
     """Run the federation; returns the outcome (run folder, per-customer summary). ``resume``: the
-    saved state of the run in ``run_folder``, continued after its last completed round."""
+    saved state of the run in ``run_folder``, continued after its last completed round.
+    ``faults`` (tests only): customers made to fail (:mod:`experiments.faults`)."""
     from flwr.simulation import run_simulation
 
-    from clients.client_app import app as client_app
+    from clients.client_app import app as production_app
+    from experiments.faults import faulty_client_app
     from server.server_app import FederationOutcome, format_summary, make_server_app
 
     population = build_population(config.population, config.pipeline.presumed_split)
@@ -49,6 +51,7 @@ def run_simulate(config: FederationConfig, run_folder: str | Path | None = None,
     # ServerApp loads them.
     if not manufacturer_is_cached(config.pipeline, config.data, preset=config.preset, seed=config.seed):
         prepare_manufacturer(config.pipeline, config.data, preset=config.preset, seed=config.seed)
+    client_app = faulty_client_app(faults, hang_seconds=config.simulation.round_timeout + 15) if faults else production_app
     outcome = FederationOutcome()
     start = time.perf_counter()
     with warnings.catch_warnings():

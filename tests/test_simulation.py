@@ -108,12 +108,11 @@ def test_a_round_completes_when_customers_raise_hang_or_reply_malformed(tmp_path
     config = FederationConfig(name="faults", runs_dir=str(tmp_path / "runs"),
                               data=DataConfig(cache_dir=str(tmp_path / "data"), synthetic=TINY), pipeline=pipeline,
                               population=PopulationConfig(customers=("exp1", "exp2", "exp1", "exp2"), generated=0),
-                              simulation=SimulationConfig(num_rounds=1, client_threads=1, num_cpus=4, round_timeout=120,
-                                                          inject_faults="1:raise,2:hang,3:malformed"))
+                              simulation=SimulationConfig(num_rounds=1, client_threads=1, num_cpus=4, round_timeout=120))
     from experiments.simulate import run_simulate
 
     torch.set_num_threads(1)
-    outcome = run_simulate(config)
+    outcome = run_simulate(config, faults="1:raise,2:hang,3:malformed")
     summary = json.loads((outcome.folder / "summary.json").read_text())
     assert [row["partition_id"] for row in summary["customers"]] == [0]
     assert summary["rounds"][0]["failures"] == 3 and summary["rounds"][0]["replies"] == 2  # 0 and the malformed 3

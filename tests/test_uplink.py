@@ -34,13 +34,13 @@ def tiny_config(tmp_path, **simulation) -> FederationConfig:
                             simulation=SimulationConfig(**simulation))
 
 
-def send(config: FederationConfig, partition_id: int, kind: str, records: dict) -> Message:
-    """One message of type ``kind`` through the ClientApp, as Flower delivers it."""
+def send(config: FederationConfig, partition_id: int, kind: str, records: dict, app=client_app) -> Message:
+    """One message of type ``kind`` through the ClientApp (``app``), as Flower delivers it."""
     content = RecordDict({**records, "config": ConfigRecord({**federation_to_flat(config), "server-round": 1})})
     message = Message(content=content, dst_node_id=5, message_type=kind)
     context = Context(run_id=1, node_id=5, node_config={"partition-id": partition_id, "num-partitions": 2},
                       state=RecordDict(), run_config={})
-    return client_app(message, context)
+    return app(message, context)
 
 
 def call_client(tmp_path, partition_id: int, **simulation) -> tuple[Message, dict]:
@@ -94,13 +94,24 @@ def test_with_local_dp_the_uplink_is_the_clipped_noised_delta_and_nothing_more(t
     assert compute_norm(clipped_only) == pytest.approx(0.01, rel=1e-4)
 
 
-def test_injected_faults_reach_the_reply(tmp_path):
-    """The test-only fault switch: 'raise' surfaces as an exception Flower turns into an error
-    reply; 'malformed' replies without metrics and with a tensor missing."""
+def test_injected_faults_reach_the_reply_and_only_the_test_app_has_them(tmp_path):
+    """The test-only fault injection (experiments/faults.py): 'raise' surfaces as an exception
+    Flower turns into an error reply; 'malformed' replies without metrics and with a tensor
+    missing; other customers and other message types pass through to the production handlers.
+    The production ClientApp has no fault code: the same message is answered normally."""
+    from experiments.faults import faulty_client_app, parse_faults
+
+    torch.manual_seed(0)
+    tutor, edge = build_detector("tutor", "cpu"), build_detector("edge", "cpu")
+    records = {"tutor": ArrayRecord(tutor.state_dict()), "edge": ArrayRecord(edge.state_dict())}
+    faulty = faulty_client_app("0:raise,1:malformed", hang_seconds=0)
+    config = tiny_config(tmp_path)
     with pytest.raises(RuntimeError, match="injected fault: customer 0 raises"):
-        call_client(tmp_path, partition_id=0, inject_faults="0:raise")
-    reply, _ = call_client(tmp_path, partition_id=1, inject_faults="1:malformed")
-    assert set(reply.content.keys()) == {"delta"}
+        send(config, 0, "train", records, app=faulty)
+    assert set(send(config, 1, "train", records, app=faulty).content.keys()) == {"delta"}
+    assert set(send(config, 1, "train", records).content.keys()) == {"delta", "metrics"}  # the production app
+    with pytest.raises(ValueError, match="'2:explode'"):
+        parse_faults("1:raise,2:explode")
 
 
 def test_a_compressed_uplink_is_the_private_delta_encoded_and_the_strategy_reads_it_back(tmp_path):
