@@ -43,7 +43,7 @@ class DataConfig:
     public_fraction: float = 0.5
     # A VOC folder that holds the manufacturer's public images only. Set, the manufacturer's
     # process (the ServerApp and its workers) reads its data from there and nothing else: a copy
-    # of the public pool (`diredi-sim export-public`) gives the same results as the data source's
+    # of the public pool (`diredi-sim export-public CONFIG FOLDER`) gives the same results as the data source's
     # public pool, with no customer's file reachable. "" = the public pool of the source above.
     manufacturer_root: str = ""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

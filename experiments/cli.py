@@ -140,6 +140,17 @@ def cmd_check_data(args) -> int:
     return 1 if problems else 0
 
 
+def cmd_export_public(args) -> int:
+    from diredi_sim.datasets import export_pool
+    from diredi_sim.federation import load_federation_config
+
+    config = load_federation_config(args.config, parse_overrides(args.set))
+    counts = export_pool(config.data, args.destination)
+    print(f"{args.destination}: the manufacturer's public pool, " + ", ".join(f"{n} {s} images" for s, n in counts.items()) +
+          f"; run the federation with --set data.manufacturer_root=\"{args.destination}\" so that its process reads only these")
+    return 0
+
+
 def cmd_eval_detections(args) -> int:
     from diredi_sim.evaluate import evaluate_detection_folder
     from diredi_sim.runs import to_jsonable
@@ -213,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config(p, str(CONFIG_DIR / "edge.toml"))
     p.set_defaults(func=cmd_generate_data)
 
+    p = sub.add_parser("export-public", help="copy the manufacturer's public pool of a config's data into a new VOC folder "
+                                             "(for data.manufacturer_root: its process then reaches no customer file)")
+    add_config(p, str(CONFIG_DIR / "federation.toml"))
+    p.add_argument("destination", help="a new, empty folder")
+    p.set_defaults(func=cmd_export_public)
+
     p = sub.add_parser("check-data", help="report every problem of a VOC-format dataset in one pass")
     p.add_argument("root", help="a VOC year folder, a VOCdevkit folder, or a parent of VOCdevkit/")
     p.add_argument("--image-set", default=None, help="an ImageSets/Main list (default: every annotation)")
@@ -235,7 +252,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as exc:
+    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError) as exc:
         print(f"diredi-sim: error: {exc}", file=sys.stderr)
         return 2
 

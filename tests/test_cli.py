@@ -92,3 +92,18 @@ def test_seeds_below_one_is_one_clear_line(command):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines == ["diredi-sim: error: --seeds 0: must be >= 1"], result.stderr  # before any config is read or run
+
+
+def test_export_public_copies_the_public_pool_once(tmp_path):
+    """`diredi-sim export-public`: a VOC folder of the public pool that the manufacturer's view
+    reads as it reads the source's public pool; a second export into it is one clear line."""
+    settings = ["--set", f'data.cache_dir="{tmp_path / "cache"}"', "--set", "data.synthetic.num_train=16",
+                "--set", "data.synthetic.num_val=8", "--set", "data.synthetic.num_test=8"]
+    destination = tmp_path / "public"
+    result = run_cli("export-public", *settings, destination)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"data.manufacturer_root=\"{destination}\"" in result.stdout
+    listed = {line for name in ("train", "val", "test") for line in (destination / "ImageSets" / "Main" / f"{name}.txt").read_text().split()}
+    assert {p.stem for p in (destination / "Annotations").iterdir()} == listed and 0 < len(listed) < 32
+    again = run_cli("export-public", *settings, destination)
+    assert again.returncode == 2 and again.stderr.strip() == f"diredi-sim: error: {destination}: not empty; export_pool writes into a new folder"
