@@ -20,7 +20,7 @@ from pathlib import Path
 from diredi_sim.config import ConfigError
 from diredi_sim.federation import FederationConfig, federation_config_from_dict
 from diredi_sim.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
-from server.strategy import STATE_FORMAT
+from server.ledger import STATE_FORMAT
 
 
 class ResumeError(ConfigError):
@@ -130,7 +130,7 @@ def run_resume(folder: str | Path, verbose: bool = False):
         print(f"diredi-sim: resume: cleared {line}")
     if last >= total:  # killed after the last round, before the summary was complete
         from diredi_sim.runs import Run
-        from server.server_app import write_summary
+        from server.ledger import write_summary
 
         write_summary(Run(folder), state["summary_rows"], state["round_reports"])
         print(f"diredi-sim: {folder}: all {total} rounds were complete; summary written")

@@ -40,7 +40,8 @@ def run_simulate(config: FederationConfig, run_folder: str | Path | None = None,
 
     from clients.client_app import app as production_app
     from experiments.faults import faulty_client_app
-    from server.server_app import FederationOutcome, format_summary, make_server_app
+    from server.ledger import format_summary
+    from server.server_app import FederationOutcome, make_server_app
 
     population = build_population(config.population, config.pipeline.presumed_split)
     DataSets(config.data)  # generate the synthetic data here, once, before any actor needs it

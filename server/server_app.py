@@ -10,7 +10,6 @@ rounds, and the per-customer summary in the run folder. Given a run's saved stat
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +20,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from diredi_sim.federation import FederationConfig, build_population, federation_from_flat, federation_to_flat
 from diredi_sim.manufacturer import prepare_manufacturer
-from diredi_sim.runs import Run, atomic_write_text, to_jsonable
-from server.strategy import SUMMARY_COLUMNS, DiReDiStrategy
+from diredi_sim.runs import Run, to_jsonable
+from server.ledger import write_summary
+from server.strategy import DiReDiStrategy
 
 
 @dataclass
@@ -62,8 +62,8 @@ def run_federation(grid: Grid, config: FederationConfig, outcome: FederationOutc
                        timeout=config.simulation.round_timeout, train_config=ConfigRecord(federation_to_flat(config)))
     finally:
         strategy.close()
-    outcome.summary = strategy.summary_rows
-    write_summary(run, strategy.summary_rows, strategy.round_reports)
+    outcome.summary = strategy.ledger.summary_rows
+    write_summary(run, strategy.ledger.summary_rows, strategy.ledger.round_reports)
     return outcome
 
 
@@ -72,42 +72,6 @@ def _open_run(folder: str | Path, config: FederationConfig) -> Run:
     run.folder.mkdir(parents=True, exist_ok=True)
     run.write_json("config.json", to_jsonable(config))
     return run
-
-
-def format_summary(rows: list[dict]) -> str:
-    """The per-customer table (markdown): one line per customer and round."""
-
-    def cell(value) -> str:
-        if value is None:
-            return "-"
-        if isinstance(value, float):
-            return "-" if math.isnan(value) else f"{value:+.3f}" if abs(value) < 1 else f"{value:.1f}"
-        if isinstance(value, list):
-            return ", ".join(value) or "-"
-        return str(value)
-
-    header = "| " + " | ".join(SUMMARY_COLUMNS) + " |"
-    lines = [header, "|" + "---|" * len(SUMMARY_COLUMNS)]
-    for row in sorted(rows, key=lambda r: (r.get("round", 0), r.get("partition_id", 0))):
-        values = []
-        for column in SUMMARY_COLUMNS:
-            value = row.get(column, "")
-            if column in ("mAP_before", "mAP_after") and isinstance(value, float) and not math.isnan(value):
-                value = f"{value:.3f}"
-            elif column == "uplink_bytes":
-                value = f"{value / 2**20:.2f} MiB"
-            values.append(cell(value))
-        lines.append("| " + " | ".join(values) + " |")
-    return "\n".join(lines)
-
-
-def write_summary(run: Run, rows: list[dict], rounds: list[dict]) -> None:
-    run.write_json("summary.json", to_jsonable({"customers": rows, "rounds": rounds}))
-    text = ("gain: mean AP change on the customer's private classes; forgetting: mean AP lost on its kept presumed classes; "
-            "dropped_forgetting: AP lost on the presumed classes it dropped (intended). The edge model the customer runs "
-            "after the round (Distill C when accepted; its previous one when rejected) against the original edge, on the "
-            "customer's test images.\n\n" + format_summary(rows) + "\n")
-    atomic_write_text(run.folder / "summary.md", text)
 
 
 def make_server_app(config: FederationConfig, outcome: FederationOutcome | None = None,

@@ -31,7 +31,7 @@ import math
 import multiprocessing
 import os
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from logging import INFO, WARNING
 
@@ -42,17 +42,11 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
 from diredi_sim.deltas import decompress_delta, select_neck_head
+from diredi_sim.federation import (Customer, FederationConfig, combine_round, evaluation_models, manufacturer_review, merge_round,
+                                   reply_problems, review_edge, rows_from_metrics)
+from diredi_sim.runs import Run, release_memory
 from diredi_sim.table import distill_c_row
-from diredi_sim.federation import (Customer, FederationConfig, combine_round, evaluation_models, load_model,
-                                   manufacturer_review, merge_round, reply_problems, review_edge, rows_from_metrics)
-from diredi_sim.runs import (Run, atomic_write_bytes, atomic_write_json, load_checkpoint, release_memory, save_checkpoint,
-                             to_jsonable)
-
-# Columns of the per-customer summary (summary.md), in order.
-SUMMARY_COLUMNS = ("round", "partition_id", "customer", "private", "dropped", "verdict", "edge", "gain", "forgetting",
-                   "dropped_forgetting", "mAP_before", "mAP_after", "uplink_bytes", "seconds")
-STATE_FORMAT = "diredi-sim-federation-state/1"
-
+from server.ledger import STATE_FORMAT, SUMMARY_COLUMNS, Ledger
 
 def content_bytes(content: RecordDict) -> int:
     """The bytes of a message's records: arrays as Flower counts them (``ArrayRecord.count_bytes``),
@@ -82,6 +76,18 @@ def read_edges(reply: Message, reference: dict, pipeline) -> dict[str, dict]:
     return {key: reply.content[key].to_torch_state_dict() for key in sorted(expected)}
 
 
+class InlineExecutor(Executor):
+    """An executor that runs each call at once, in this process (tests, stand-in steps)."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 -- handed to the caller through the future, as a pool would
+            future.set_exception(exc)
+        return future
+
+
 def step_then_release(step: Callable[..., dict], *args) -> dict:
     """A manufacturer's step in a worker process, whose freed heap then goes back to the system."""
     result = step(*args)
@@ -92,8 +98,12 @@ def step_then_release(step: Callable[..., dict], *args) -> dict:
 class DiReDiStrategy(FedAvg):
     """FedAvg's sampling and round loop; DiReDi's downlink and aggregation."""
 
-    def __init__(self, config: FederationConfig, population: list[Customer], edge_state: dict, run: Run,
-                 review_step: Callable[..., dict] = manufacturer_review, edge_step: Callable[..., dict] = review_edge):
+    def __init__(self, config: FederationConfig, population: list[Customer], edge_state: dict, run: Run, *,
+                 executor: Executor | None = None, review_step: Callable[..., dict] = manufacturer_review,
+                 edge_step: Callable[..., dict] = review_edge):
+        """``executor`` runs the manufacturer's per-customer steps and the merge: None starts the
+        worker processes (:meth:`start_workers`); tests pass an :class:`InlineExecutor` and
+        stand-in ``review_step`` / ``edge_step``."""
         sim = config.simulation
         super().__init__(fraction_train=sim.fraction_train, fraction_evaluate=0.0, min_train_nodes=1,
                          min_available_nodes=len(population), arrayrecord_key="tutor")
@@ -103,18 +113,16 @@ class DiReDiStrategy(FedAvg):
         self.deployed_edges: dict[int, dict] = {}  # partition id -> the edge model the customer runs now
         self.partition_of_node: dict[int, int] = {}  # learnt from the replies
         self.run = run
+        self.ledger = Ledger(run, config)
         self.review_step, self.edge_step = review_step, edge_step
         self.train_bytes_down: dict[int, int] = {}  # node -> bytes of this round's train message
         self.grid: Grid | None = None  # this round's: the Distill C and evaluate exchanges use it
         self.round_config: ConfigRecord | None = None
         self.tutor_state: dict | None = None
         self.sampled_nodes: list[int] = []  # this round's
-        self.summary_rows: list[dict] = []
-        self.round_reports: list[dict] = []
         self.round_offset = 0  # rounds completed before this process (a resumed run: set by restore)
-        self.tutor_round: int | None = None  # the round whose checkpoint holds the shared tutor (None: original)
-        self.edge_rounds: dict[int, int] = {}  # partition id -> the round whose checkpoint holds its deployed edge
-        self.pool: ProcessPoolExecutor | None = None  # the manufacturer's worker processes, kept for the run
+        self.pool: Executor | None = executor  # the manufacturer's workers, kept for the run
+        self.own_pool = executor is None  # started here (and closed by close())
         self.cpus = sim.num_cpus or os.cpu_count() or 1
         # processes and torch threads per step follow from the config alone (not from how many
         # customers answered), so that a customer's results do not depend on the others' failures
@@ -126,15 +134,8 @@ class DiReDiStrategy(FedAvg):
         summary rows and round reports as they were then. Returns the shared tutor's state at
         that point (None: the manufacturer's original tutor)."""
         self.round_offset = int(state["last_round"])
-        self.summary_rows = list(state["summary_rows"])
-        self.round_reports = list(state["round_reports"])
-        self.edge_rounds = {int(p): int(r) for p, r in state["edges"].items()}
-        self.deployed_edges = {p: load_checkpoint(self.run.checkpoint_path(f"edge_customer{p}_round{r}"))["state_dict"]
-                               for p, r in self.edge_rounds.items()}
-        self.tutor_round = state["tutor_round"]
-        if self.tutor_round is None:
-            return None
-        return load_checkpoint(self.run.checkpoint_path(f"tutor_round{self.tutor_round}"))["state_dict"]
+        self.deployed_edges, tutor = self.ledger.restore(state)
+        return tutor
 
     def summary(self) -> None:
         super().summary()
@@ -212,10 +213,10 @@ class DiReDiStrategy(FedAvg):
         results = self._run_round_steps(server_round, jobs, failures)
         for failure in failures:
             log(WARNING, "round %d: customer on node %s failed: %s", server_round, failure["node"], failure["reason"])
-            self.run.log({"event": "customer_failed", **failure})
+            self.ledger.failure(failure)
         accepted, weights = [], []
         for job, result in zip(jobs, results):
-            self._record(server_round, job, result)
+            self.ledger.customer(server_round, job, result)
             if result["verdict"]["accepted"]:
                 accepted.append(job["delta"])
                 weights.append(float(job["metrics"].get("num-examples", 1)))
@@ -227,26 +228,13 @@ class DiReDiStrategy(FedAvg):
         report["selection"] = selection
         report = {"round": server_round, "replies": len(valid), "failures": len(failures),
                   "accepted_customers": len(accepted), "shared_tutor_updated": merged_state is not None, "merge": report}
-        self.round_reports.append(report)
-        self.run.log({"event": "round", **to_jsonable(report)})
-        self.run.write_json("rounds.json", to_jsonable(self.round_reports))
-        if merged_state is not None:
-            tutor = load_model("tutor", self.config.preset, merged_state)
-            save_checkpoint(self.run.checkpoint_path(f"tutor_round{server_round}"), tutor, config=self.config, round=server_round)
-            self.tutor_round = server_round
-        self._save_state(server_round)
+        self.ledger.round(report, merged_state)
+        self.ledger.save_state(server_round)
         log(INFO, "round %d: %d replies, %d failures, %d accepted; shared tutor %s", server_round, len(valid), len(failures),
             len(accepted), "updated" if merged_state is not None else "unchanged")
         metrics = MetricRecord({"replies": len(valid), "failures": len(failures), "accepted": len(accepted),
                                 "tutor-updated": int(merged_state is not None)})
         return (ArrayRecord(merged_state) if merged_state is not None else None), metrics
-
-    def _save_state(self, server_round: int) -> None:
-        """state.json, last of the round's files: the round is complete, and a resumed run starts after it."""
-        self.run.write_json("state.json", {
-            "format": STATE_FORMAT, "last_round": server_round, "num_rounds": self.config.simulation.num_rounds,
-            "tutor_round": self.tutor_round, "edges": {str(p): r for p, r in sorted(self.edge_rounds.items())},
-            "summary_rows": to_jsonable(self.summary_rows), "round_reports": to_jsonable(self.round_reports)})
 
     def _select(self, deltas: list[dict], weights: list[float]) -> tuple[list[dict], list[float], dict]:
         """Krum / Multi-Krum (Flower's selection) over the accepted deltas, before merging."""
@@ -263,9 +251,11 @@ class DiReDiStrategy(FedAvg):
     def _merge(self, deltas: list[dict], weights: list[float]) -> tuple[dict | None, dict]:
         """The merge and the verification of the merged tutor: in a worker process with every core's
         threads (nothing else runs then), off the ServerApp's thread for the same reason as the steps."""
-        if self.pool is None or not deltas:
+        if not deltas:
             return merge_round(self.config, self.tutor_state, deltas, weights)
-        return self.pool.submit(merge_round, self.config, self.tutor_state, deltas, weights, self.cpus).result()
+        self.start_workers()
+        threads = 0 if isinstance(self.pool, InlineExecutor) else self.cpus  # in this process: its threads stay as they are
+        return self.pool.submit(merge_round, self.config, self.tutor_state, deltas, weights, threads).result()
 
     def _read_reply(self, message: Message) -> dict:
         metrics = dict(message.content["metrics"])
@@ -285,8 +275,8 @@ class DiReDiStrategy(FedAvg):
         customers allow), once per run: they are kept for every round until :meth:`close`.
         In worker processes even when there is one: in the ServerApp's process the step's Python
         parts share the GIL with Flower's simulation loop (measured: 55 s a step there, 31 s alone).
-        A test's stand-in step runs in this process and needs none."""
-        if self.pool is not None or self.review_step is not manufacturer_review:
+        An executor given to the strategy is used as it is."""
+        if self.pool is not None:
             return
         self.pool = ProcessPoolExecutor(max_workers=self.server_workers, mp_context=multiprocessing.get_context("spawn"),
                                         initializer=importlib.import_module, initargs=("diredi_sim.federation",))
@@ -295,24 +285,20 @@ class DiReDiStrategy(FedAvg):
 
     def close(self) -> None:
         """Stop the manufacturer's worker processes (the run is over, or failed)."""
-        if self.pool is not None:
+        if self.pool is not None and self.own_pool:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
 
     def _in_workers(self, step: Callable[..., dict], calls: dict[int, tuple], done: Callable[[int, dict], None]) -> dict[int, dict]:
-        """``step(*args, threads)`` for each call (key -> args) in the worker processes, in
-        parallel; a test's stand-in step runs here, in this process. ``done`` is told each result."""
+        """``step(*args, threads)`` for each call (key -> args) on the executor, in parallel;
+        ``done`` is told each result as it comes."""
         results: dict[int, dict] = {}
         if not calls:
             return results
         self.start_workers()
-        if self.pool is None:
-            for key, args in calls.items():
-                results[key] = step(*args, 0)
-                done(key, results[key])
-            return results
         try:
-            futures = {self.pool.submit(step_then_release, step, *args, self.server_threads): key for key, args in calls.items()}
+            threads = 0 if isinstance(self.pool, InlineExecutor) else self.server_threads
+            futures = {self.pool.submit(step_then_release, step, *args, threads): key for key, args in calls.items()}
             for future in as_completed(futures):
                 results[futures[future]] = future.result()
                 done(futures[future], results[futures[future]])
@@ -337,15 +323,14 @@ class DiReDiStrategy(FedAvg):
             if i is None:
                 continue
             if reply.has_error():
-                failures.append({"round": server_round, "node": jobs[i]["node"], "partition_id": jobs[i]["customer"].partition_id,
-                                 "reason": f"{kind}: {reply.error.reason}"})
+                failures.append(self._failure(server_round, jobs[i], f"{kind}: {reply.error.reason}"))
                 continue
             jobs[i]["bytes"][f"{kind}.up"] = content_bytes(reply.content)
             replies[i] = reply
         for i in set(messages) - set(replies):
             if not any(f.get("node") == jobs[i]["node"] and f["reason"].startswith(kind) for f in failures):
-                failures.append({"round": server_round, "node": jobs[i]["node"], "partition_id": jobs[i]["customer"].partition_id,
-                                 "reason": f"{kind}: no reply within simulation.round_timeout = {self.config.simulation.round_timeout} s"})
+                failures.append(self._failure(server_round, jobs[i],
+                                              f"{kind}: no reply within simulation.round_timeout = {self.config.simulation.round_timeout} s"))
         return replies
 
     def _message(self, kind: str, node: int, records: dict) -> Message:
@@ -354,10 +339,9 @@ class DiReDiStrategy(FedAvg):
     def _run_round_steps(self, server_round: int, jobs: list[dict], failures: list[dict]) -> list[dict]:
         """After the deltas came up: the manufacturer's review per customer (a malformed delta is
         rejected at once), the customers' Distill C public+private and its check, the customers'
-        evaluation; one combined result per job (:func:`combine_round`)."""
-        sim, pipeline = self.config.simulation, self.config.pipeline
+        evaluation; one combined result per job (:func:`combine_round`). ``failures`` receives
+        what went wrong in each exchange."""
         results: list[dict | None] = [None] * len(jobs)
-        calls = {}
         for i, job in enumerate(jobs):
             job["bytes"] = {"train.down": job["bytes_down"], "train.up": job["bytes_up"]}
             problems = reply_problems(job["delta"], self.tutor_state)
@@ -366,23 +350,36 @@ class DiReDiStrategy(FedAvg):
                     "; ".join(problems))
                 results[i] = {"verdict": {"accepted": False, "reasons": problems, "delta_norm": math.nan}, "rows": [],
                               "edges": {}, "stages": [], "seconds": 0.0}
-            else:
-                calls[i] = (self.config, job["customer"], self.tutor_state, job["edge"], job["delta"])
+        reviews = self._reviews(jobs, [i for i, result in enumerate(results) if result is None])
+        edges = self._customer_edges(server_round, jobs, reviews, failures)
+        for i, rows in self._customer_rows(server_round, jobs, reviews, edges, failures).items():
+            results[i] = combine_round(self.config, jobs[i]["customer"], reviews[i], rows,
+                                       {k: v for k, v in edges[i].items() if "verdict" in v})
+        return results
 
+    def _failure(self, server_round: int, job: dict, reason: str) -> dict:
+        return {"round": server_round, "node": job["node"], "partition_id": job["customer"].partition_id, "reason": reason}
+
+    def _reviews(self, jobs: list[dict], indices: list[int]) -> dict[int, dict]:
+        """The manufacturer's review of each job's delta, in the workers (job index -> review)."""
         def reviewed(i: int, review: dict) -> None:
             verdict = review["verdict"]
             log(INFO, "customer %d (%s): %s; manufacturer's review %.0f s", jobs[i]["customer"].partition_id,
                 jobs[i]["customer"].name, "accepted" if verdict["accepted"] else "rejected: " + "; ".join(verdict["reasons"]),
                 review["seconds"])
 
-        if calls and self.pool is not None:
-            log(INFO, "manufacturer: %d customers' reviews in %d processes (%d torch threads each)", len(calls),
-                min(self.server_workers, len(calls)), self.server_threads)
-        reviews = self._in_workers(self.review_step, calls, reviewed)
+        if indices:
+            log(INFO, "manufacturer: %d customers' reviews in %d processes (%d torch threads each)", len(indices),
+                min(self.server_workers, len(indices)), self.server_threads)
+        calls = {i: (self.config, jobs[i]["customer"], self.tutor_state, jobs[i]["edge"], jobs[i]["delta"]) for i in indices}
+        return self._in_workers(self.review_step, calls, reviewed)
 
-        # Distill C public+private, at the customer; each edge it sends up checked here
-        distilling = [i for i in reviews if "public+private" in pipeline.distill_c_modes
-                      and (reviews[i]["verdict"]["accepted"] or sim.distill_rejected)]
+    def _customer_edges(self, server_round: int, jobs: list[dict], reviews: dict[int, dict],
+                        failures: list[dict]) -> dict[int, dict[str, dict]]:
+        """Distill C public+private at the customers (``train.distill_c``), each edge they send
+        up checked here (job index -> row key -> {state, verdict, ...})."""
+        distilling = [i for i in reviews if "public+private" in self.config.pipeline.distill_c_modes
+                      and (reviews[i]["verdict"]["accepted"] or self.config.simulation.distill_rejected)]
         messages = {i: self._message(f"{MessageType.TRAIN}.distill_c", jobs[i]["node"],
                                      {"tutor": ArrayRecord(reviews[i]["tutor_prime"]), "edge": ArrayRecord(jobs[i]["edge"])})
                     for i in distilling}
@@ -390,11 +387,10 @@ class DiReDiStrategy(FedAvg):
         checks = {}
         for i, reply in self._exchange(server_round, "distill_c", messages, jobs, failures).items():
             try:
-                made = read_edges(reply, jobs[i]["edge"], pipeline)
+                made = read_edges(reply, jobs[i]["edge"], self.config.pipeline)
                 jobs[i]["distill_c_metrics"] = dict(reply.content["metrics"])
             except (KeyError, TypeError, ValueError) as exc:
-                failures.append({"round": server_round, "node": jobs[i]["node"], "partition_id": jobs[i]["customer"].partition_id,
-                                 "reason": f"distill_c: malformed reply: {exc}"})
+                failures.append(self._failure(server_round, jobs[i], f"distill_c: malformed reply: {exc}"))
                 continue
             for key, state in made.items():
                 edges[i][key] = {"state": state}
@@ -404,83 +400,26 @@ class DiReDiStrategy(FedAvg):
             if not check["verdict"]["accepted"]:
                 log(WARNING, "customer %d: its Distill C edge (%s) fails the manufacturer's check: %s", jobs[i]["customer"].partition_id,
                     key, "; ".join(check["verdict"]["reasons"]))
+        return edges
 
-        # evaluation, at the customer, on its own test images
+    def _customer_rows(self, server_round: int, jobs: list[dict], reviews: dict[int, dict], edges: dict[int, dict[str, dict]],
+                       failures: list[dict]) -> dict[int, dict[str, dict]]:
+        """The customers' halves of the table rows (``evaluate``: every model of the round on
+        their own test images); job index -> row key -> measures ({} when the reply failed)."""
         messages = {}
         for i, review in reviews.items():
-            models = evaluation_models(self.tutor_state, jobs[i]["edge"], review)
-            models.update({key: entry["state"] for key, entry in edges[i].items()})
+            models = {**evaluation_models(self.tutor_state, jobs[i]["edge"], review), **{k: e["state"] for k, e in edges[i].items()}}
             messages[i] = self._message(MessageType.EVALUATE, jobs[i]["node"], {key: ArrayRecord(state) for key, state in models.items()})
         evaluated = self._exchange(server_round, "evaluate", messages, jobs, failures)
-        for i, review in reviews.items():
+        rows = {}
+        for i in reviews:
             try:
-                rows = rows_from_metrics(dict(evaluated[i].content["metrics"])) if i in evaluated else {}
+                rows[i] = rows_from_metrics(dict(evaluated[i].content["metrics"])) if i in evaluated else {}
             except (KeyError, TypeError, ValueError) as exc:
-                failures.append({"round": server_round, "node": jobs[i]["node"], "partition_id": jobs[i]["customer"].partition_id,
-                                 "reason": f"evaluate: malformed reply: {exc}"})
-                rows = {}
-            results[i] = combine_round(self.config, jobs[i]["customer"], review, rows,
-                                       {k: v for k, v in edges[i].items() if "verdict" in v})
-        return results
-
-    @staticmethod
-    def _train_images(job: dict, result: dict) -> dict[str, int]:
-        """The images each stage of this customer's round trained on: RD B and RD A (its train
-        reply), Distill C public (the manufacturer's review), Distill C public+private (its
-        distill_c reply), by stage name."""
-        metrics, counts = job["metrics"], {}
-        if "rd-b-images" in metrics:
-            counts.update(rd_b=int(metrics["rd-b-images"]), rd_a=int(metrics.get("num-examples", 0)))
-        for key, images in result.get("train_images", {}).items():
-            counts[key.replace("edge_", "", 1)] = int(images)
-        for name, value in job.get("distill_c_metrics", {}).items():
-            if name.endswith("/train-images"):
-                counts[name.split("/")[0].replace("edge_", "", 1)] = int(value)
-        return counts
-
-    def _record(self, server_round: int, job: dict, result: dict) -> None:
-        customer = job["customer"]
-        classes = customer.class_sets(self.config.pipeline)
-        rows = {row["key"]: row for row in result["rows"]}
-        verdict = result["verdict"]
-        before = rows.get("edge_original", {})
-        # what the customer runs from now on: the new edge model, or its old one when the delta
-        # was rejected or the edge failed the manufacturer's check
-        edge_deployed = self.config.simulation.deploy_mode in result["edges"]
-        deployed = rows.get(distill_c_row(self.config.simulation.deploy_mode, self.config.pipeline.distill_c_losses[0]), {}) \
-            if edge_deployed else before
-        summary = {
-            "round": server_round, "partition_id": customer.partition_id, "customer": customer.name,
-            "classes": list(customer.classes), "private": list(classes.private), "dropped": list(classes.dropped),
-            "verdict": "accepted" if verdict["accepted"] else "rejected", "reasons": verdict["reasons"],
-            "edge": "deployed" if edge_deployed else "kept",
-            "edge_reasons": [r for check in verdict.get("edge_checks", {}).values() for r in check["reasons"]],
-            "gain": deployed.get("gain", math.nan), "forgetting": deployed.get("forgetting", math.nan),
-            "dropped_forgetting": deployed.get("dropped_forgetting", math.nan),
-            "mAP_before": before.get("mAP", math.nan), "mAP_after": deployed.get("mAP", math.nan),
-            # the method's traffic: the delta and, with Distill C public+private at the customer, its
-            # edge model up; the tutor and edge down (twice with Distill C). The evaluate exchange is
-            # the simulator's measurement: in "bytes" only.
-            "uplink_bytes": sum(job.get("bytes", {}).get(k, 0) for k in ("train.up", "distill_c.up")),
-            "downlink_bytes": sum(job.get("bytes", {}).get(k, 0) for k in ("train.down", "distill_c.down")),
-            "delta_bytes": int(job["metrics"].get("uplink-bytes", job["metrics"].get("delta-bytes-fp32", 0))),
-            "seconds": round(float(job["metrics"].get("seconds", 0.0)) + result["seconds"], 3),
-            "customer_seconds": job["metrics"].get("seconds"), "manufacturer_seconds": result["seconds"],
-            "bytes": job.get("bytes", {}),  # per message type and direction: train.down, train.up, distill_c.*, evaluate.*
-            "train_images": self._train_images(job, result),
-        }
-        self.summary_rows.append(summary)
-        self.run.log({"event": "customer", **to_jsonable(summary), "customer_metrics": job["metrics"]})
-        atomic_write_json(self.run.folder / f"round{server_round}" / f"customer{customer.partition_id}.json",
-                          to_jsonable({**summary, "verdict_detail": verdict, "rows": result["rows"], "stages": result["stages"],
-                                       "customer_metrics": job["metrics"]}))
-        if edge_deployed:
-            # edge_customer<p>_round<r>: kept for a resumed run; edge_customer<p>: the latest, a copy
-            edge = load_model("edge", self.config.preset, result["edges"][self.config.simulation.deploy_mode])
-            path = save_checkpoint(self.run.checkpoint_path(f"edge_customer{customer.partition_id}_round{server_round}"), edge,
-                                   config=self.config, round=server_round, customer=customer.name)
-            atomic_write_bytes(self.run.checkpoint_path(f"edge_customer{customer.partition_id}"), path.read_bytes())
-            self.edge_rounds[customer.partition_id] = server_round
+                failures.append(self._failure(server_round, jobs[i], f"evaluate: malformed reply: {exc}"))
+                rows[i] = {}
+        return rows
 
 
-__all__ = ["DiReDiStrategy", "SUMMARY_COLUMNS", "STATE_FORMAT"]
+
+__all__ = ["DiReDiStrategy", "InlineExecutor", "SUMMARY_COLUMNS", "STATE_FORMAT"]  # the last two: server.ledger's

@@ -297,7 +297,7 @@ def test_a_restored_strategy_numbers_rounds_on_and_sends_each_customer_its_own_e
     from diredi_sim.settings import PipelineConfig
     from diredi_sim.runs import Run, save_checkpoint
     from flwr.app import ArrayRecord, ConfigRecord
-    from server.strategy import STATE_FORMAT
+    from server.ledger import STATE_FORMAT
     from test_strategy import TINY, FakeGrid, reply_to, stub_strategy
 
     config = FederationConfig(runs_dir=str(tmp_path / "runs"), data=DataConfig(cache_dir=str(tmp_path / "data"), synthetic=TINY),

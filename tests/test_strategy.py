@@ -17,7 +17,7 @@ from diredi_sim.federation import FederationConfig, PopulationConfig, Simulation
 from diredi_sim.models import build_detector
 from diredi_sim.settings import PipelineConfig
 from diredi_sim.runs import Run, read_jsonl
-from server.strategy import DiReDiStrategy
+from server.strategy import DiReDiStrategy, InlineExecutor
 
 TINY = SyntheticConfig(seed=3, num_train=16, num_val=8, num_test=8, min_objects=3, max_objects=5, min_object_size=24)
 
@@ -76,8 +76,8 @@ def stub_edge_check(config, customer, current_state, candidate_state, threads=0)
 
 
 def stub_strategy(config, run, edge_state, review=stub_review) -> DiReDiStrategy:
-    return DiReDiStrategy(config, build_population(config.population), edge_state, run, review_step=review,
-                          edge_step=stub_edge_check)
+    return DiReDiStrategy(config, build_population(config.population), edge_state, run, executor=InlineExecutor(),
+                          review_step=review, edge_step=stub_edge_check)
 
 
 @pytest.fixture()
