@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diredi_sim.config import DataConfig, TrainConfig
+from diredi_sim.config import ConfigError, DataConfig, TrainConfig
 from diredi_sim.data.synthetic import SyntheticConfig
 from diredi_sim.federation import BaselineConfig, FederationConfig, PopulationConfig, SimulationConfig
 from diredi_sim.models import build_detector
@@ -158,3 +158,41 @@ def check_report(text: str) -> None:
         assert src.startswith("data:image/png;base64,")
         pixels = matplotlib.image.imread(io.BytesIO(base64.b64decode(src.split(",", 1)[1])), format="png")
         assert pixels.shape[0] > 50 and pixels.shape[1] > 50
+
+
+def test_a_registered_method_runs_through_compare(tmp_path):
+    """Adding a method is one module that registers it (README, "Adding a method"): a toy method
+    registered here runs through compare on the same customers and replicates, its rows
+    summarised and stored like any method's; an unregistered name stops compare before it runs."""
+    from diredi_sim.federation import build_population, evaluate_for_customer
+    from diredi_sim.manufacturer import prepare_manufacturer
+    from experiments.methods import REGISTRY, Method, register
+
+    pipeline = PipelineConfig(teacher=STAGE, distill_a=STAGE, distill_b=STAGE, cache_dir=str(tmp_path / "manufacturer-cache"),
+                              eval_batch_size=16)
+    config = FederationConfig(name="toy", runs_dir=str(tmp_path / "runs"), pipeline=pipeline,
+                              data=DataConfig(cache_dir=str(tmp_path / "data"), synthetic=TINY),
+                              population=PopulationConfig(customers=("exp1", "exp2"), generated=0),
+                              baselines=BaselineConfig(methods=("toy",)))
+    seen = []
+
+    def toy(config, shared):
+        """The original edge model, evaluated on each customer's own test images."""
+        seen.append((config.replicate, dict(shared)))
+        edge = prepare_manufacturer(config.pipeline, config.data, preset=config.preset, seed=config.seed, progress=False).edge
+        return [{"partition_id": c.partition_id, "customer": c.name, **evaluate_for_customer(config, c, edge)}
+                for c in build_population(config.population)], None
+
+    torch.set_num_threads(1)
+    register(Method("toy", "the original edge, unchanged", toy))
+    try:
+        data = json.loads((run_compare(config, seeds=2) / "compare.json").read_text())
+    finally:
+        REGISTRY.pop("toy")
+    assert [replicate for replicate, _ in seen] == [0, 1] and all(shared == {} for _, shared in seen)
+    assert sorted((r["replicate"], r["customer"]) for r in data["results"]) == [(0, "exp1"), (0, "exp2"), (1, "exp1"), (1, "exp2")]
+    summary = {(e["method"], e["customer"]): e for e in data["summary"]}
+    assert summary[("toy", "all")]["n"] == 4 and 0 <= summary[("toy", "all")]["mAP"] <= 1
+    assert summary[("toy", "exp1")]["mAP_std"] == 0.0  # the same model in both replicates
+    with pytest.raises(ConfigError, match="baselines.methods: unknown method 'toy'"):
+        run_compare(config)
