@@ -35,7 +35,7 @@ from diredi_sim.data import VOC_CLASSES
 from diredi_sim.data.splits import SPLIT_PRESETS, resolve_split
 from diredi_sim.datasets import DataSets, select_customer_data
 from diredi_sim.deltas import COMPRESSIONS, MERGE_RULES, check_delta, compute_norm, count_state_bytes, merge_deltas, privatize
-from diredi_sim.flow import distill_c_training_data, redistill, review_update, run_customer
+from diredi_sim.flow import Step, distill_c_training_data, redistill, review_update, run_customer
 from diredi_sim.models import build_detector
 from diredi_sim.runs import to_jsonable
 from diredi_sim.seeds import Seeds
@@ -296,6 +296,15 @@ def load_model(role: str, preset: str, state: dict[str, Tensor]) -> nn.Module:
     return model
 
 
+def customer_step(config: FederationConfig, customer: Customer, num_customers: int, datasets: DataSets, **settings) -> Step:
+    """The :class:`diredi_sim.flow.Step` of one customer's calls in the federation: its settings
+    (verification sparing the classes it drops), its classes, seeds and share of the images;
+    ``datasets`` is the side's view (the manufacturer's refuses the customers' pool). No progress
+    bars (many customers at once)."""
+    return Step(effective_pipeline(config, customer), datasets, customer.classes, config.seeds(customer.partition_id),
+                share=pick_share(config.population, customer.partition_id, num_customers), progress=False, **settings)
+
+
 def customer_work(config: FederationConfig, customer: Customer, num_customers: int, tutor_state: dict[str, Tensor],
                   edge_state: dict[str, Tensor], *, datasets: DataSets | None = None, progress: bool = False) -> dict:
     """The customer's step on its own data: RD B, RD A, the delta. Returns the delta (float32,
@@ -308,9 +317,7 @@ def customer_work(config: FederationConfig, customer: Customer, num_customers: i
     tutor, edge = load_model("tutor", config.preset, tutor_state), load_model("edge", config.preset, edge_state)
     recorder = StageRecorder()
     say(f"RD B (presumed data) and RD A ({', '.join(customer.classes)}), {pipeline.rd.epochs} epoch(s) each")
-    update = run_customer(tutor, edge, pipeline, datasets, customer.classes, seeds=config.seeds(customer.partition_id),
-                          recorder=recorder, records=pick_share(config.population, customer.partition_id, num_customers),
-                          say=say, progress=False)
+    update = run_customer(tutor, edge, customer_step(config, customer, num_customers, datasets, recorder=recorder, say=say))
     metrics = {
         "partition-id": customer.partition_id,
         "num-examples": update.train_images["rd_a"],
@@ -356,7 +363,8 @@ def manufacturer_review(config: FederationConfig, customer: Customer, tutor_stat
     pipeline = effective_pipeline(config, customer)
     classes = customer.class_sets(config.pipeline)
     tutor, edge = load_model("tutor", config.preset, tutor_state), load_model("edge", config.preset, edge_state)
-    recorder = StageRecorder()
+    step = customer_step(config, customer, 1, datasets)  # the manufacturer never takes a share of the customers' pool
+    recorder = step.recorder
     verdict, tutor_prime, candidate = review_update(tutor, delta, pipeline, datasets, recorder=recorder)
     models = {"tutor_original": tutor, "tutor_updated": tutor_prime, "edge_original": edge}
     if candidate is not None:
@@ -367,8 +375,7 @@ def manufacturer_review(config: FederationConfig, customer: Customer, tutor_stat
         train, val = datasets.train(presumed, pipeline.distill_c, pool="public"), datasets.val(presumed, pipeline.distill_c, pool="public")
         for loss in pipeline.distill_c_losses:
             key = distill_c_row("public", loss)
-            models[key], counts[key] = redistill(tutor_prime, edge, train, val, presumed, pipeline, mode="public", loss=loss,
-                                                 seeds=config.seeds(customer.partition_id), recorder=recorder, progress=False)
+            models[key], counts[key] = redistill(tutor_prime, edge, train, val, step, mode="public", loss=loss)
     with recorder.measure("evaluate_manufacturer"):
         halves = {key: measure_on_manufacturer(key, model, classes, datasets, pipeline) for key, model in models.items()}
     return {
@@ -394,14 +401,13 @@ def customer_redistill(config: FederationConfig, customer: Customer, num_custome
     datasets = datasets or DataSets(config.data)
     pipeline = effective_pipeline(config, customer)
     tutor, edge = load_model("tutor", config.preset, tutor_state), load_model("edge", config.preset, edge_state)
-    data = select_customer_data(datasets, pipeline, customer.classes, pipeline.distill_c,
-                                pick_share(config.population, customer.partition_id, num_customers))
-    train, val = distill_c_training_data(data, "public+private")
+    step = customer_step(config, customer, num_customers, datasets)
+    train, val = distill_c_training_data(select_customer_data(datasets, pipeline, customer.classes, pipeline.distill_c, step.share),
+                                         "public+private")
     edges, metrics = {}, {"partition-id": customer.partition_id}
     for loss in pipeline.distill_c_losses:
         key = distill_c_row("public+private", loss)
-        student, images = redistill(tutor, edge, train, val, customer.classes, pipeline, mode="public+private", loss=loss,
-                                    seeds=config.seeds(customer.partition_id), progress=False)
+        student, images = redistill(tutor, edge, train, val, step, mode="public+private", loss=loss)
         edges[key] = _as_state(student)
         metrics[f"{key}/train-images"] = images
     metrics["seconds"] = round(time.perf_counter() - start, 3)

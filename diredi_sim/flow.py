@@ -51,47 +51,62 @@ def describe_delta(delta: dict[str, Tensor], gamma: float = 1.0) -> dict:
             "bytes_fp32": count_bytes(delta, torch.float32), "bytes_fp16": count_bytes(delta, torch.float16)}
 
 
-def run_customer(
-    tutor: nn.Module,
-    edge: nn.Module,
-    pipeline: PipelineConfig,
-    datasets: DataSets,
-    customer,
-    *,
-    seeds: Seeds,
-    recorder: StageRecorder | None = None,
-    say: Callable[[str], None] = lambda text: None,
-    records: Callable[[list[ImageRecord]], list[ImageRecord]] = lambda r: r,
-    run: Run | None = None,
-    config: Any = None,
-    progress: bool = True,
-) -> CustomerUpdate:
+@dataclass
+class Step:
+    """What the calls of one customer's flow share, handed whole: the settings, the data (the
+    side's :class:`DataSets`), the customer's classes and seeds, its share of its split's images,
+    and where results go (stage times, run folder, progress)."""
+
+    pipeline: PipelineConfig
+    datasets: DataSets
+    customer: Sequence[str] | str  # the customer's split: a preset name or class names
+    seeds: Seeds
+    recorder: StageRecorder | None = None  # None: a new one, writing to ``run``
+    share: Callable[[list[ImageRecord]], list[ImageRecord]] = lambda records: records
+    say: Callable[[str], None] = lambda text: None
+    run: Run | None = None
+    config: Any = None  # embedded in checkpoints
+    progress: bool = True
+
+    def __post_init__(self):
+        self.recorder = self.recorder or StageRecorder(self.run)
+
+    @property
+    def common(self) -> dict:
+        """The training calls' bookkeeping arguments."""
+        return dict(run=self.run, config=self.config, progress=self.progress)
+
+    def classes(self, mode: str) -> tuple[str, ...]:
+        """The classes a model is validated on in Distill C data ``mode``: the presumed ones
+        (``public``) or the customer's (``public+private``)."""
+        return resolve_split(self.pipeline.presumed_split if mode == "public" else self.customer)
+
+
+def run_customer(tutor: nn.Module, edge: nn.Module, step: Step) -> CustomerUpdate:
     """The customer's side (steps 3-4): RD B and RD A from copies of ``tutor`` with ``edge`` as
-    the frozen teacher, then the delta. ``seeds`` are the customer's; ``records`` picks the
-    customer's share of the customer pool.
+    the frozen teacher, then the delta, on ``step``'s data with its seeds.
 
     Tutor1 (RD B) trains on the presumed images; Tutor2 (RD A) on the same presumed batches, in
     the same order with the same flips, the boxes of the dropped classes removed, each batch
     extended by ``rd_customer_per_batch`` of the customer's own images. Both start from the same
     weights and seed and take the same optimizer steps on the same schedule: they differ by the
     customer's data only, which is what the delta carries."""
-    recorder = recorder or StageRecorder(run)
-    common = dict(run=run, config=config, progress=progress)
+    pipeline, recorder, seeds = step.pipeline, step.recorder, step.seeds
     cfg = pipeline.rd
-    data = select_customer_data(datasets, pipeline, customer, cfg, records)
+    data = select_customer_data(step.datasets, pipeline, step.customer, cfg, step.share)
     rd_settings = dict(alpha=pipeline.alpha, beta=pipeline.beta, freeze_backbone=pipeline.freeze_backbone, fgd=pipeline.fgd,
                        score_weight=pipeline.rd_score_weight, align_init=pipeline.rd_align_init)
     presumed_classes = ClassSets.indices(resolve_split(pipeline.presumed_split))
     plans = (("tutor1", "rd_b", data.presumed, (), 0, data.presumed_val, presumed_classes),
              ("tutor2", "rd_a", data.presumed_kept, data.own, pipeline.rd_customer_per_batch, data.own_val,
-              ClassSets.indices(resolve_split(customer))))
+              ClassSets.indices(resolve_split(step.customer))))
     trained, counts = {}, {}
     for key, stage, presumed, own, per_batch, val, classes in plans:
         with recorder.measure(stage, presumed_images=len(presumed), own_images=len(own), epochs=cfg.epochs) as entry:
             torch.manual_seed(seeds("rd"))
             student = copy_for_training(tutor)
             result = reverse_distill(edge, student, presumed, val, cfg, class_indices=classes, seed=seeds("rd"),
-                                     extra_records=own, extra_per_batch=per_batch, name=f"{key}_{stage}", **rd_settings, **common)
+                                     extra_records=own, extra_per_batch=per_batch, name=f"{key}_{stage}", **rd_settings, **step.common)
             entry.update(train_images=result["train_images"], train_steps=result["train_steps"])
         counts[stage] = result["train_images"]
         trained[key] = student
@@ -99,7 +114,7 @@ def run_customer(
         delta = compute_delta(trained["tutor2"].state_dict(), trained["tutor1"].state_dict(), pipeline.gamma)
         delta_info = describe_delta(delta, pipeline.gamma)
         entry.update({k: delta_info[k] for k in ("bytes_fp32", "bytes_fp16")})
-    say(f"delta: {delta_info['tensors']} neck/head tensors, {delta_info['values']} values, norm {delta_info['norm']:.4g}, "
+    step.say(f"delta: {delta_info['tensors']} neck/head tensors, {delta_info['values']} values, norm {delta_info['norm']:.4g}, "
         f"{delta_info['bytes_fp32'] / 2**20:.2f} MiB at fp32 / {delta_info['bytes_fp16'] / 2**20:.2f} MiB at fp16")
     return CustomerUpdate(trained["tutor1"], trained["tutor2"], delta, delta_info, counts)
 
@@ -141,27 +156,27 @@ def distill_c_training_data(data: CustomerData, mode: str) -> tuple[list[ImageRe
     return (data.presumed, data.presumed_val) if mode == "public" else (data.combined, data.own_val)
 
 
-def redistill(tutor_prime: nn.Module, edge: nn.Module, train: list[ImageRecord], val: list[ImageRecord],
-              classes: Sequence[str], pipeline: PipelineConfig, *, mode: str, loss: str, seeds: Seeds,
-              recorder: StageRecorder | None = None, **common) -> tuple[nn.Module, int]:
+def redistill(tutor_prime: nn.Module, edge: nn.Module, train: list[ImageRecord], val: list[ImageRecord], step: Step, *,
+              mode: str, loss: str) -> tuple[nn.Module, int]:
     """Step 6, Distill C: tutor' -> a new edge model, starting from the weights of ``edge``, on
-    ``train`` (validated on ``val``, AP over ``classes``). As the paper: FGD at its attention
-    temperature (``distill_c_temperature``, the paper's 1.5) + the edge's task loss; ``loss =
-    "fgd+score"`` adds class-score distillation from tutor' (an ablation); ``mode`` names the
-    data mode (the row is :func:`distill_c_row`). Returns the new edge model and the images it trained on. The same
-    call runs at the manufacturer (public mode) and at the customer (public+private mode)."""
-    recorder = recorder or StageRecorder(common.get("run"))
+    ``train`` (validated on ``val``, AP over :meth:`Step.classes` of ``mode``). As the paper: FGD
+    at its attention temperature (``distill_c_temperature``, the paper's 1.5) + the edge's task
+    loss; ``loss = "fgd+score"`` adds class-score distillation from tutor' (an ablation); ``mode``
+    names the data mode (the row is :func:`distill_c_row`). Returns the new edge model and the
+    images it trained on. The same call runs at the manufacturer (public mode) and at the
+    customer (public+private mode)."""
+    pipeline, seed = step.pipeline, step.seeds("distill_c")
     cfg = pipeline.distill_c
     fgd = replace(pipeline.fgd, temperature=pipeline.distill_c_temperature)
     score_weight = pipeline.distill_c_score_weight if loss == "fgd+score" else 0.0
     key, stage = distill_c_row(mode, loss), f"distill_c_{mode}" + ("_score" if loss == "fgd+score" else "")
-    with recorder.measure(stage, epochs=cfg.epochs, score_weight=score_weight, temperature=pipeline.distill_c_temperature) as entry:
-        torch.manual_seed(seeds("distill_c"))
+    with step.recorder.measure(stage, epochs=cfg.epochs, score_weight=score_weight, temperature=pipeline.distill_c_temperature) as entry:
+        torch.manual_seed(seed)
         student = copy_for_training(edge)
-        result = distill(copy.deepcopy(tutor_prime), student, train, val, cfg, class_indices=ClassSets.indices(classes),
+        result = distill(copy.deepcopy(tutor_prime), student, train, val, cfg, class_indices=ClassSets.indices(step.classes(mode)),
                          feature_weight=pipeline.distill_c_feature_weight, task_weight=pipeline.distill_c_task_weight,
                          score_weight=score_weight, temperature=pipeline.distill_c_temperature, fgd=fgd,
-                         seed=seeds("distill_c"), name=key, **common)
+                         seed=seed, name=key, **step.common)
         entry.update(train_images=result["train_images"], train_steps=result["train_steps"])
     return student, result["train_images"]
 
@@ -177,38 +192,22 @@ class ManufacturerStep:
     train_images: dict[str, int] = field(default_factory=dict)  # images each Distill C trained on
 
 
-def run_manufacturer_step(
-    tutor: nn.Module,
-    edge: nn.Module,
-    delta: dict[str, Tensor],
-    pipeline: PipelineConfig,
-    datasets: DataSets,
-    customer,
-    *,
-    seeds: Seeds,
-    recorder: StageRecorder | None = None,
-    say: Callable[[str], None] = lambda text: None,
-    records: Callable[[list[ImageRecord]], list[ImageRecord]] = lambda r: r,
-    distill_rejected: bool = True,
-    **common,
-) -> ManufacturerStep:
+def run_manufacturer_step(tutor: nn.Module, edge: nn.Module, delta: dict[str, Tensor], step: Step, *,
+                          distill_rejected: bool = True) -> ManufacturerStep:
     """Steps 5 and 6 in one process (the ``paper`` flow): :func:`review_update`, then
     :func:`redistill` per data mode and loss. The public+private mode reads the customer's data:
     in the federation it runs at the customer instead (``clients/``), and this function is not
-    used there. ``seeds`` are the customer's; ``records`` picks the customer's share of its
-    split's images. With ``distill_rejected`` False a rejected update gets no Distill C (the
-    customer keeps its edge model); True distils from the unchanged tutor anyway."""
-    recorder = recorder or StageRecorder(common.get("run"))
-    verdict, tutor_prime, candidate = review_update(tutor, delta, pipeline, datasets, recorder=recorder, say=say)
+    used there. With ``distill_rejected`` False a rejected update gets no Distill C (the customer
+    keeps its edge model); True distils from the unchanged tutor anyway."""
+    pipeline = step.pipeline
+    verdict, tutor_prime, candidate = review_update(tutor, delta, pipeline, step.datasets, recorder=step.recorder, say=step.say)
     edges, counts = {}, {}
-    data = select_customer_data(datasets, pipeline, customer, pipeline.distill_c, records)
+    data = select_customer_data(step.datasets, pipeline, step.customer, pipeline.distill_c, step.share)
     for mode in (pipeline.distill_c_modes if verdict.accepted or distill_rejected else ()):
         train, val = distill_c_training_data(data, mode)
-        classes = resolve_split(pipeline.presumed_split if mode == "public" else customer)
         for loss in pipeline.distill_c_losses:
             key = distill_c_row(mode, loss)
-            edges[key], counts[key] = redistill(tutor_prime, edge, train, val, classes, pipeline, mode=mode, loss=loss, seeds=seeds,
-                                                recorder=recorder, **common)
+            edges[key], counts[key] = redistill(tutor_prime, edge, train, val, step, mode=mode, loss=loss)
     return ManufacturerStep(verdict, tutor_prime, candidate, edges, counts)
 
 
@@ -227,9 +226,7 @@ def count_customer_compute(update: CustomerUpdate, step: ManufacturerStep, pipel
 BASELINES = ("direct", "local")
 
 
-def train_baseline(kind: str, edge: nn.Module, pipeline: PipelineConfig, datasets: DataSets, customer, *, seeds: Seeds, preset: str,
-                   budget_images: int | None, recorder: StageRecorder | None = None,
-                   records: Callable[[list[ImageRecord]], list[ImageRecord]] = lambda r: r, **common) -> tuple[nn.Module, int]:
+def train_baseline(kind: str, edge: nn.Module, step: Step, *, preset: str, budget_images: int | None) -> tuple[nn.Module, int]:
     """A customer-side baseline on the customer's whole data (the presumed images without its
     dropped classes' boxes + its own): ``direct``, a fresh edge model trained from scratch
     (``pipeline.direct``; ``edge`` is not used), or ``local``, a copy of the deployed ``edge``
@@ -238,14 +235,13 @@ def train_baseline(kind: str, edge: nn.Module, pipeline: PipelineConfig, dataset
     its configured epochs. Returns the model and the images it actually trained on."""
     if kind not in BASELINES:
         raise ValueError(f"baseline {kind!r}: must be one of {list(BASELINES)}")
-    recorder = recorder or StageRecorder(common.get("run"))
-    cfg = pipeline.direct if kind == "direct" else pipeline.local
-    data = select_customer_data(datasets, pipeline, customer, cfg, records)
+    cfg = step.pipeline.direct if kind == "direct" else step.pipeline.local
+    data = select_customer_data(step.datasets, step.pipeline, step.customer, cfg, step.share)
     steps = math.ceil(budget_images / cfg.batch_size) if budget_images else None
-    settings = dict(class_indices=ClassSets.indices(resolve_split(customer)), seed=seeds(kind), name=f"edge_{kind}",
-                    total_steps=steps, **common)
-    with recorder.measure(kind, epochs=cfg.epochs, budget_images=budget_images) as entry:
-        torch.manual_seed(seeds(kind))
+    settings = dict(class_indices=ClassSets.indices(resolve_split(step.customer)), seed=step.seeds(kind), name=f"edge_{kind}",
+                    total_steps=steps, **step.common)
+    with step.recorder.measure(kind, epochs=cfg.epochs, budget_images=budget_images) as entry:
+        torch.manual_seed(step.seeds(kind))
         if kind == "direct":
             student = build_detector("edge", preset, num_classes=len(VOC_CLASSES))
             result = train_detector(student, data.combined, data.own_val, cfg, **settings)

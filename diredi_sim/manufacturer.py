@@ -170,38 +170,13 @@ def prepare_manufacturer(
         return Manufacturer(models["teacher"], models["tutor"], models["edge"], folder, key, True, description)
 
     datasets = datasets or DataSets.manufacturer(data)
-    teacher_split, presumed = pipeline.teacher_split, pipeline.presumed_split
-    teacher_classes = ClassSets.indices(resolve_split(teacher_split))
-    presumed_classes = ClassSets.indices(resolve_split(presumed))
-    trained: list[dict] = []
     common = dict(run=run, config=config, progress=progress)
-
-    teacher_description = describe_teacher(description)
-    teacher_key = compute_manufacturer_key(teacher_description)
-    teacher_folder = resolve_cache_dir(pipeline) / f"teacher-{teacher_key}"
-    cached_teacher = _load_cached(teacher_folder, teacher_key, preset, roles=("teacher",))
-    if cached_teacher is not None:
-        (teacher,), teacher_manifest = cached_teacher[0].values(), cached_teacher[1]
-        entry = {**teacher_manifest["stage"], "cached": True, "seconds_when_trained": teacher_manifest["stage"].get("seconds"),
-                 "seconds": 0.0}
-        recorder.stages.append(entry)
-        if progress:
-            print(f"manufacturer: reusing the teacher from {teacher_folder}", file=sys.stderr, flush=True)
-    else:
-        cfg = pipeline.teacher
-        train = datasets.train(teacher_split, cfg, pool="public")
-        with recorder.measure("teacher", cached=False, train_images=len(train), epochs=cfg.epochs) as entry:
-            torch.manual_seed(derive_seed(seed, "teacher"))
-            teacher = build_detector("teacher", preset, num_classes=len(VOC_CLASSES))
-            train_detector(teacher, train, datasets.val(teacher_split, cfg, pool="public"), cfg, class_indices=teacher_classes,
-                           seed=derive_seed(seed, "teacher"), name="teacher", **common)
-        save_checkpoint(teacher_folder / "teacher.pt", teacher, config=teacher_description, cache_key=teacher_key)
-        atomic_write_json(teacher_folder / "manifest.json", {"key": teacher_key, "description": teacher_description,
-                                                             "stage": entry, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
-    trained.append(entry)
-
+    teacher, entry = _prepare_teacher(pipeline, datasets, describe_teacher(description), preset=preset, seed=seed,
+                                      recorder=recorder, **common)
+    trained = [entry]
     distill_settings = dict(feature_weight=pipeline.distill_feature_weight, task_weight=pipeline.distill_task_weight,
                             score_weight=pipeline.distill_score_weight, temperature=pipeline.distill_temperature, fgd=pipeline.fgd)
+    presumed = pipeline.presumed_split
     students = {}
     # Distill A: teacher -> tutor; Distill B: tutor -> edge (the tutor is the edge's teacher, paper
     # section III-A, IV-A: "the tutor model is used to distill knowledge in the same manner").
@@ -212,8 +187,9 @@ def prepare_manufacturer(
         with recorder.measure(stage, cached=False, train_images=len(train), epochs=cfg.epochs, teacher=source) as entry:
             torch.manual_seed(derive_seed(seed, stage))
             student = build_detector(role, preset, num_classes=len(VOC_CLASSES))
-            distill(source_model, student, train, datasets.val(presumed, cfg, pool="public"), cfg, class_indices=presumed_classes,
-                    seed=derive_seed(seed, stage), name=f"{role}_{stage}", **distill_settings, **common)
+            distill(source_model, student, train, datasets.val(presumed, cfg, pool="public"), cfg,
+                    class_indices=ClassSets.indices(resolve_split(presumed)), seed=derive_seed(seed, stage), name=f"{role}_{stage}",
+                    **distill_settings, **common)
         trained.append(entry)
         students[role] = student
 
@@ -224,3 +200,30 @@ def prepare_manufacturer(
                                                      "created": time.strftime("%Y-%m-%d %H:%M:%S")})
     teacher.requires_grad_(True)  # Distill A/B froze it; leave the caller a plain model
     return Manufacturer(teacher, students["tutor"], students["edge"], folder, key, False, description)
+
+
+def _prepare_teacher(pipeline: PipelineConfig, datasets: DataSets, description: dict, *, preset: str, seed: int,
+                     recorder: StageRecorder, **common) -> tuple[nn.Module, dict]:
+    """The teacher, from its own cache (``<cache_dir>/teacher-<key>/``, keyed by the settings that
+    determine it) or trained on the teacher split and cached there; and its stage entry."""
+    key = compute_manufacturer_key(description)
+    folder = resolve_cache_dir(pipeline) / f"teacher-{key}"
+    cached = _load_cached(folder, key, preset, roles=("teacher",))
+    if cached is not None:
+        manifest = cached[1]
+        recorder.stages.append({**manifest["stage"], "cached": True, "seconds_when_trained": manifest["stage"].get("seconds"),
+                                "seconds": 0.0})
+        if common.get("progress", True):
+            print(f"manufacturer: reusing the teacher from {folder}", file=sys.stderr, flush=True)
+        return cached[0]["teacher"], recorder.stages[-1]
+    cfg, split = pipeline.teacher, pipeline.teacher_split
+    train = datasets.train(split, cfg, pool="public")
+    with recorder.measure("teacher", cached=False, train_images=len(train), epochs=cfg.epochs) as entry:
+        torch.manual_seed(derive_seed(seed, "teacher"))
+        teacher = build_detector("teacher", preset, num_classes=len(VOC_CLASSES))
+        train_detector(teacher, train, datasets.val(split, cfg, pool="public"), cfg, class_indices=ClassSets.indices(resolve_split(split)),
+                       seed=derive_seed(seed, "teacher"), name="teacher", **common)
+    save_checkpoint(folder / "teacher.pt", teacher, config=description, cache_key=key)
+    atomic_write_json(folder / "manifest.json", {"key": key, "description": description, "stage": entry,
+                                                 "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+    return teacher, entry

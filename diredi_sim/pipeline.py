@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from diredi_sim.config import DataConfig
 from diredi_sim.datasets import DataSets
-from diredi_sim.flow import (BASELINES, count_customer_compute, run_customer, run_manufacturer_step, train_baseline)
+from diredi_sim.flow import BASELINES, Step, count_customer_compute, run_customer, run_manufacturer_step, train_baseline
 from diredi_sim.manufacturer import prepare_manufacturer
 from diredi_sim.runs import Run, atomic_write_bytes
 from diredi_sim.seeds import Seeds
@@ -124,8 +124,8 @@ def run_pipeline(
     tutor, edge = maker.tutor, maker.edge
     models: dict[str, nn.Module] = {"teacher": maker.teacher, "tutor_original": tutor, "edge_original": edge}
 
-    update = run_customer(tutor, edge, pipeline, datasets, pipeline.customer, seeds=seeds, recorder=recorder, say=say,
-                          **common)
+    step = Step(pipeline, datasets, pipeline.customer, seeds, recorder=recorder, say=say, **common)
+    update = run_customer(tutor, edge, step)
     models.update(tutor1=update.tutor1, tutor2=update.tutor2)
     delta, delta_info = update.delta, update.delta_info
     if run is not None:
@@ -133,35 +133,42 @@ def run_pipeline(
         torch.save(delta, buffer)
         atomic_write_bytes(run.folder / "delta.pt", buffer.getvalue())
 
-    step = run_manufacturer_step(tutor, edge, delta, pipeline, datasets, pipeline.customer, seeds=seeds, recorder=recorder,
-                                 say=say, **common)
-    verdict = step.verdict
-    models["tutor_updated"] = step.tutor_prime
-    if step.candidate is not None:
-        models["tutor_rejected_candidate"] = step.candidate
-    models.update(step.edges)
+    review = run_manufacturer_step(tutor, edge, delta, step)
+    models.update(tutor_updated=review.tutor_prime, **review.edges)
+    if review.candidate is not None:
+        models["tutor_rejected_candidate"] = review.candidate
+    compute = train_baselines(models, update, review, step, preset)
+    rows = evaluate_rows(models, test, classes, datasets, pipeline, recorder, say)
+    settings = describe_settings(pipeline, preset=preset, seed=seed, classes=classes, test_images=len(test))
+    settings.update(customer_seed=seeds.customer, training_images=compute)
+    return PipelineResult(rows, review.verdict, delta, delta_info, recorder.stages, classes,
+                          {"folder": str(maker.folder), "key": maker.key, "reused": maker.reused}, settings)
 
-    compute = count_customer_compute(update, step, pipeline)
+
+def train_baselines(models: dict[str, nn.Module], update, review, step: Step, preset: str) -> dict:
+    """Step 7: direct training and local fine-tuning at the DiReDi customer's image count (when
+    ``pipeline.equal_compute``), added to ``models``; returns the image counts of every method."""
+    compute = count_customer_compute(update, review, step.pipeline)
     compute["baselines"] = {}
     for kind in BASELINES:
         models[f"edge_{kind}"], compute["baselines"][f"edge_{kind}"] = train_baseline(
-            kind, edge, pipeline, datasets, pipeline.customer, seeds=seeds, preset=preset, recorder=recorder,
-            budget_images=compute["diredi"] if pipeline.equal_compute else None, **common)
-    say("training images per method (image-steps): DiReDi customer " + f"{compute['diredi']} (" +
-        ", ".join(f"{k} {v}" for k, v in compute["parts"].items()) + "); " +
-        ", ".join(f"{k} {v}" for k, v in compute["baselines"].items()))
+            kind, models["edge_original"], step, preset=preset,
+            budget_images=compute["diredi"] if step.pipeline.equal_compute else None)
+    step.say("training images per method (image-steps): DiReDi customer " + f"{compute['diredi']} (" +
+             ", ".join(f"{k} {v}" for k, v in compute["parts"].items()) + "); " +
+             ", ".join(f"{k} {v}" for k, v in compute["baselines"].items()))
+    return compute
 
-    rows = evaluate_rows(models, test, classes, datasets, pipeline, recorder, say)
-    settings = {
+
+def describe_settings(pipeline: PipelineConfig, *, preset: str, seed: int, classes: ClassSets, test_images: int) -> dict:
+    """The settings worth reporting beside a table."""
+    return {
         "preset": preset, "seed": seed, "customer": list(classes.customer), "alpha": pipeline.alpha, "beta": pipeline.beta,
         "freeze_backbone": pipeline.freeze_backbone, "gamma": pipeline.gamma, "delta_weight": pipeline.delta_weight,
         "distill_c_score_weight": pipeline.distill_c_score_weight, "distill_c_temperature": pipeline.distill_c_temperature,
         "distill_c_modes": list(pipeline.distill_c_modes), "verify": asdict(pipeline.verify),
-        "score_threshold": pipeline.score_threshold, "test_images": len(test),
+        "score_threshold": pipeline.score_threshold, "test_images": test_images,
         "epochs": {s: getattr(pipeline, s).epochs for s in ("teacher", "distill_a", "distill_b", "rd", "distill_c", "direct", "local")},
         "rd_customer_per_batch": pipeline.rd_customer_per_batch, "rd_score_weight": pipeline.rd_score_weight,
         "rd_align_init": pipeline.rd_align_init, "distill_c_losses": list(pipeline.distill_c_losses),
-        "customer_seed": seeds.customer, "training_images": compute,
     }
-    return PipelineResult(rows, verdict, delta, delta_info, recorder.stages, classes,
-                          {"folder": str(maker.folder), "key": maker.key, "reused": maker.reused}, settings)

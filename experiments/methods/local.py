@@ -12,7 +12,7 @@ from functools import partial
 import torch
 
 from diredi_sim.datasets import DataSets
-from diredi_sim.federation import FederationConfig, build_population, effective_pipeline, evaluate_for_customer, load_model, pick_share
+from diredi_sim.federation import FederationConfig, build_population, customer_step, evaluate_for_customer, load_model
 from diredi_sim.flow import train_baseline
 from diredi_sim.manufacturer import prepare_manufacturer
 from experiments.methods import Method, register
@@ -30,9 +30,8 @@ def local_customer_work(config: FederationConfig, method: str, partition_id: int
     datasets = DataSets(config.data)
     original = load_model("edge", config.preset, edge_state)
     reference = evaluate_for_customer(config, customer, original, datasets=datasets)["per_class"]
-    edge, images = train_baseline(method, original, effective_pipeline(config, customer), datasets, customer.classes,
-                                  seeds=config.seeds(customer.partition_id), preset=config.preset, budget_images=budget_images,
-                                  records=pick_share(config.population, customer.partition_id, len(population)), progress=False)
+    edge, images = train_baseline(method, original, customer_step(config, customer, len(population), datasets), preset=config.preset,
+                                  budget_images=budget_images)
     row = evaluate_for_customer(config, customer, edge, reference, datasets)
     return {"partition_id": customer.partition_id, "customer": customer.name, "uplink_bytes": 0, "downlink_bytes": 0,
             "train_images": images, **{k: row.get(k) for k in ("mAP", "precision", "recall", "f1", "gain", "forgetting", "per_class", "change")}}
