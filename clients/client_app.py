@@ -131,7 +131,8 @@ def distill_c(msg: Message, context: Context) -> Message:
                                 msg.content["edge"].to_torch_state_dict())
     release_memory()
     records = {key: ArrayRecord(state) for key, state in result["edges"].items()}
-    return Message(RecordDict({**records, "metrics": MetricRecord(result["metrics"])}), reply_to=msg)
+    metrics = {**result["metrics"], "server-round": int(msg.content["config"].get("server-round", 0))}
+    return Message(RecordDict({**records, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.evaluate()
@@ -142,4 +143,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     models = {key: record.to_torch_state_dict() for key, record in msg.content.items() if isinstance(record, ArrayRecord)}
     metrics = customer_evaluate(config, customer, models)
     release_memory()
-    return Message(RecordDict({"metrics": MetricRecord({**metrics, "partition-id": customer.partition_id})}), reply_to=msg)
+    return Message(RecordDict({"metrics": MetricRecord({**metrics, "partition-id": customer.partition_id,
+                                                        "server-round": int(msg.content["config"].get("server-round", 0))})}),
+                   reply_to=msg)

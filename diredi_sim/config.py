@@ -147,6 +147,8 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # nan would switch a check off silently (every comparison with it is false)
+            raise ConfigError(f"{key} = {value!r}: must be a finite number")
         return float(value)
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):

@@ -83,6 +83,10 @@ class SimulationConfig:
     merge: str = "mean"  # how accepted deltas update the shared tutor: sum | mean | median | trimmed_mean
     trim_fraction: float = 0.2  # trimmed_mean: share cut at each end
     clip_norm: float = 0.0  # clip each delta to this norm before merging (0: off)
+    # merge = "mean" weights: equal (the default: nothing a customer says about itself weighs more),
+    # or examples (its reported training images, clipped to [1, max_examples])
+    merge_weights: str = "equal"
+    max_examples: int = 100_000
     select: str = "all"  # which accepted deltas are merged: all | krum | multikrum (Flower's selection)
     num_malicious: int = 0  # krum / multikrum: customers assumed malicious (f)
     num_selected: int = 0  # multikrum: deltas kept (0: n - f)
@@ -104,6 +108,7 @@ class SimulationConfig:
     ray_address: str = ""  # an existing Ray cluster ("auto" or host:port); "" = a local Ray bound to 127.0.0.1
     server_workers: int = 0  # processes for the manufacturer's per-customer steps (0: min(customers, CPUs))
     round_timeout: float = 86400.0  # seconds the server waits for a round's replies
+    max_uplink_bytes: int = 1 << 30  # a reply's payload above this is rejected before it is decoded (also: the tutor's neck+head size)
 
     def __post_init__(self):
         _check(self.num_rounds >= 1, "simulation.num_rounds", self.num_rounds, "must be >= 1")
@@ -112,6 +117,9 @@ class SimulationConfig:
         _check(0 <= self.trim_fraction < 0.5, "simulation.trim_fraction", self.trim_fraction, "must be in [0, 0.5)")
         _check(self.clip_norm >= 0, "simulation.clip_norm", self.clip_norm, "must be >= 0")
         _check(self.select in SELECTIONS, "simulation.select", self.select, f"must be one of {list(SELECTIONS)}")
+        _check(self.merge_weights in ("equal", "examples"), "simulation.merge_weights", self.merge_weights,
+               "must be 'equal' or 'examples'")
+        _check(self.max_examples >= 1, "simulation.max_examples", self.max_examples, "must be >= 1")
         _check(self.num_malicious >= 0, "simulation.num_malicious", self.num_malicious, "must be >= 0")
         _check(self.num_selected >= 0, "simulation.num_selected", self.num_selected, "must be >= 0")
         _check(self.dp_clip_norm >= 0, "simulation.dp_clip_norm", self.dp_clip_norm, "must be >= 0")
@@ -128,6 +136,7 @@ class SimulationConfig:
         _check(self.num_cpus >= 0, "simulation.num_cpus", self.num_cpus, "must be >= 0")
         _check(self.server_workers >= 0, "simulation.server_workers", self.server_workers, "must be >= 0")
         _check(self.round_timeout > 0, "simulation.round_timeout", self.round_timeout, "must be > 0")
+        _check(self.max_uplink_bytes > 0, "simulation.max_uplink_bytes", self.max_uplink_bytes, "must be > 0")
 
 
 METHODS = ("diredi", "fedavg", "fedprox", "direct", "local")  # the built-in methods (experiments/methods/), compare's default

@@ -149,6 +149,7 @@ class DiReDiStrategy(FedAvg):
         """FedAvg's sampling; each message carries the tutor, that customer's edge and the settings."""
         server_round += self.round_offset
         self.tutor_state = arrays.to_torch_state_dict()
+        self.neck_head_bytes = sum(v.numel() * 4 for v in select_neck_head(self.tutor_state).values())  # float32
         self.grid, self.round_config = grid, config
         self.start_workers()  # their start-up (importing torch: seconds) overlaps the customers' work
         sampled = list(super().configure_train(server_round, arrays, config, grid))
@@ -201,12 +202,12 @@ class DiReDiStrategy(FedAvg):
         jobs, seen = [], set()
         for message in valid:
             try:
-                job = self._read_reply(message)
+                job = self._read_reply(message, server_round)
                 if job["customer"].partition_id in seen:
                     raise ValueError(f"a second reply for partition-id {job['customer'].partition_id} this round")
-            except (KeyError, ValueError, TypeError) as exc:
+            except Exception as exc:  # noqa: BLE001 -- whatever a customer sends becomes a rejected reply, never a crash
                 failures.append({"round": server_round, "node": message.metadata.src_node_id,
-                                 "reason": f"malformed reply: {exc}"})
+                                 "reason": f"malformed reply: {type(exc).__name__}: {exc}"})
                 continue
             seen.add(job["customer"].partition_id)
             jobs.append(job)
@@ -219,7 +220,7 @@ class DiReDiStrategy(FedAvg):
             self.ledger.customer(server_round, job, result)
             if result["verdict"]["accepted"]:
                 accepted.append(job["delta"])
-                weights.append(float(job["metrics"].get("num-examples", 1)))
+                weights.append(self._merge_weight(job["metrics"]))
             if self.config.simulation.deploy_mode in result["edges"]:  # accepted, and the edge passed its check
                 self.deployed_edges[job["customer"].partition_id] = result["edges"][self.config.simulation.deploy_mode]
 
@@ -241,7 +242,8 @@ class DiReDiStrategy(FedAvg):
         sim = self.config.simulation
         if sim.select == "all" or len(deltas) <= 1:
             return deltas, weights, {"rule": sim.select, "kept": list(range(len(deltas)))}
-        contents = [RecordDict({"delta": ArrayRecord(delta)}) for delta in deltas]
+        order = list(select_neck_head(self.tutor_state))  # the merge's key order, whatever order a customer sent
+        contents = [RecordDict({"delta": ArrayRecord({k: delta[k] for k in order})}) for delta in deltas]
         keep = 1 if sim.select == "krum" else (sim.num_selected or max(1, len(deltas) - sim.num_malicious))
         chosen = select_multikrum(contents, sim.num_malicious, keep)
         kept = [i for i, content in enumerate(contents) if any(content is c for c in chosen)]
@@ -257,12 +259,37 @@ class DiReDiStrategy(FedAvg):
         threads = 0 if isinstance(self.pool, InlineExecutor) else self.cpus  # in this process: its threads stay as they are
         return self.pool.submit(merge_round, self.config, self.tutor_state, deltas, weights, threads).result()
 
-    def _read_reply(self, message: Message) -> dict:
+    def _merge_weight(self, metrics: dict) -> float:
+        """A delta's weight in ``merge = "mean"``: 1 (``merge_weights = "equal"``), or the
+        customer's reported training images clipped to [1, ``max_examples``]."""
+        sim = self.config.simulation
+        if sim.merge_weights == "equal":
+            return 1.0
+        return float(min(max(metrics["num-examples"], 1), sim.max_examples))
+
+    def _read_reply(self, message: Message, server_round: int | None = None) -> dict:
+        """A train reply's job, or ValueError / TypeError / KeyError with the reason: metrics that
+        are not finite numbers, a partition outside the population, a reply to another round, a
+        payload larger than the tutor's neck and head before it is decoded."""
         metrics = dict(message.content["metrics"])
-        partition_id = int(metrics["partition-id"])
-        if not 0 <= partition_id < len(self.population):
-            raise ValueError(f"partition-id {partition_id} is outside the population of {len(self.population)}")
-        delta = message.content["delta"].to_torch_state_dict()
+        for name, value in metrics.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"metric {name!r} = {value!r}: not a finite number")
+        if "num-examples" in metrics and metrics["num-examples"] < 0:
+            raise ValueError(f"num-examples = {metrics['num-examples']!r}: negative")
+        partition_id = metrics["partition-id"]
+        if partition_id != int(partition_id) or not 0 <= partition_id < len(self.population):
+            raise ValueError(f"partition-id {partition_id!r} is not a partition of the population of {len(self.population)}")
+        partition_id = int(partition_id)
+        if server_round is not None and metrics.get("server-round") != server_round:
+            raise ValueError(f"the reply answers round {metrics.get('server-round')!r}, this is round {server_round}")
+        record = message.content["delta"]
+        if not isinstance(record, ArrayRecord):
+            raise TypeError(f"'delta' is a {type(record).__name__}, not an ArrayRecord")
+        limit = min(self.neck_head_bytes + 4096 * len(select_neck_head(self.tutor_state)), self.config.simulation.max_uplink_bytes)
+        if record.count_bytes() > limit:  # checked before a tensor is made of it
+            raise ValueError(f"'delta' holds {record.count_bytes()} bytes, more than the {limit} the tutor's neck and head take")
+        delta = record.to_torch_state_dict()
         if self.config.simulation.uplink_compression != "none":  # the payload's own encoding; ValueError names a bad key
             delta = decompress_delta(delta, select_neck_head(self.tutor_state))
         self.partition_of_node[message.metadata.src_node_id] = partition_id
@@ -324,6 +351,11 @@ class DiReDiStrategy(FedAvg):
                 continue
             if reply.has_error():
                 failures.append(self._failure(server_round, jobs[i], f"{kind}: {reply.error.reason}"))
+                continue
+            answered = dict(reply.content["metrics"]).get("server-round") if "metrics" in reply.content else None
+            if answered != server_round:
+                failures.append(self._failure(server_round, jobs[i], f"{kind}: the reply answers round {answered!r}, "
+                                                                     f"this is round {server_round}"))
                 continue
             jobs[i]["bytes"][f"{kind}.up"] = content_bytes(reply.content)
             replies[i] = reply

@@ -64,3 +64,14 @@ def test_flat_round_trip_and_overrides(tmp_path):
     assert from_flat(flat) == config
     overridden = load_config(write(tmp_path, "seed = 1\n"), {"train.batch-size": 2})
     assert overridden.train.batch_size == 2
+
+
+def test_every_number_of_a_config_must_be_finite():
+    """A NaN threshold would switch its check off (every comparison with NaN is false): any
+    non-finite number in a config is an error naming its key."""
+    from diredi_sim.federation import federation_from_flat
+
+    for key in ("pipeline.verify.max-ap-drop", "simulation.round-timeout", "pipeline.rd.lr", "data.public-fraction"):
+        for value in (float("nan"), float("inf"), float("-inf")):
+            with pytest.raises(ConfigError, match=f"{key.replace('-', '_')} = {value!r}: must be a finite number"):
+                federation_from_flat({key: value})

@@ -95,6 +95,7 @@ def test_one_attacker_is_caught_by_the_plain_mean_and_kept_out_by_robust_merging
                    simulation=SimulationConfig(merge="mean", select="multikrum", num_malicious=1))
     strategy = DiReDiStrategy(krum, build_population(krum.population), build_detector("edge", "cpu").state_dict(),
                               Run.create(krum.runs_dir, "robust-merge", krum))
+    strategy.tutor_state = tutor.state_dict()  # as configure_train leaves it for the round
     selected, weights, selection = strategy._select(deltas, [100.0] * 4)
     assert selection["kept"] == [0, 1, 2]  # the attacker is left out
     state, kept = merge(federation, selected, merge="mean")

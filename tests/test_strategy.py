@@ -17,12 +17,19 @@ from diredi_sim.federation import FederationConfig, PopulationConfig, Simulation
 from diredi_sim.models import build_detector
 from diredi_sim.settings import PipelineConfig
 from diredi_sim.runs import Run, read_jsonl
+from flwr.serverapp.strategy.multikrum import select_multikrum
+
 from server.strategy import DiReDiStrategy, InlineExecutor
 
 TINY = SyntheticConfig(seed=3, num_train=16, num_val=8, num_test=8, min_objects=3, max_objects=5, min_object_size=24)
 
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # Messages need a run identity
+
+
+def answering(message: Message) -> int:
+    """The round a message belongs to (its settings' server-round), which a reply repeats."""
+    return int(message.content["config"].get("server-round", 0))
 
 
 def answer_as_customer(message: Message, partition_id: int) -> Message:
@@ -34,9 +41,11 @@ def answer_as_customer(message: Message, partition_id: int) -> Message:
         edge = {k: (torch.full_like(v, 100.0 + partition_id) if v.is_floating_point() else v)
                 for k, v in message.content["edge"].to_torch_state_dict().items()}
         return Message(RecordDict({"edge_distill_c_public_private": ArrayRecord(edge),
-                                   "metrics": MetricRecord({"partition-id": partition_id})}), reply_to=message)
+                                   "metrics": MetricRecord({"partition-id": partition_id, "server-round": answering(message)})}),
+                       reply_to=message)
     if kind == "evaluate":
-        return Message(RecordDict({"metrics": MetricRecord({"partition-id": partition_id})}), reply_to=message)
+        return Message(RecordDict({"metrics": MetricRecord({"partition-id": partition_id, "server-round": answering(message)})}),
+                       reply_to=message)
     from flwr.app import Context
 
     from clients.client_app import partition
@@ -96,7 +105,8 @@ def setup(tmp_path):
 
 
 def reply_to(message: Message, partition_id: int, delta: dict, num_examples: int) -> Message:
-    metrics = MetricRecord({"partition-id": partition_id, "num-examples": num_examples, "delta-bytes-fp32": 4 * 10, "seconds": 1.0})
+    metrics = MetricRecord({"partition-id": partition_id, "num-examples": num_examples, "delta-bytes-fp32": 4 * 10, "seconds": 1.0,
+                            "server-round": answering(message)})
     return Message(RecordDict({"delta": ArrayRecord(delta), "metrics": metrics}), reply_to=message)
 
 
@@ -127,11 +137,11 @@ def test_strategy_merges_accepted_deltas_and_records_everything_else(setup):
     ]
     new_arrays, metrics = strategy.aggregate_train(1, replies)
 
-    # accepted: partitions 0 and 1 (weighted by num-examples: 0.75 * 0.01 + 0.25 * 0.04 = 0.0175)
+    # accepted: partitions 0 and 1, equal weights (what they say about their data does not count): 0.025
     new_state = new_arrays.to_torch_state_dict()
     for key, value in new_state.items():
         if key in neck_head and value.is_floating_point():
-            assert torch.allclose(value, tutor_state[key] + 0.0175, atol=1e-6), key
+            assert torch.allclose(value, tutor_state[key] + 0.025, atol=1e-6), key
         else:
             assert torch.equal(value, tutor_state[key]), key  # backbone and buffers untouched
     assert dict(metrics) == {"replies": 6, "failures": 3, "accepted": 2, "tutor-updated": 1}
@@ -191,3 +201,84 @@ def test_krum_keeps_a_poisoned_delta_out_of_the_shared_tutor(setup, tmp_path):
     new_state = new_arrays.to_torch_state_dict()
     key = next(iter(neck_head))
     assert torch.allclose(new_state[key], tutor_state[key] + 0.011, atol=1e-6)
+
+
+def test_hostile_replies_are_rejected_with_their_reason_and_the_round_goes_on(setup):
+    """Nothing a customer sends stops the round: metrics that are not finite numbers, a
+    partition that is not one, a reply to another round, a payload larger than the tutor's neck
+    and head (refused before it is decoded), a delta that is not an ArrayRecord; each is a
+    rejected reply with its reason, and the honest customer's delta is merged."""
+    config, strategy, tutor, edge, run = setup
+    grid = FakeGrid([11, 12, 13, 14, 15, 16, 17], {11: 0, 12: 1, 13: 2, 14: 3, 15: 1, 16: 2, 17: 3})
+    by_node = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, ArrayRecord(tutor.state_dict()), ConfigRecord({}), grid)}
+    neck_head = select_neck_head(tutor.state_dict())
+    delta = {k: torch.full_like(v, 0.01, dtype=torch.float32) for k, v in neck_head.items()}
+    huge = {**delta, "head.extra": torch.zeros(4_000_000)}  # 16 MB more than the neck and head hold
+
+    def reply(node, metrics, records=None):
+        base = {"partition-id": 0, "num-examples": 10, "server-round": 1, "seconds": 1.0}
+        return Message(RecordDict({"delta": ArrayRecord(delta), **(records or {}), "metrics": MetricRecord({**base, **metrics})}),
+                       reply_to=by_node[node])
+
+    replies = [reply(11, {}),  # honest: partition 0
+               reply(12, {"partition-id": 1, "num-examples": float("nan")}),
+               reply(13, {"partition-id": 2.5}),
+               reply(14, {"partition-id": 3, "server-round": 7}),
+               reply(15, {"partition-id": 1}, {"delta": ArrayRecord(huge)}),
+               reply(16, {"partition-id": 2}, {"delta": MetricRecord({"x": 1.0})}),
+               reply(17, {"partition-id": 3, "num-examples": -5})]
+    new_arrays, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["accepted"] == 1 and metrics["tutor-updated"] == 1
+    reasons = {f["node"]: f["reason"] for f in read_jsonl(run.metrics_path) if f.get("event") == "customer_failed"}
+    assert "'num-examples' = nan: not a finite number" in reasons[12]
+    assert "partition-id 2.5 is not a partition" in reasons[13]
+    assert "answers round 7, this is round 1" in reasons[14]
+    assert "more than the" in reasons[15] and "neck and head" in reasons[15]
+    assert "not an ArrayRecord" in reasons[16]
+    assert "num-examples = -5: negative" in reasons[17]
+    key = next(iter(neck_head))
+    assert torch.allclose(new_arrays.to_torch_state_dict()[key], tutor.state_dict()[key] + 0.01, atol=1e-6)
+
+
+def test_merge_weights_are_equal_or_bounded_examples(setup):
+    """merge = mean: equal weights by default; with merge_weights = "examples" a customer's
+    reported count is clipped to max_examples, so a claim of a billion images weighs 200."""
+    from dataclasses import replace
+
+    config, _, tutor, edge, run = setup
+    bounded = replace(config, simulation=replace(config.simulation, merge_weights="examples", max_examples=200))
+    strategy = stub_strategy(bounded, run, edge.state_dict())
+    grid = FakeGrid([11, 12, 13, 14], {11: 0, 12: 1, 13: 2, 14: 3})
+    by_node = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, ArrayRecord(tutor.state_dict()), ConfigRecord({}), grid)}
+    neck_head = select_neck_head(tutor.state_dict())
+    small = {k: torch.full_like(v, 0.01, dtype=torch.float32) for k, v in neck_head.items()}
+    large = {k: torch.full_like(v, 0.04, dtype=torch.float32) for k, v in neck_head.items()}
+    new_arrays, _ = strategy.aggregate_train(1, [reply_to(by_node[11], 0, small, num_examples=10**9),
+                                                 reply_to(by_node[12], 1, large, num_examples=100)])
+    key = next(iter(neck_head))  # (200 * 0.01 + 100 * 0.04) / 300 = 0.02
+    assert torch.allclose(new_arrays.to_torch_state_dict()[key], tutor.state_dict()[key] + 0.02, atol=1e-6)
+
+
+def test_krum_scores_deltas_in_the_merges_key_order(setup):
+    """A customer that sends its delta's tensors in another order gets the same Krum selection:
+    deltas are compared in the tutor's neck+head key order, the order the merge uses."""
+    from dataclasses import replace
+
+    config, _, tutor, edge, run = setup
+    krum = replace(config, simulation=replace(config.simulation, select="multikrum", num_malicious=1))
+    strategy = stub_strategy(krum, run, edge.state_dict())
+    strategy.tutor_state = tutor.state_dict()
+    keys = list(select_neck_head(strategy.tutor_state))
+    shapes = {k: strategy.tutor_state[k].shape for k in keys}
+    big = max(keys, key=lambda k: strategy.tutor_state[k].numel())  # the honest deltas move this tensor most
+    honest = [{k: torch.full(shapes[k], 1.0 if k == big else 0.0) + 0.001 * i for k in keys} for i in range(3)]
+    outlier = {k: torch.full(shapes[k], 1.0 if k == big else 0.1) for k in keys}
+    deltas = honest + [outlier]
+    assert strategy._select(deltas, [1.0] * 4)[2]["kept"] == [0, 1, 2]
+    shuffled = [dict(reversed(list(d.items()))) if i == 1 else d for i, d in enumerate(deltas)]  # customer 1's own order
+    assert strategy._select(shuffled, [1.0] * 4)[2]["kept"] == [0, 1, 2]
+    # compared in the order each customer sent (Flower's Multi-Krum flattens records as they are), customer 1 looks far
+    contents = [RecordDict({"delta": ArrayRecord(d)}) for d in shuffled]
+    chosen = select_multikrum(contents, 1, 3)
+    kept_naive = [i for i, content in enumerate(contents) if any(content is c for c in chosen)]
+    assert kept_naive == [0, 2, 3]  # the order matters: the honest customer 1 would be left out, the outlier kept

@@ -133,7 +133,8 @@ def test_a_compressed_uplink_is_the_private_delta_encoded_and_the_strategy_reads
     assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())
     assert metrics["uplink-bytes"] == count_state_bytes(payload) and 7 * metrics["uplink-bytes"] < metrics["delta-bytes-fp32"]
     strategy = SimpleNamespace(config=config, population=[None, "customer-1"], tutor_state=tutor_state, partition_of_node={},
-                               deployed_edges={}, original_edge={}, train_bytes_down={})
+                               deployed_edges={}, original_edge={}, train_bytes_down={},
+                               neck_head_bytes=sum(v.numel() * 4 for v in select_neck_head(tutor_state).values()))
     job = DiReDiStrategy._read_reply(strategy, reply)
     assert check_delta(job["delta"], tutor_state) == []
     decoded = decompress_delta(encoded, select_neck_head(tutor_state))
@@ -166,7 +167,8 @@ def test_the_distill_c_reply_holds_only_the_new_edge_model_and_scalars(tmp_path)
         assert value.shape == expected[key].shape and value.dtype == expected[key].dtype, key
     assert any(not torch.equal(sent[k], expected[k]) for k in expected)  # it trained
     metrics = audit_scalars(reply.content["metrics"])
-    assert set(metrics) == {"partition-id", "edge_distill_c_public_private/train-images", "seconds"}
+    assert set(metrics) == {"partition-id", "edge_distill_c_public_private/train-images", "seconds", "server-round"}
+    assert metrics["server-round"] == 1  # the round it answers
     assert metrics["partition-id"] == 1 and metrics["edge_distill_c_public_private/train-images"] > 0
 
 
@@ -184,5 +186,6 @@ def test_the_evaluate_reply_holds_per_class_scalars_only(tmp_path):
     metrics = audit_scalars(reply.content["metrics"])
     rows = rows_from_metrics(metrics)
     assert set(rows) == {"tutor_original", "edge_original"}
-    assert len(metrics) <= 1 + 2 * (12 + 2 * len(VOC_CLASSES))  # partition id + per row: 12 figures, AP and count per class
+    assert len(metrics) <= 2 + 2 * (12 + 2 * len(VOC_CLASSES))  # partition id, round + per row: 12 figures, AP and count per class
+    assert metrics["server-round"] == 1
     assert rows["edge_original"]["test_images"] > 0 and set(rows["edge_original"]["per_class"]) <= set(VOC_CLASSES)
