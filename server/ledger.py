@@ -29,6 +29,7 @@ class Ledger:
         self.round_reports: list[dict] = []
         self.tutor_round: int | None = None  # the round whose checkpoint holds the shared tutor (None: original)
         self.edge_rounds: dict[int, int] = {}  # partition id -> the round whose checkpoint holds its deployed edge
+        self.nodes: dict[int, int] = {}  # node id -> the partition it is bound to
 
     def restore(self, state: dict) -> tuple[dict[int, dict], dict | None]:
         """The state after round ``state["last_round"]``: each customer's deployed edge, and the
@@ -37,6 +38,7 @@ class Ledger:
         self.round_reports = list(state["round_reports"])
         self.edge_rounds = {int(p): int(r) for p, r in state["edges"].items()}
         self.tutor_round = state["tutor_round"]
+        self.nodes = {int(n): int(p) for n, p in state.get("nodes", {}).items()}
         edges = {p: load_checkpoint(self.run.checkpoint_path(f"edge_customer{p}_round{r}"))["state_dict"]
                  for p, r in self.edge_rounds.items()}
         tutor = None if self.tutor_round is None else \
@@ -62,7 +64,8 @@ class Ledger:
         self.run.write_json("state.json", {
             "format": STATE_FORMAT, "last_round": server_round, "num_rounds": self.config.simulation.num_rounds,
             "tutor_round": self.tutor_round, "edges": {str(p): r for p, r in sorted(self.edge_rounds.items())},
-            "summary_rows": to_jsonable(self.summary_rows), "round_reports": to_jsonable(self.round_reports)})
+            "summary_rows": to_jsonable(self.summary_rows), "round_reports": to_jsonable(self.round_reports),
+            "nodes": {str(n): p for n, p in sorted(self.nodes.items())}})
 
     @staticmethod
     def _train_images(job: dict, result: dict) -> dict[str, int]:

@@ -111,7 +111,8 @@ class DiReDiStrategy(FedAvg):
         self.population = population
         self.original_edge = edge_state
         self.deployed_edges: dict[int, dict] = {}  # partition id -> the edge model the customer runs now
-        self.partition_of_node: dict[int, int] = {}  # learnt from the replies
+        self.partition_of_node: dict[int, int] = {}  # bound at a node's first answer, for the run (_bind)
+        self.connected: set[int] = set()  # the nodes connected at this round's downlink
         self.run = run
         self.ledger = Ledger(run, config)
         self.review_step, self.edge_step = review_step, edge_step
@@ -135,6 +136,7 @@ class DiReDiStrategy(FedAvg):
         that point (None: the manufacturer's original tutor)."""
         self.round_offset = int(state["last_round"])
         self.deployed_edges, tutor = self.ledger.restore(state)
+        self.partition_of_node = dict(self.ledger.nodes)
         return tutor
 
     def summary(self) -> None:
@@ -151,6 +153,7 @@ class DiReDiStrategy(FedAvg):
         self.tutor_state = arrays.to_torch_state_dict()
         self.neck_head_bytes = sum(v.numel() * 4 for v in select_neck_head(self.tutor_state).values())  # float32
         self.grid, self.round_config = grid, config
+        self.connected = set(grid.get_node_ids())
         self.start_workers()  # their start-up (importing torch: seconds) overlaps the customers' work
         sampled = list(super().configure_train(server_round, arrays, config, grid))
         self.sampled_nodes = [message.metadata.dst_node_id for message in sampled]
@@ -182,7 +185,11 @@ class DiReDiStrategy(FedAvg):
             except (KeyError, TypeError, ValueError):  # an error reply: the node is learnt from its train reply
                 continue
             if 0 <= partition_id < len(self.population):
-                self.partition_of_node[reply.metadata.src_node_id] = partition_id
+                try:
+                    self._bind(reply.metadata.src_node_id, partition_id)
+                except ValueError as exc:
+                    log(WARNING, "partition query: %s", exc)
+                    self.ledger.failure({"round": self.round_offset + 1, "node": reply.metadata.src_node_id, "reason": str(exc)})
         log(INFO, "asked %d new node(s) which customer they are: %d of %d customers with a deployed edge model found",
             len(unknown), len(unmatched & set(self.partition_of_node.values())), len(unmatched))
 
@@ -259,6 +266,20 @@ class DiReDiStrategy(FedAvg):
         threads = 0 if isinstance(self.pool, InlineExecutor) else self.cpus  # in this process: its threads stay as they are
         return self.pool.submit(merge_round, self.config, self.tutor_state, deltas, weights, threads).result()
 
+    def _bind(self, node: int, partition_id: int) -> None:
+        """A node is who it first said it was, for the run: ValueError when it claims another
+        partition than before, or a partition bound to another node that is still connected. A
+        partition whose node has gone (a resumed run's nodes are new) is bound to the new one."""
+        bound = self.partition_of_node.get(node)
+        if bound is not None and bound != partition_id:
+            raise ValueError(f"node {node} answered as partition {bound} before; it cannot answer as partition {partition_id}")
+        holder = next((n for n, p in self.partition_of_node.items() if p == partition_id and n != node), None)
+        if holder is not None and holder in self.connected:
+            raise ValueError(f"partition-id {partition_id} is bound to node {holder} for this run")
+        self.partition_of_node.pop(holder, None)
+        self.partition_of_node[node] = partition_id
+        self.ledger.nodes = dict(self.partition_of_node)
+
     def _merge_weight(self, metrics: dict) -> float:
         """A delta's weight in ``merge = "mean"``: 1 (``merge_weights = "equal"``), or the
         customer's reported training images clipped to [1, ``max_examples``]."""
@@ -292,7 +313,7 @@ class DiReDiStrategy(FedAvg):
         delta = record.to_torch_state_dict()
         if self.config.simulation.uplink_compression != "none":  # the payload's own encoding; ValueError names a bad key
             delta = decompress_delta(delta, select_neck_head(self.tutor_state))
-        self.partition_of_node[message.metadata.src_node_id] = partition_id
+        self._bind(message.metadata.src_node_id, partition_id)
         return {"customer": self.population[partition_id], "delta": delta, "metrics": metrics,
                 "node": message.metadata.src_node_id, "edge": self.deployed_edges.get(partition_id, self.original_edge),
                 "bytes_down": self.train_bytes_down.get(message.metadata.src_node_id, 0), "bytes_up": content_bytes(message.content)}

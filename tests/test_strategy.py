@@ -149,7 +149,8 @@ def test_strategy_merges_accepted_deltas_and_records_everything_else(setup):
     rows = read_jsonl(run.metrics_path)
     failures = [r for r in rows if r.get("event") == "customer_failed"]
     assert sorted(f["node"] for f in failures) == [14, 15, 16]
-    assert any("out of memory" in f["reason"] for f in failures) and any("second reply" in f["reason"] for f in failures)
+    assert any("out of memory" in f["reason"] for f in failures)
+    assert any("node 16 answered as partition 3 before" in f["reason"] for f in failures)  # it cannot become partition 0
     customers = {(r["partition_id"], r["verdict"]) for r in rows if r.get("event") == "customer"}
     assert customers == {(0, "accepted"), (1, "accepted"), (2, "rejected"), (3, "rejected")}
     smuggled_row = json.loads((run.folder / "round1" / "customer3.json").read_text())
@@ -282,3 +283,28 @@ def test_krum_scores_deltas_in_the_merges_key_order(setup):
     chosen = select_multikrum(contents, 1, 3)
     kept_naive = [i for i, content in enumerate(contents) if any(content is c for c in chosen)]
     assert kept_naive == [0, 2, 3]  # the order matters: the honest customer 1 would be left out, the outlier kept
+
+
+def test_a_node_is_who_it_first_said_it_was(setup):
+    """A node that claims a partition bound to another connected node is rejected and recorded,
+    and never receives that customer's deployed edge; a node cannot change its partition; the
+    bindings are saved with the round (state.json) for a resumed run."""
+    config, strategy, tutor, edge, run = setup
+    grid = FakeGrid([11, 12, 13, 14], {11: 0, 12: 1, 13: 2, 14: 3})
+    by_node = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, ArrayRecord(tutor.state_dict()), ConfigRecord({}), grid)}
+    delta = {k: torch.full_like(v, 0.01, dtype=torch.float32) for k, v in select_neck_head(tutor.state_dict()).items()}
+    strategy.aggregate_train(1, [reply_to(by_node[11], 0, delta, 10), reply_to(by_node[12], 1, delta, 10)])
+    assert strategy.partition_of_node == {11: 0, 12: 1} and set(strategy.deployed_edges) == {0, 1}
+    by_node = {m.metadata.dst_node_id: m for m in strategy.configure_train(2, ArrayRecord(tutor.state_dict()), ConfigRecord({}), grid)}
+    _, metrics = strategy.aggregate_train(2, [reply_to(by_node[13], 0, delta, 10),  # node 13 claims customer 0's partition
+                                              reply_to(by_node[12], 3, delta, 10)])  # node 12 was partition 1
+    assert metrics["replies"] == 2 and metrics["failures"] == 4  # the two claims, and nodes 11 and 14 did not answer
+    reasons = [f["reason"] for f in read_jsonl(run.metrics_path) if f.get("event") == "customer_failed"]
+    assert any("partition-id 0 is bound to node 11" in r for r in reasons)
+    assert any("node 12 answered as partition 1 before" in r for r in reasons)
+    assert strategy.partition_of_node == {11: 0, 12: 1}
+    key = "head.classification_head.cls_logits.weight"
+    third = {m.metadata.dst_node_id: m for m in strategy.configure_train(3, ArrayRecord(tutor.state_dict()), ConfigRecord({}), grid)}
+    assert float(third[11].content["edge"].to_torch_state_dict()[key].flatten()[0]) == 100.0  # customer 0's own edge
+    assert torch.equal(third[13].content["edge"].to_torch_state_dict()[key], edge.state_dict()[key])  # not customer 0's
+    assert json.loads((run.folder / "state.json").read_text())["nodes"] == {"11": 0, "12": 1}

@@ -134,7 +134,8 @@ def test_a_compressed_uplink_is_the_private_delta_encoded_and_the_strategy_reads
     assert metrics["uplink-bytes"] == count_state_bytes(payload) and 7 * metrics["uplink-bytes"] < metrics["delta-bytes-fp32"]
     strategy = SimpleNamespace(config=config, population=[None, "customer-1"], tutor_state=tutor_state, partition_of_node={},
                                deployed_edges={}, original_edge={}, train_bytes_down={},
-                               neck_head_bytes=sum(v.numel() * 4 for v in select_neck_head(tutor_state).values()))
+                               neck_head_bytes=sum(v.numel() * 4 for v in select_neck_head(tutor_state).values()),
+                               _bind=lambda node, partition_id: None)
     job = DiReDiStrategy._read_reply(strategy, reply)
     assert check_delta(job["delta"], tutor_state) == []
     decoded = decompress_delta(encoded, select_neck_head(tutor_state))
