@@ -89,7 +89,8 @@ def test_with_local_dp_the_uplink_is_the_clipped_noised_delta_and_nothing_more(t
     assert compute_norm(plain) > 0.01  # so the clipping bites
     expected = privatize_delta(config, 1, plain, server_round=1)
     assert all(torch.equal(sent[k], expected[k]) for k in plain)
-    assert compute_norm(sent) == pytest.approx(dict(reply.content["metrics"])["delta-norm"], rel=1e-5)
+    reported = dict(reply.content["metrics"])["delta-norm"]  # computed here from the raw delta, independently of the reply
+    assert reported == pytest.approx(compute_norm(expected), rel=1e-5) and reported != pytest.approx(compute_norm(plain), rel=0.05)
     clipped_only = audit_uplink(call_client(tmp_path, partition_id=1, dp_clip_norm=0.01)[0], tutor_state, 1)
     assert compute_norm(clipped_only) == pytest.approx(0.01, rel=1e-4)
 
