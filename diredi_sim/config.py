@@ -17,7 +17,8 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from diredi_sim.data.synthetic import SyntheticConfig
+from diredi_sim.data.splits import resolve_split
+from diredi_sim.data.synthetic import SyntheticConfig, validate_config
 
 
 class ConfigError(ValueError):
@@ -53,6 +54,10 @@ class DataConfig:
         _check(math.isfinite(self.public_fraction) and 0 < self.public_fraction < 1, "data.public_fraction",
                self.public_fraction, "must be in (0, 1): both the manufacturer and the customers need images")
         _check(self.source != "voc" or bool(self.voc_root), "data.voc_root", self.voc_root, "must name a VOCdevkit folder when data.source = 'voc'")
+        try:
+            validate_config(self.synthetic)
+        except ValueError as exc:
+            raise ConfigError(f"data.synthetic: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,10 @@ class ExperimentConfig:
         _check(self.preset in ("cpu", "paper"), "preset", self.preset, "must be 'cpu' or 'paper'")
         _check(self.role in ("teacher", "tutor", "edge"), "role", self.role, "must be 'teacher', 'tutor' or 'edge'")
         _check(self.threads >= 0, "threads", self.threads, "must be >= 0")
+        try:
+            resolve_split([c.strip() for c in self.split.split(",")] if "," in self.split else self.split)
+        except ValueError as exc:
+            raise ConfigError(f"split = {self.split!r}: {exc}") from None
 
 
 def _type_hints(cls: type) -> dict[str, Any]:

@@ -21,7 +21,9 @@ def parse_overrides(pairs: list[str]) -> dict:
     overrides = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE, e.g. train.epochs=3")
+            from diredi_sim.config import ConfigError
+
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. train.epochs=3")
         key, raw = pair.split("=", 1)
         try:
             value = tomllib.loads(f"v = {raw}")["v"]
@@ -155,8 +157,12 @@ def cmd_eval_detections(args) -> int:
     from diredi_sim.evaluate import evaluate_detection_folder
     from diredi_sim.runs import to_jsonable
 
-    result = evaluate_detection_folder(args.voc_root, args.detections, args.classes, image_set=args.image_set,
-                                       score_threshold=args.score_threshold)
+    try:
+        result = evaluate_detection_folder(args.voc_root, args.detections, args.classes, image_set=args.image_set,
+                                           score_threshold=args.score_threshold)
+    except ValueError as exc:  # a detection file's bad line, named with its file and line number
+        print(f"diredi-sim: error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(to_jsonable(result), indent=2))
     return 0
 
@@ -247,12 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from diredi_sim.config import ConfigError
+    from diredi_sim.data.voc import DataProblem
     from diredi_sim.runs import CheckpointError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError) as exc:
+    except (ConfigError, CheckpointError, DataProblem, FileNotFoundError, FileExistsError) as exc:
         print(f"diredi-sim: error: {exc}", file=sys.stderr)
         return 2
 

@@ -107,3 +107,42 @@ def test_export_public_copies_the_public_pool_once(tmp_path):
     assert {p.stem for p in (destination / "Annotations").iterdir()} == listed and 0 < len(listed) < 32
     again = run_cli("export-public", *settings, destination)
     assert again.returncode == 2 and again.stderr.strip() == f"diredi-sim: error: {destination}: not empty; export_pool writes into a new folder"
+
+
+@pytest.mark.parametrize("case", ["missing voc root", "bad image-set list", "bad detections line", "unknown split", "bad --set",
+                                  "bad synthetic range"])
+def test_a_users_mistake_is_one_line(tmp_path, case):
+    """Each user error at the command line prints one line naming the file, key or value, exits
+    2, and shows no traceback."""
+    edge = ROOT / "experiments" / "configs" / "edge.toml"
+    tiny = ["--set", f'data.cache_dir="{tmp_path / "cache"}"', "--set", "data.synthetic.num_train=8",
+            "--set", "data.synthetic.num_val=4", "--set", "data.synthetic.num_test=4"]
+    if case == "missing voc root":
+        args, expected = ["train", edge, "--set", 'data.source="voc"', "--set", f'data.voc_root="{tmp_path / "nowhere"}"'], \
+            f"{tmp_path / 'nowhere'}: dataset folder does not exist"
+    elif case == "bad image-set list":
+        if not VOC_REAL.is_dir():
+            pytest.skip(f"{VOC_REAL} is not there")
+        root = VOC_REAL / "tiny-voc-devkit" / "VOC2007"
+        args, expected = ["train", edge, "--set", 'data.source="voc"', "--set", f'data.voc_root="{root}"',
+                          "--set", 'data.train_set="nosuch"'], "image set list 'nosuch' does not exist"
+    elif case == "bad detections line":
+        if not VOC_REAL.is_dir():
+            pytest.skip(f"{VOC_REAL} is not there")
+        (tmp_path / "dets").mkdir()
+        (tmp_path / "dets" / "000001.txt").write_text("0 notanumber 1 2 3 4\n")
+        from diredi_sim.data import VOC_CLASSES
+        (tmp_path / "classes.txt").write_text("\n".join(VOC_CLASSES) + "\n")
+        args, expected = ["eval-detections", "--voc-root", VOC_REAL / "tiny-voc-devkit" / "VOC2007", "--detections",
+                          tmp_path / "dets", "--classes", tmp_path / "classes.txt"], "000001.txt, line 1: cannot parse"
+    elif case == "unknown split":
+        args, expected = ["train", edge, "--set", 'split="nosuchsplit"', *tiny], "split = 'nosuchsplit': unknown split preset"
+    elif case == "bad --set":
+        args, expected = ["train", edge, "--set", "epochs"], "--set 'epochs': expected KEY=VALUE"
+    else:
+        args, expected = ["generate-data", "--set", "data.synthetic.min_objects=9", "--set", "data.synthetic.max_objects=2", *tiny], \
+            "data.synthetic: min_objects = 9, max_objects = 2: need 1 <= min_objects <= max_objects"
+    result = run_cli(*args)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and expected in lines[0] and lines[0].startswith("diredi-sim: error: "), \
+        result.stderr[-2000:]

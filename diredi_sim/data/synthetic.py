@@ -885,16 +885,20 @@ def count_workers(workers: int | None, jobs: int) -> int:
 
 
 def validate_config(config: SyntheticConfig) -> None:
-    if config.seed < 0:
-        raise ValueError("seed must be >= 0")
-    if not 1 <= config.min_objects <= config.max_objects:
-        raise ValueError("need 1 <= min_objects <= max_objects")
-    if min(config.num_train, config.num_val, config.num_test) < 0:
-        raise ValueError("image counts must be >= 0")
-    if config.image_size < 16 or not 4 <= config.min_object_size <= config.image_size:
-        raise ValueError("need image_size >= 16 and 4 <= min_object_size <= image_size")
-    if not 0.0 < config.max_object_frac <= 1.0 or not 0.0 <= config.occluded_difficult <= config.occluded_drop <= 1.0:
-        raise ValueError("need 0 < max_object_frac <= 1 and 0 <= occluded_difficult <= occluded_drop <= 1")
+    """ValueError naming the settings and their values when they cannot make a dataset."""
+    c = config
+    if c.seed < 0:
+        raise ValueError(f"seed = {c.seed}: must be >= 0")
+    if not 1 <= c.min_objects <= c.max_objects:
+        raise ValueError(f"min_objects = {c.min_objects}, max_objects = {c.max_objects}: need 1 <= min_objects <= max_objects")
+    if min(c.num_train, c.num_val, c.num_test) < 0:
+        raise ValueError(f"num_train / num_val / num_test = {c.num_train} / {c.num_val} / {c.num_test}: must be >= 0")
+    if c.image_size < 16 or not 4 <= c.min_object_size <= c.image_size:
+        raise ValueError(f"image_size = {c.image_size}, min_object_size = {c.min_object_size}: "
+                         "need image_size >= 16 and 4 <= min_object_size <= image_size")
+    if not 0.0 < c.max_object_frac <= 1.0 or not 0.0 <= c.occluded_difficult <= c.occluded_drop <= 1.0:
+        raise ValueError(f"max_object_frac = {c.max_object_frac}, occluded_difficult = {c.occluded_difficult}, occluded_drop = "
+                         f"{c.occluded_drop}: need 0 < max_object_frac <= 1 and 0 <= occluded_difficult <= occluded_drop <= 1")
 
 
 def clear_root(root: Path) -> None:
