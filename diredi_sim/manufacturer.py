@@ -132,18 +132,9 @@ def _load_cached(folder: Path, key: str, preset: str, roles=("teacher", "tutor",
         return None
 
 
-def prepare_manufacturer(
-    pipeline: PipelineConfig,
-    data: DataConfig,
-    *,
-    preset: str = "cpu",
-    seed: int = 0,
-    datasets: DataSets | None = None,
-    recorder: StageRecorder | None = None,
-    run: Run | None = None,
-    config: Any = None,
-    progress: bool = True,
-) -> Manufacturer:
+def prepare_manufacturer(pipeline: PipelineConfig, data: DataConfig, *, preset: str = "cpu", seed: int = 0,
+                         datasets: DataSets | None = None, recorder: StageRecorder | None = None, run: Run | None = None,
+                         config: Any = None, progress: bool = True) -> Manufacturer:
     """Teacher, Distill A (tutor) and Distill B (edge): loaded from the cache when a previous run
     with the same description saved them, trained (and cached) otherwise.
 

@@ -85,17 +85,8 @@ class PipelineResult:
         raise KeyError(f"no row {key!r}; rows: {[r['key'] for r in self.rows]}")
 
 
-def run_pipeline(
-    pipeline: PipelineConfig,
-    data: DataConfig,
-    *,
-    preset: str = "cpu",
-    seed: int = 0,
-    run: Run | None = None,
-    config: Any = None,
-    progress: bool = True,
-    seeds: Seeds | None = None,
-) -> PipelineResult:
+def run_pipeline(pipeline: PipelineConfig, data: DataConfig, *, preset: str = "cpu", seed: int = 0, run: Run | None = None,
+                 config: Any = None, progress: bool = True, seeds: Seeds | None = None) -> PipelineResult:
     """The whole flow for one customer (module docstring). ``run`` (optional) receives every
     stage's metrics rows and checkpoints; ``config`` is embedded in those checkpoints.
     ``seeds`` seed the customer's stages, Distill C and the direct and local baselines (default:
