@@ -11,9 +11,13 @@ in Flower's ClientApp and ServerApp; nothing here imports flwr or ray.
   that a one-customer federation repeats :func:`diredi_sim.pipeline.run_pipeline` exactly.
 - :func:`customer_work`: the customer's step (RD B, RD A, delta) on its own data;
   :func:`privatize_delta`: local differential privacy on that delta, when configured.
-- :func:`manufacturer_work`: the manufacturer's step for one reply (verification, Distill C per
-  data mode, per-class evaluation before and after); a top-level function of plain arguments,
-  so that the server can run several customers' steps in parallel processes.
+- The two sides' work after a delta came up, each on its own data (plain arguments in, plain
+  results out, so that the server can run them in worker processes): the manufacturer's
+  :func:`manufacturer_review` (verification, Distill C public, its half of each table row) and
+  :func:`review_edge` (its check of an edge a customer distilled); the customer's
+  :func:`customer_redistill` (Distill C public+private) and :func:`customer_evaluate` (its half
+  of each row, as scalars); :func:`combine_round` joins the halves, and
+  :func:`round_in_one_process` runs them all in one process (benches, tests).
 - :func:`merge_accepted`: the accepted deltas merged into the shared tutor by the configured
   rule, itself verified before it replaces the tutor.
 """
