@@ -153,9 +153,9 @@ class DiReDiStrategy(FedAvg):
         self.tutor_state = arrays.to_torch_state_dict()
         self.neck_head_bytes = sum(v.numel() * 4 for v in select_neck_head(self.tutor_state).values())  # float32
         self.grid, self.round_config = grid, config
-        self.connected = set(grid.get_node_ids())
         self.start_workers()  # their start-up (importing torch: seconds) overlaps the customers' work
         sampled = list(super().configure_train(server_round, arrays, config, grid))
+        self.connected = set(grid.get_node_ids())  # after FedAvg's sampling has waited for the nodes
         self.sampled_nodes = [message.metadata.dst_node_id for message in sampled]
         self._learn_partitions(grid, self.sampled_nodes)
         messages = [self._train_message(m.metadata.dst_node_id, arrays, config, m.metadata.message_type) for m in sampled]
@@ -173,7 +173,8 @@ class DiReDiStrategy(FedAvg):
         a customer with a deployed edge model must be sent its own: while some deployed edge has
         no node yet, the sampled nodes not known yet are asked who they are (a query message,
         answered at once by the ClientApp)."""
-        unmatched = set(self.deployed_edges) - set(self.partition_of_node.values())
+        # partitions bound to nodes that are gone (a resumed run's nodes are new) count as unmatched
+        unmatched = set(self.deployed_edges) - {p for n, p in self.partition_of_node.items() if n in self.connected}
         unknown = [node for node in nodes if node not in self.partition_of_node]
         if not unmatched or not unknown:
             return
@@ -191,7 +192,7 @@ class DiReDiStrategy(FedAvg):
                     log(WARNING, "partition query: %s", exc)
                     self.ledger.failure({"round": self.round_offset + 1, "node": reply.metadata.src_node_id, "reason": str(exc)})
         log(INFO, "asked %d new node(s) which customer they are: %d of %d customers with a deployed edge model found",
-            len(unknown), len(unmatched & set(self.partition_of_node.values())), len(unmatched))
+            len(unknown), len(unmatched & {p for n, p in self.partition_of_node.items() if n in self.connected}), len(unmatched))
 
     # ----------------------------------------------------------------------------- aggregation
 

@@ -310,7 +310,8 @@ def test_a_restored_strategy_numbers_rounds_on_and_sends_each_customer_its_own_e
     mine = {k: torch.full_like(v, 7.0) if v.is_floating_point() else v for k, v in edge.state_dict().items()}
     save_checkpoint(run.checkpoint_path("edge_customer1_round1"), load_model("edge", "cpu", mine), config=config, round=1)
     state = {"format": STATE_FORMAT, "last_round": 1, "tutor_round": None, "edges": {"1": 1},
-             "summary_rows": [{"round": 1, "partition_id": 1}], "round_reports": [{"round": 1, "replies": 1}]}
+             "summary_rows": [{"round": 1, "partition_id": 1}], "round_reports": [{"round": 1, "replies": 1}],
+             "nodes": {"41": 1, "40": 0}}  # the killed run's nodes, gone: their partitions go to the new nodes
     strategy = stub_strategy(config, run, edge.state_dict())
     assert strategy.restore(state) is None  # the tutor was never changed: the manufacturer's own
     key = "head.classification_head.cls_logits.weight"
