@@ -9,8 +9,22 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-VOC_REAL = ROOT.parent / "shared" / "data" / "voc-real"
-needs_voc_real = pytest.mark.skipif(not VOC_REAL.is_dir(), reason=f"{VOC_REAL} is not there")
+VOC_REAL = ROOT / "tests" / "data" / "voc-real"  # see README.md there
+
+
+def require_voc_real():
+    """The real-VOC fixture ships with the repository: a missing one fails, it does not skip."""
+    if not VOC_REAL.is_dir():
+        pytest.fail(f"{VOC_REAL} is missing: it is part of the repository "
+                    "(restore it with `git checkout -- tests/data/voc-real`)", pytrace=False)
+
+
+@pytest.fixture
+def voc_real_is_there():
+    require_voc_real()
+
+
+needs_voc_real = pytest.mark.usefixtures("voc_real_is_there")
 
 
 def run_cli(*args, cwd=ROOT, env=None):
@@ -121,14 +135,12 @@ def test_a_users_mistake_is_one_line(tmp_path, case):
         args, expected = ["train", edge, "--set", 'data.source="voc"', "--set", f'data.voc_root="{tmp_path / "nowhere"}"'], \
             f"{tmp_path / 'nowhere'}: dataset folder does not exist"
     elif case == "bad image-set list":
-        if not VOC_REAL.is_dir():
-            pytest.skip(f"{VOC_REAL} is not there")
+        require_voc_real()
         root = VOC_REAL / "tiny-voc-devkit" / "VOC2007"
         args, expected = ["train", edge, "--set", 'data.source="voc"', "--set", f'data.voc_root="{root}"',
                           "--set", 'data.train_set="nosuch"'], "image set list 'nosuch' does not exist"
     elif case == "bad detections line":
-        if not VOC_REAL.is_dir():
-            pytest.skip(f"{VOC_REAL} is not there")
+        require_voc_real()
         (tmp_path / "dets").mkdir()
         (tmp_path / "dets" / "000001.txt").write_text("0 notanumber 1 2 3 4\n")
         from diredi_sim.data import VOC_CLASSES

@@ -1,4 +1,4 @@
-"""The VOC loader on real VOC files (/work/shared/data/voc-real) and on broken copies of them."""
+"""The VOC loader on real VOC files (tests/data/voc-real) and on broken copies of them."""
 
 from __future__ import annotations
 
@@ -27,13 +27,19 @@ from diredi_sim.data.voc import (
     resolve_voc_folder,
 )
 
-VOC_REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc-real"
+VOC_REAL = Path(__file__).resolve().parent / "data" / "voc-real"  # see README.md there
 VOC2012_100 = VOC_REAL / "voc2012-100" / "VOCdevkit" / "VOC2012"
 TINY = VOC_REAL / "tiny-voc-devkit"
 LABELME = VOC_REAL / "labelme-voc"
 ICEVISION = VOC_REAL / "icevision-voc"
 
-pytestmark = pytest.mark.skipif(not VOC_REAL.is_dir(), reason=f"{VOC_REAL} is not there")
+
+@pytest.fixture(autouse=True)
+def voc_real_is_there():
+    """Every test here reads the fixture: a missing one fails, it does not skip."""
+    if not VOC_REAL.is_dir():
+        pytest.fail(f"{VOC_REAL} is missing: it is part of the repository "
+                    "(restore it with `git checkout -- tests/data/voc-real`)", pytrace=False)
 
 
 def label_names(record: ImageRecord) -> list[str]:
