@@ -1,61 +1,82 @@
-"""Training images/s of each cpu-preset role in fp32 and with bf16 backbone + FPN, side by side.
+"""Training images/s of the cpu-preset roles under each precision and memory format, side by side.
 
-    python bench/precision.py [--roles teacher tutor edge] [--steps 8] [--threads N]
+    python bench/precision.py [--work teacher tutor edge rd] [--steps 5] [--repeats 3] [--threads N] [--device cpu]
 
-The steps are the project's own (``extract_features`` + FCOS losses + AdamW), on real synthetic
-images of the manufacturer's public pool through the real loader; ``train.precision = "bf16"``
-runs the backbone + FPN under bf16 autocast and the head and the losses in fp32. The two
-precisions of a role run back to back in one process (these machines are noisy: compare the
-ratio, not the absolute figures). The first two steps are warm-up, not timed.
+Each work is the project's own training step, run the way ``fit`` runs it (``on_device`` with the
+stage's ``channels_last``, ``backbone_precision`` with its ``precision``, ``train_one_epoch``):
+``teacher`` / ``tutor`` / ``edge`` train on FCOS's task losses; ``rd`` is reverse distillation
+(the edge frozen as the teacher, a tutor copy with a frozen backbone as the student, FGD + task).
+Real synthetic images of the manufacturer's public pool through the real loader, batch 16.
+The four settings of a work run interleaved, ``--repeats`` times, in one process (these
+machines are noisy: compare the ratios); each figure is the median over the repeats. The first
+two steps of each run are warm-up, not timed.
 """
 import argparse
+import statistics
 import time
 
 import torch
 
-from diredi_sim.config import DataConfig
-from diredi_sim.models import backbone_precision, build_detector
+from diredi_sim.compute import configure_process, on_device
+from diredi_sim.config import DataConfig, TrainConfig
 from diredi_sim.datasets import DataSets
-from diredi_sim.train import build_loader, compute_task_losses
+from diredi_sim.models import backbone_precision, build_detector
+from diredi_sim.train import Distiller, build_loader, build_optimizer, compute_task_losses, train_one_epoch
+
+SETTINGS = (("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True))
 
 
-def measure(role: str, precision: str, records, steps: int) -> tuple[float, float]:
+def build_work(work: str):
     torch.manual_seed(0)
-    detector = build_detector(role, "cpu").train()
-    optimizer = torch.optim.AdamW(detector.parameters(), lr=1e-3)
-    losses = compute_task_losses(detector)
+    if work == "rd":
+        edge, tutor = build_detector("edge", "cpu"), build_detector("tutor", "cpu")
+        distiller = Distiller(edge, tutor, freeze_student_backbone=True)
+        return distiller, distiller, distiller.trainable_parameters()
+    detector = build_detector(work, "cpu")
+    return detector, compute_task_losses(detector), list(detector.parameters())
+
+
+def measure(work: str, precision: str, channels_last: bool, records, steps: int) -> float:
+    module, losses, params = build_work(work)
     loader = build_loader(records, batch_size=16, train=True)
-    start, images = None, 0
-    with backbone_precision(precision):
-        for step, (batch, targets) in enumerate(loader):
-            if step == 2:
-                start, images = time.perf_counter(), 0
-            if step == steps + 2:
-                break
-            loss = sum(losses(batch, targets).values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            images += len(batch)
-    return images / (time.perf_counter() - start), float(loss.detach())
+    cfg = TrainConfig(lr=1e-3)
+    with on_device(module, channels_last=channels_last), backbone_precision(precision):
+        optimizer = build_optimizer(params, cfg)
+        train_one_epoch(module, losses, optimizer, loader, epoch=0, progress=False, max_steps=2)  # warm-up
+        stats = train_one_epoch(module, losses, optimizer, loader, epoch=1, progress=False, max_steps=steps)
+    return stats.images_per_second
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--roles", nargs="+", default=["teacher", "tutor", "edge"])
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--work", nargs="+", default=["teacher", "tutor", "edge", "rd"])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = configure_process(device=args.device, threads=args.threads)
     records = DataSets(DataConfig()).records("train", "teacher", 16 * (args.steps + 2), pool="public")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch 16, 128 px")
-    print("| role | fp32 img/s | bf16 img/s | bf16 / fp32 | last loss fp32 / bf16 |")
-    print("|---|---|---|---|---|")
-    for role in args.roles:
-        fp32, loss32 = measure(role, "fp32", records, args.steps)
-        bf16, loss16 = measure(role, "bf16", records, args.steps)
-        print(f"| {role} | {fp32:.1f} | {bf16:.1f} | {bf16 / fp32:.2f}x | {loss32:.3f} / {loss16:.3f} |", flush=True)
+    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} thread(s), batch 16, 128 px, "
+          f"{args.steps} timed steps, median of {args.repeats}")
+    print("| work | fp32 img/s | fp32 + channels_last | bf16 | bf16 + channels_last | best / fp32 |")
+    print("|---|---|---|---|---|---|")
+    for work in args.work:
+        runs: dict[tuple, list[float]] = {s: [] for s in SETTINGS}
+        start = time.perf_counter()
+        for _ in range(args.repeats):
+            for setting in SETTINGS:
+                runs[setting].append(measure(work, *setting, records, args.steps))
+        median = {s: statistics.median(v) for s, v in runs.items()}
+        best = max(median, key=median.get)
+        cells = " | ".join(f"{median[s]:.1f}" for s in SETTINGS)
+        print(f"| {work} | {cells} | {median[best] / median[SETTINGS[0]]:.2f}x ({label(best)}) |", flush=True)
+        every = ", ".join(label(s) + " " + "/".join(f"{x:.0f}" for x in v) for s, v in runs.items())
+        print(f"  ({work}, every run: {every}; {time.perf_counter() - start:.0f} s)", flush=True)
+
+
+def label(setting: tuple[str, bool]) -> str:
+    return setting[0] + (" + channels_last" if setting[1] else "")
 
 
 if __name__ == "__main__":

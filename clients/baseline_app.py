@@ -6,11 +6,11 @@ replies with scalars only (per-class AP, P, R, F1)."""
 
 from __future__ import annotations
 
-import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.client_app import ROUND_KEYS, read_partition_id
+from diredi_sim.compute import configure_process
 from diredi_sim.federation import baseline_customer_work, build_population, customer_evaluate, federation_from_flat
 
 app = ClientApp()
@@ -27,7 +27,7 @@ def read_customer(msg: Message, context: Context):
 def train(msg: Message, context: Context) -> Message:
     round_config = msg.content["config"]
     config, population, customer = read_customer(msg, context)
-    torch.set_num_threads(config.simulation.client_threads)
+    configure_process(device=config.device, threads=config.simulation.client_threads)
     result = baseline_customer_work(config, customer, len(population), msg.content["arrays"].to_torch_state_dict(),
                                     proximal_mu=float(round_config.get("proximal-mu", 0.0)))
     return Message(RecordDict({"arrays": ArrayRecord(result["arrays"]), "metrics": MetricRecord(result["metrics"])}),
@@ -37,7 +37,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     config, _, customer = read_customer(msg, context)
-    torch.set_num_threads(config.simulation.client_threads)
+    configure_process(device=config.device, threads=config.simulation.client_threads)
     metrics = customer_evaluate(config, customer, {"edge": msg.content["arrays"].to_torch_state_dict()})
     return Message(RecordDict({"metrics": MetricRecord({**metrics, "partition-id": customer.partition_id,
                                                         "num-examples": int(metrics["edge/test_images"])})}), reply_to=msg)

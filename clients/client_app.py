@@ -28,10 +28,10 @@ records the bytes actually sent as the ``uplink-bytes`` metric.
 from __future__ import annotations
 
 
-import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from diredi_sim.compute import configure_process
 from diredi_sim.deltas import compress_delta, compute_norm, count_state_bytes
 from diredi_sim.federation import (FederationConfig, build_population, customer_evaluate, customer_redistill, customer_work,
                                    federation_from_flat, privatize_delta)
@@ -108,7 +108,7 @@ def partition(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """RD B and RD A on this customer's data; reply with the delta and scalar metrics."""
     config, population, customer = read_customer(msg, context)
-    torch.set_num_threads(config.simulation.client_threads)
+    configure_process(device=config.device, threads=config.simulation.client_threads)
     result = customer_work(config, customer, len(population), msg.content["tutor"].to_torch_state_dict(),
                            msg.content["edge"].to_torch_state_dict(), progress=True)
     release_memory()  # the actor waits for its next customer without its training peak
@@ -126,7 +126,7 @@ def read_customer(msg: Message, context: Context):
 def distill_c(msg: Message, context: Context) -> Message:
     """Distill C public+private here, on this customer's data; reply with the new edge model(s)."""
     config, population, customer = read_customer(msg, context)
-    torch.set_num_threads(config.simulation.client_threads)
+    configure_process(device=config.device, threads=config.simulation.client_threads)
     result = customer_redistill(config, customer, len(population), msg.content["tutor"].to_torch_state_dict(),
                                 msg.content["edge"].to_torch_state_dict())
     release_memory()
@@ -139,7 +139,7 @@ def distill_c(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Every model of the message on this customer's test images; reply with scalars only."""
     config, _, customer = read_customer(msg, context)
-    torch.set_num_threads(config.simulation.client_threads)
+    configure_process(device=config.device, threads=config.simulation.client_threads)
     models = {key: record.to_torch_state_dict() for key, record in msg.content.items() if isinstance(record, ArrayRecord)}
     metrics = customer_evaluate(config, customer, models)
     release_memory()

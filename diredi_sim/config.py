@@ -17,12 +17,22 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from diredi_sim.compute import check_device_name
 from diredi_sim.data.splits import resolve_split
 from diredi_sim.data.synthetic import SyntheticConfig, validate_config
 
 
 class ConfigError(ValueError):
     """A config key that is unknown, of the wrong type or out of range; the message names it."""
+
+
+def check_device(name: str) -> None:
+    """The ``device`` key is one of the accepted spellings (whether the device exists is checked
+    where it is used: a config may be written on one machine and run on another)."""
+    try:
+        check_device_name(name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _check(condition: bool, key: str, value: Any, requirement: str) -> None:
@@ -77,6 +87,7 @@ class TrainConfig:
     # fp32, or bf16: backbone + FPN under bf16 autocast, head and losses in fp32 (autocast over the
     # whole detector froze FCOS's box loss; this kept fp32's loss curve). Evaluation stays fp32.
     precision: str = "fp32"
+    channels_last: bool = False  # models in channels_last memory while they train (on every device; off: bit-exact fp32 results)
     max_train_images: int = 0  # 0 = all; a cap for quick runs
     max_eval_images: int = 0
 
@@ -96,6 +107,19 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class WeightsConfig:
+    """Where each role's model starts: "" = random initialisation (the default: nothing is
+    downloaded); a local file (a state dict or a checkpoint of the whole detector, or of a
+    torchvision classification model whose weights start the backbone trunk); or
+    ``torchvision:<weights name>`` (e.g. ``torchvision:ResNet50_Weights.IMAGENET1K_V2``), which
+    torchvision downloads on a machine that allows it. See ``diredi_sim.models.load_initial_weights``."""
+
+    teacher: str = ""
+    tutor: str = ""
+    edge: str = ""
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "demo"
     seed: int = 0
@@ -104,13 +128,16 @@ class ExperimentConfig:
     split: str = "all"  # a split preset (diredi_sim.data.splits) or comma-separated class names
     runs_dir: str = "runs"
     threads: int = 0  # torch threads; 0 = torch's default
+    device: str = "auto"  # cpu | cuda | cuda:N | auto (the first GPU this process sees, else the CPU); see diredi_sim/compute.py
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)  # the trained role starts from weights.<role>
 
     def __post_init__(self):
         _check(self.preset in ("cpu", "paper"), "preset", self.preset, "must be 'cpu' or 'paper'")
         _check(self.role in ("teacher", "tutor", "edge"), "role", self.role, "must be 'teacher', 'tutor' or 'edge'")
         _check(self.threads >= 0, "threads", self.threads, "must be >= 0")
+        check_device(self.device)
         try:
             resolve_split([c.strip() for c in self.split.split(",")] if "," in self.split else self.split)
         except ValueError as exc:

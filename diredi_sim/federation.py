@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diredi_sim.config import ConfigError, DataConfig, TrainConfig, _check, config_from_dict, read_toml, to_flat
+from diredi_sim.compute import configure_process
+from diredi_sim.config import ConfigError, DataConfig, TrainConfig, _check, check_device, config_from_dict, read_toml, to_flat
 from diredi_sim.data import VOC_CLASSES
 from diredi_sim.data.splits import SPLIT_PRESETS, resolve_split
 from diredi_sim.datasets import DataSets, select_customer_data
@@ -173,6 +174,7 @@ class FederationConfig:
     preset: str = "cpu"
     runs_dir: str = "runs"
     threads: int = 0  # torch threads of the server process; 0 = torch's default
+    device: str = "auto"  # cpu | cuda | cuda:N | auto (the GPU each process sees, else the CPU); see diredi_sim/compute.py
     data: DataConfig = field(default_factory=DataConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # pipeline.customer is unused: see population
     population: PopulationConfig = field(default_factory=PopulationConfig)
@@ -187,6 +189,7 @@ class FederationConfig:
     def __post_init__(self):
         _check(self.preset in ("cpu", "paper"), "preset", self.preset, "must be 'cpu' or 'paper'")
         _check(self.threads >= 0, "threads", self.threads, "must be >= 0")
+        check_device(self.device)
         _check(self.simulation.deploy_mode in self.pipeline.distill_c_modes, "simulation.deploy_mode",
                self.simulation.deploy_mode, f"must be one of pipeline.distill_c_modes {list(self.pipeline.distill_c_modes)}")
 
@@ -369,8 +372,7 @@ def manufacturer_review(config: FederationConfig, customer: Customer, tutor_stat
     the update accepted or ``simulation.distill_rejected``), and the manufacturer's half of each
     table row (presumed-class mAP on its test images). Plain arguments in, plain results out
     (state dicts, JSON-able values), so that it can run in a worker process."""
-    if threads:
-        torch.set_num_threads(threads)
+    configure_process(device=config.device, threads=threads)
     start = time.perf_counter()
     datasets = DataSets.manufacturer(config.data)
     pipeline = effective_pipeline(config, customer)
@@ -433,8 +435,7 @@ def review_edge(config: FederationConfig, customer: Customer, current_state: dic
     (nothing deploys unchecked): :func:`verify_model` against the edge the customer runs now, on
     the manufacturer's held-out presumed images, with the customer's verification settings.
     Also the manufacturer's half of the edge's table row."""
-    if threads:
-        torch.set_num_threads(threads)
+    configure_process(device=config.device, threads=threads)
     datasets = DataSets.manufacturer(config.data)
     pipeline = effective_pipeline(config, customer)
     presumed = ClassSets.indices(resolve_split(pipeline.presumed_split))
@@ -627,8 +628,7 @@ def merge_accepted(config: FederationConfig, tutor: nn.Module, deltas: Sequence[
 def merge_round(config: FederationConfig, tutor_state: dict[str, Tensor], deltas: Sequence[dict[str, Tensor]],
                 weights: Sequence[float], threads: int = 0) -> tuple[dict[str, Tensor] | None, dict]:
     """:func:`merge_accepted` on plain arguments (the shared tutor's state), for a worker process."""
-    if threads:
-        torch.set_num_threads(threads)
+    configure_process(device=config.device, threads=threads)
     return merge_accepted(config, load_model("tutor", config.preset, tutor_state), deltas, weights)
 
 

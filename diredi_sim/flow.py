@@ -243,7 +243,7 @@ def train_baseline(kind: str, edge: nn.Module, step: Step, *, preset: str, budge
     with step.recorder.measure(kind, epochs=cfg.epochs, budget_images=budget_images) as entry:
         torch.manual_seed(step.seeds(kind))
         if kind == "direct":
-            student = build_detector("edge", preset, num_classes=len(VOC_CLASSES))
+            student = build_detector("edge", preset, num_classes=len(VOC_CLASSES), weights=step.pipeline.weights.edge)
             result = train_detector(student, data.combined, data.own_val, cfg, **settings)
         else:
             student = copy_for_training(edge)

@@ -21,7 +21,8 @@ from diredi_sim.data import VOC_CLASSES
 from diredi_sim.data.splits import resolve_split
 from diredi_sim.data.synthetic import default_cache_dir
 from diredi_sim.datasets import DataSets
-from diredi_sim.models import build_detector
+from diredi_sim.compute import current_device
+from diredi_sim.models import build_detector, describe_weights
 from diredi_sim.runs import CheckpointError, Run, atomic_write_json, load_detector_weights, save_checkpoint, to_jsonable
 from diredi_sim.seeds import derive_seed
 from diredi_sim.settings import ClassSets, PipelineConfig
@@ -53,7 +54,10 @@ def describe_manufacturer(pipeline: PipelineConfig, data: DataConfig, *, preset:
     """Everything that determines the manufacturer's weights (the cache key is its hash)."""
 
     def train_settings(cfg: TrainConfig) -> dict:
-        return {k: v for k, v in asdict(cfg).items() if k not in _EVAL_ONLY_FIELDS}
+        settings = {k: v for k, v in asdict(cfg).items() if k not in _EVAL_ONLY_FIELDS}
+        if not settings["channels_last"]:  # off, keys written before the setting existed stay valid
+            del settings["channels_last"]
+        return settings
 
     if data.source == "synthetic":
         source = {"source": "synthetic", "synthetic": asdict(data.synthetic)}
@@ -61,7 +65,15 @@ def describe_manufacturer(pipeline: PipelineConfig, data: DataConfig, *, preset:
         source = {"source": "voc", "voc_root": str(Path(data.voc_root).expanduser().resolve()), "year": data.year}
     if data.manufacturer_root:  # the manufacturer's images come from there
         source["manufacturer_root"] = str(Path(data.manufacturer_root).expanduser().resolve())
+    # Models trained on a GPU differ in their bits from the CPU's: a GPU-trained manufacturer is
+    # cached apart (the CPU's keys stay those written before the device setting existed).
+    device = {"device": current_device().type} if current_device().type != "cpu" else {}
+    # Starting weights, when given (absent otherwise: keys written before the setting stay valid).
+    weights = {f"{role}_weights": describe_weights(getattr(pipeline.weights, role)) for role in ("teacher", "tutor", "edge")
+               if getattr(pipeline.weights, role)}
     return to_jsonable({
+        **device,
+        **weights,
         "format": MANUFACTURER_CACHE_FORMAT,
         "preset": preset,
         "seed": seed,
@@ -79,7 +91,7 @@ def describe_manufacturer(pipeline: PipelineConfig, data: DataConfig, *, preset:
 
 # The part of the manufacturer's description that determines the teacher alone: the teacher is
 # cached on its own, so that changing how the tutor and the edge are distilled does not retrain it.
-_TEACHER_KEYS = ("format", "preset", "seed", "data", "teacher_split", "teacher")
+_TEACHER_KEYS = ("device", "teacher_weights", "format", "preset", "seed", "data", "teacher_split", "teacher")
 
 
 def compute_manufacturer_key(description: dict) -> str:
@@ -87,7 +99,7 @@ def compute_manufacturer_key(description: dict) -> str:
 
 
 def describe_teacher(description: dict) -> dict:
-    return {k: description[k] for k in _TEACHER_KEYS}
+    return {k: description[k] for k in _TEACHER_KEYS if k in description}
 
 
 def resolve_cache_dir(pipeline: PipelineConfig) -> Path:
@@ -160,6 +172,8 @@ def prepare_manufacturer(pipeline: PipelineConfig, data: DataConfig, *, preset: 
             print(f"manufacturer: reusing teacher, tutor and edge from {folder}", file=sys.stderr, flush=True)
         return Manufacturer(models["teacher"], models["tutor"], models["edge"], folder, key, True, description)
 
+    for role in ("teacher", "tutor", "edge"):  # a bad weights file fails now, not after hours of training
+        build_detector(role, preset, num_classes=len(VOC_CLASSES), weights=getattr(pipeline.weights, role))
     datasets = datasets or DataSets.manufacturer(data)
     common = dict(run=run, config=config, progress=progress)
     teacher, entry = _prepare_teacher(pipeline, datasets, describe_teacher(description), preset=preset, seed=seed,
@@ -177,7 +191,7 @@ def prepare_manufacturer(pipeline: PipelineConfig, data: DataConfig, *, preset: 
         source_model = teacher if source == "teacher" else copy.deepcopy(students["tutor"])
         with recorder.measure(stage, cached=False, train_images=len(train), epochs=cfg.epochs, teacher=source) as entry:
             torch.manual_seed(derive_seed(seed, stage))
-            student = build_detector(role, preset, num_classes=len(VOC_CLASSES))
+            student = build_detector(role, preset, num_classes=len(VOC_CLASSES), weights=getattr(pipeline.weights, role))
             distill(source_model, student, train, datasets.val(presumed, cfg, pool="public"), cfg,
                     class_indices=ClassSets.indices(resolve_split(presumed)), seed=derive_seed(seed, stage), name=f"{role}_{stage}",
                     **distill_settings, **common)
@@ -211,7 +225,7 @@ def _prepare_teacher(pipeline: PipelineConfig, datasets: DataSets, description: 
     train = datasets.train(split, cfg, pool="public")
     with recorder.measure("teacher", cached=False, train_images=len(train), epochs=cfg.epochs) as entry:
         torch.manual_seed(derive_seed(seed, "teacher"))
-        teacher = build_detector("teacher", preset, num_classes=len(VOC_CLASSES))
+        teacher = build_detector("teacher", preset, num_classes=len(VOC_CLASSES), weights=pipeline.weights.teacher)
         train_detector(teacher, train, datasets.val(split, cfg, pool="public"), cfg, class_indices=ClassSets.indices(resolve_split(split)),
                        seed=derive_seed(seed, "teacher"), name="teacher", **common)
     save_checkpoint(folder / "teacher.pt", teacher, config=description, cache_key=key)

@@ -18,20 +18,23 @@ Presets:
   ResNet34, tutor ResNet18, edge MobileNetV2 x0.5, narrow FPNs and two-conv heads, 128 px
   images. Sizes were chosen from ``bench/train_step.py`` measurements (README).
 
-No weights are downloaded: every model starts from random initialisation; weights come from
-training here or from a checkpoint the user gives. Backbones use trainable BatchNorm (not the
+Nothing is downloaded unless a user asks: every model starts from random initialisation, or from
+weights a config names (:func:`load_initial_weights`: a local file, or a torchvision weights name
+that torchvision downloads). Backbones use trainable BatchNorm (not the
 FrozenBatchNorm of ImageNet-pretrained torchvision detectors) since they are trained from
 scratch.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -121,8 +124,9 @@ def _probe_channels(trunk: nn.Module, layer_names: list[str]) -> list[int]:
     return channels
 
 
-def build_detector(role: str, preset: str = "cpu", num_classes: int = 20, **overrides: Any) -> FCOS:
-    """An FCOS detector for ``role`` (teacher / tutor / edge) in ``preset`` (cpu / paper).
+def build_detector(role: str, preset: str = "cpu", num_classes: int = 20, *, weights: str = "", **overrides: Any) -> FCOS:
+    """An FCOS detector for ``role`` (teacher / tutor / edge) in ``preset`` (cpu / paper),
+    randomly initialised, or started from ``weights`` (:func:`load_initial_weights`).
 
     ``overrides`` replace fields of the preset's DetectorSpec (e.g. ``image_size=256``).
     The spec is kept on the model as ``detector.spec`` so checkpoints can describe it.
@@ -148,7 +152,84 @@ def build_detector(role: str, preset: str = "cpu", num_classes: int = 20, **over
     detector.spec = spec
     detector.role = role
     detector.preset = preset
+    if weights:
+        load_initial_weights(detector, weights, key=f"weights.{role}")
     return detector
+
+
+class WeightsError(ValueError):
+    """Starting weights that cannot be read or do not fit the model; the message names the source."""
+
+
+def read_weights(source: str, *, key: str = "weights") -> dict[str, Tensor]:
+    """The state dict ``source`` names: a local file (``torch.save`` of a state dict, or a
+    checkpoint with a ``state_dict`` entry, e.g. this project's), or ``torchvision:<name>``, a
+    torchvision weights enum such as ``torchvision:ResNet50_Weights.IMAGENET1K_V2`` (torchvision
+    downloads it into its cache on a machine that allows it). ``key`` names the config key."""
+    if source.startswith("torchvision:"):
+        from torchvision.models import get_weight
+
+        name = source.split(":", 1)[1]
+        try:
+            weights = get_weight(name)
+        except (ValueError, AttributeError, KeyError) as exc:
+            raise WeightsError(f"{key} = {source!r}: torchvision has no weights named {name!r} ({exc})") from None
+        try:
+            return weights.get_state_dict(progress=False)
+        except Exception as exc:  # noqa: BLE001 - no network, a broken download: say which weights
+            raise WeightsError(f"{key} = {source!r}: torchvision could not fetch {weights.url} ({exc}); "
+                               "download it where the network allows and give the local file instead") from None
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"{key} = {source!r}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle, zip and torch errors alike
+        raise WeightsError(f"{key} = {source!r}: not a torch weights file ({type(exc).__name__}: {exc})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise WeightsError(f"{key} = {source!r}: expected a state dict (names -> tensors)")
+    return state
+
+
+def load_initial_weights(detector: FCOS, source: str, *, key: str = "weights") -> str:
+    """Start ``detector`` from ``source`` (see :func:`read_weights`): a whole detector's state
+    dict (keys ``backbone.body.*``, ``backbone.fpn.*``, ``head.*``) replaces every weight; a
+    classification model's (torchvision's ResNet or MobileNetV2 keys: ``conv1.weight``,
+    ``features.0.0.weight``...) replaces the backbone trunk only, its classifier ignored. Every
+    trunk weight must be there with its shape. Returns ``"detector"`` or ``"backbone"``."""
+    state = read_weights(source, key=key)
+    if any(k.startswith(("backbone.", "head.")) for k in state):
+        target, what, wanted = detector, "detector", detector.state_dict()
+    else:
+        target, what, wanted = detector.backbone.body, "backbone", detector.backbone.body.state_dict()
+        if detector.spec.backbone == "mobilenet_v2":  # the trunk is features[:18]: "features.3.conv..." -> "3.conv..."
+            state = {k.removeprefix("features."): v for k, v in state.items()}
+        state = {k: v for k, v in state.items() if k in wanted}  # fc.*, classifier.*, features.18.* are not in the trunk
+    missing = [k for k in wanted if k not in state]
+    if missing:
+        raise WeightsError(f"{key} = {source!r}: {len(missing)} of the {detector.role} {what}'s {len(wanted)} weights are "
+                           f"missing (first: {missing[:3]}); is it a {detector.spec.backbone} checkpoint?")
+    unexpected = [k for k in state if k not in wanted]
+    if unexpected:
+        raise WeightsError(f"{key} = {source!r}: weights the {detector.role} {what} does not have: {unexpected[:3]}")
+    for name, value in state.items():
+        if value.shape != wanted[name].shape:
+            raise WeightsError(f"{key} = {source!r}: {name} has shape {tuple(value.shape)}, the {detector.role} "
+                               f"{what} ({detector.spec.backbone}) needs {tuple(wanted[name].shape)}")
+    target.load_state_dict(state)
+    return what
+
+
+def describe_weights(source: str) -> dict:
+    """What determines weights read from ``source``, for a cache key: the file's content hash
+    (not its name), or the torchvision weights name."""
+    if not source or source.startswith("torchvision:"):
+        return {"source": source}
+    path = Path(source).expanduser()
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "missing"
+    return {"file_sha256": digest}
 
 
 # The dtype the backbone + FPN run in under autocast inside extract_features (None: no autocast).

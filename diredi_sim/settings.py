@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
-from diredi_sim.config import ConfigError, TrainConfig, config_from_dict
+from diredi_sim.config import ConfigError, TrainConfig, WeightsConfig, config_from_dict
 from diredi_sim.data import VOC_CLASSES
 from diredi_sim.data.splits import resolve_split
 from diredi_sim.losses import FGDConfig
@@ -60,6 +60,7 @@ class PipelineConfig:
     distill_c_modes: tuple[str, ...] = DISTILL_C_MODES  # data of Distill C: public and/or public+private
     distill_c_losses: tuple[str, ...] = ("fgd",)  # "fgd": FGD + task (the paper); "fgd+score": + class-score distillation (ablation)
     verify: VerifyConfig = field(default_factory=VerifyConfig)  # critical classes () = every presumed class
+    weights: WeightsConfig = field(default_factory=WeightsConfig)  # starting weights: the teacher's, Distill A's tutor, Distill B's and the direct baseline's edge
     cache_dir: str = ""  # manufacturer artefacts: <cache_dir>/manufacturer-<hash>/; "" = the data cache (.cache/diredi-sim)
     eval_batch_size: int = 32
     score_threshold: float = 0.5  # for precision / recall / F1

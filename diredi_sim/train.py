@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from diredi_sim.compute import on_device, to_device
 from diredi_sim.config import TrainConfig
 from diredi_sim.data import VOC_CLASSES
 from diredi_sim.data.voc import DetectionDataset, ImageRecord, collate_detection
@@ -114,7 +115,7 @@ class Distiller(nn.Module):
             # Normal equations with a tiny ridge, solved in float64: torch.linalg.lstsq gave
             # different bits in different processes on rank-deficient features (dead channels).
             gram = x.T @ x
-            gram += 1e-6 * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(gram.shape[0], dtype=gram.dtype)
+            gram += 1e-6 * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
             solution = torch.linalg.solve(gram, x.T @ y.double()).float()  # (C_s + 1, C_t)
             level.align.weight.copy_(solution[:-1].T[:, :, None, None])
             level.align.bias.copy_(solution[-1])
@@ -231,6 +232,7 @@ def train_one_epoch(
     for step, (images, targets) in enumerate(loader, 1):
         if step > num_steps:
             break
+        images, targets = to_device(images, targets)
         losses = compute_losses(images, targets)
         total = sum(losses.values())
         if not torch.isfinite(total):
@@ -264,7 +266,7 @@ def predict(detector: nn.Module, loader: DataLoader) -> dict[str, dict]:
     detections: dict[str, dict] = {}
     try:
         for images, targets in loader:
-            outputs = detector(images)
+            outputs = detector(to_device(images)[0])
             detections.update(collect_detections(outputs, [t["image_id"] for t in targets]))
     finally:
         detector.train(was_training)
@@ -282,7 +284,8 @@ def evaluate_detector(
 ) -> dict:
     """VOC / COCO AP, per-class AP and P/R/F1 of ``detector`` on ``records`` for ``class_indices``."""
     loader = build_loader(records, batch_size=batch_size, train=False, num_workers=num_workers)
-    detections = predict(detector, loader)
+    with on_device(detector):
+        detections = predict(detector, loader)
     return evaluate_detections(
         detections, records_to_ground_truth(records), VOC_CLASSES, class_indices=list(class_indices), score_threshold=score_threshold
     )
@@ -391,35 +394,36 @@ def fit(
     steps_per_epoch = max(len(loader), 1)
     total = total_steps if total_steps is not None else cfg.epochs * steps_per_epoch
     epochs = max(math.ceil(total / steps_per_epoch), 1)
-    optimizer = build_optimizer(parameters if parameters is not None else detector.parameters(), cfg)
-    scheduler = build_scheduler(optimizer, cfg, total)
-    result: dict = {}
-    done, images = 0, 0
-    for epoch in range(1, epochs + 1):
-        if hasattr(loader.dataset, "set_epoch"):  # a MixedLoader's dataset is its presumed part's
-            loader.dataset.set_epoch(epoch)
-        with backbone_precision(cfg.precision):
-            stats = train_one_epoch(modules if modules is not None else detector, compute_losses, optimizer, loader, epoch=epoch,
-                                    scheduler=scheduler, grad_clip=cfg.grad_clip, desc=name, progress=progress,
-                                    max_steps=total - done)
-        done += min(total - done, steps_per_epoch)
-        images += stats.images
-        # Every term, and their sums by kind, as weighted in the loss: task (the student's FCOS
-        # losses: beta * L_task in reverse distillation) and distill (alpha * L_RD; the KD terms of
-        # Distill A/B/C).
-        kinds = {kind: sum(v for k, v in stats.losses.items() if k.startswith(kind + ".")) for kind in ("task", "distill")}
-        row = {"stage": name, "epoch": epoch, "images_per_s": round(stats.images_per_second, 2), "seconds": round(stats.seconds, 2),
-               "lr": scheduler.get_last_lr()[0], **{f"loss.{k}": v for k, v in stats.losses.items()},
-               **{f"loss_sum.{k}": v for k, v in kinds.items() if any(t.startswith(k + ".") for t in stats.losses)}}
-        if epoch % cfg.eval_every == 0 or epoch == epochs:
-            result = evaluate_detector(detector, val_records, class_indices, batch_size=cfg.batch_size * 2,
-                                       score_threshold=cfg.score_threshold, num_workers=cfg.num_workers)
-            row.update({f"val.{k}": v for k, v in summarize_eval(result).items()})
-            if progress:
-                print(f"{name} epoch {epoch}: val mAP50 {result['voc']['mAP']:.3f} "
-                      f"COCO AP {result['coco']['AP']:.3f} F1 {result['prf']['f1']:.3f}", file=sys.stderr)
-        if run is not None:
-            run.log(row)
+    with on_device(modules if modules is not None else detector, channels_last=cfg.channels_last):
+        optimizer = build_optimizer(parameters if parameters is not None else detector.parameters(), cfg)
+        scheduler = build_scheduler(optimizer, cfg, total)
+        result: dict = {}
+        done, images = 0, 0
+        for epoch in range(1, epochs + 1):
+            if hasattr(loader.dataset, "set_epoch"):  # a MixedLoader's dataset is its presumed part's
+                loader.dataset.set_epoch(epoch)
+            with backbone_precision(cfg.precision):
+                stats = train_one_epoch(modules if modules is not None else detector, compute_losses, optimizer, loader, epoch=epoch,
+                                        scheduler=scheduler, grad_clip=cfg.grad_clip, desc=name, progress=progress,
+                                        max_steps=total - done)
+            done += min(total - done, steps_per_epoch)
+            images += stats.images
+            # Every term, and their sums by kind, as weighted in the loss: task (the student's FCOS
+            # losses: beta * L_task in reverse distillation) and distill (alpha * L_RD; the KD terms of
+            # Distill A/B/C).
+            kinds = {kind: sum(v for k, v in stats.losses.items() if k.startswith(kind + ".")) for kind in ("task", "distill")}
+            row = {"stage": name, "epoch": epoch, "images_per_s": round(stats.images_per_second, 2), "seconds": round(stats.seconds, 2),
+                   "lr": scheduler.get_last_lr()[0], **{f"loss.{k}": v for k, v in stats.losses.items()},
+                   **{f"loss_sum.{k}": v for k, v in kinds.items() if any(t.startswith(k + ".") for t in stats.losses)}}
+            if epoch % cfg.eval_every == 0 or epoch == epochs:
+                result = evaluate_detector(detector, val_records, class_indices, batch_size=cfg.batch_size * 2,
+                                           score_threshold=cfg.score_threshold, num_workers=cfg.num_workers)
+                row.update({f"val.{k}": v for k, v in summarize_eval(result).items()})
+                if progress:
+                    print(f"{name} epoch {epoch}: val mAP50 {result['voc']['mAP']:.3f} "
+                          f"COCO AP {result['coco']['AP']:.3f} F1 {result['prf']['f1']:.3f}", file=sys.stderr)
+            if run is not None:
+                run.log(row)
     if run is not None:
         save_checkpoint(run.checkpoint_path(name), detector, config=config, epoch=epochs)
     return {**result, "train_images": images, "train_steps": done}
@@ -465,7 +469,8 @@ def reverse_distill(edge: nn.Module, tutor_copy: nn.Module, train_records, val_r
     if align_init == "lstsq":
         first = build_loader(list(train_records)[:cfg.batch_size], batch_size=cfg.batch_size, train=False)
         images, _ = next(iter(first))
-        distiller.fit_align(images)
+        with on_device(distiller):
+            distiller.fit_align(to_device(images)[0])
     return fit(tutor_copy, distiller, train_records, val_records, cfg, modules=distiller,
                parameters=distiller.trainable_parameters(), loader=loader, seed=seed, **kwargs)
 
@@ -479,6 +484,9 @@ def compute_proximal_losses(detector: nn.Module, reference: dict[str, Tensor], m
     def losses(images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         out = task(images, targets)
         if mu > 0:
+            for n, p in detector.named_parameters():  # the anchors follow the model to its device once
+                if n in anchors and anchors[n].device != p.device:
+                    anchors[n] = anchors[n].to(p.device)
             out["proximal"] = 0.5 * mu * sum((p - anchors[n]).pow(2).sum() for n, p in detector.named_parameters()
                                              if n in anchors)
         return out

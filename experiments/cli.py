@@ -33,11 +33,19 @@ def parse_overrides(pairs: list[str]) -> dict:
     return overrides
 
 
+def overrides_of(args) -> dict:
+    """The command's ``--set`` pairs, and ``--device`` as the ``device`` key when given."""
+    overrides = parse_overrides(args.set)
+    if getattr(args, "device", None):
+        overrides["device"] = args.device
+    return overrides
+
+
 def cmd_train(args) -> int:
     from diredi_sim.config import load_config
     from experiments.direct import run_direct_training
 
-    config = load_config(args.config, parse_overrides(args.set))
+    config = load_config(args.config, overrides_of(args))
     run_direct_training(config)
     return 0
 
@@ -60,7 +68,7 @@ def cmd_paper(args) -> int:
     from experiments.paper import find_paper_config, load_paper_config, run_paper
 
     check_seeds(args.seeds)
-    overrides = parse_overrides(args.set)
+    overrides = overrides_of(args)
     for key, value in (("data.source", args.data), ("data.voc_root", args.voc_root), ("preset", args.preset), ("seed", args.seed)):
         if value is not None:
             overrides[key] = value
@@ -73,7 +81,7 @@ def cmd_simulate(args) -> int:
     from diredi_sim.federation import load_federation_config
     from experiments.simulate import run_simulate
 
-    config = load_federation_config(args.config, parse_overrides(args.set))
+    config = load_federation_config(args.config, overrides_of(args))
     run_simulate(config, verbose=args.verbose)
     return 0
 
@@ -90,7 +98,7 @@ def cmd_compare(args) -> int:
     from experiments.compare import run_compare
 
     check_seeds(args.seeds)
-    config = load_federation_config(args.config, parse_overrides(args.set))
+    config = load_federation_config(args.config, overrides_of(args))
     run_compare(config, seeds=args.seeds)
     return 0
 
@@ -101,7 +109,7 @@ def cmd_demo(args) -> int:
     from experiments.compare import run_compare
     from experiments.report import render_report
 
-    config = load_federation_config(args.config, parse_overrides(args.set))
+    config = load_federation_config(args.config, overrides_of(args))
     folder = run_compare(config, seeds=1)
     report = render_report(folder)
     print(f"report: {report} (plots in {folder / 'plots'})")
@@ -127,7 +135,7 @@ def cmd_generate_data(args) -> int:
     from diredi_sim.config import load_config
     from diredi_sim.data.sources import resolve_data_folder
 
-    config = load_config(args.config, parse_overrides(args.set))
+    config = load_config(args.config, overrides_of(args))
     print(resolve_data_folder(config.data))
     return 0
 
@@ -146,7 +154,7 @@ def cmd_export_public(args) -> int:
     from diredi_sim.datasets import export_pool
     from diredi_sim.federation import load_federation_config
 
-    config = load_federation_config(args.config, parse_overrides(args.set))
+    config = load_federation_config(args.config, overrides_of(args))
     counts = export_pool(config.data, args.destination)
     print(f"{args.destination}: the manufacturer's public pool, " + ", ".join(f"{n} {s} images" for s, n in counts.items()) +
           f"; run the federation with --set data.manufacturer_root=\"{args.destination}\" so that its process reads only these")
@@ -174,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     def add_config(p, default: str | None):
         p.add_argument("config", nargs="?" if default else None, default=default, help="TOML config file")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+        add_device(p)
+
+    def add_device(p):
+        p.add_argument("--device", help="cpu, cuda, cuda:N or auto (the first GPU this process sees, else the CPU); "
+                                        "the config's `device` key otherwise")
 
     p = sub.add_parser("demo", help="the main job: the DiReDi federation (4 customers, 1 round), FedAvg and direct "
                                     "training on the embedded synthetic data; comparison, plots and report")
@@ -195,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replicates: customer seeds seed, seed+1, ... (the manufacturer keeps seed); each seed's "
                         "outputs in seed-<s>/ and mean ± std, paired differences and 95%% intervals over seeds at the top")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    add_device(p)
     p.set_defaults(func=cmd_paper)
 
     p = sub.add_parser("paper-summary", help="rewrite a paper run's table.json / table.md from its seed-<s>/ folders")
@@ -252,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from diredi_sim.compute import DeviceError
     from diredi_sim.config import ConfigError
     from diredi_sim.data.voc import DataProblem
     from diredi_sim.runs import CheckpointError
@@ -259,7 +274,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, DataProblem, FileNotFoundError, FileExistsError) as exc:
+    except (ConfigError, DeviceError, CheckpointError, DataProblem, FileNotFoundError, FileExistsError) as exc:
         print(f"diredi-sim: error: {exc}", file=sys.stderr)
         return 2
 

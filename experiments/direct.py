@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from diredi_sim.compute import configure_process
 from diredi_sim.config import ExperimentConfig
 from diredi_sim.data import VOC_CLASSES
 from diredi_sim.data.sources import load_split_records, resolve_data_folder, split_class_indices
@@ -35,8 +36,7 @@ def _fmt(value) -> str:
 def run_direct_training(config: ExperimentConfig) -> Run:
     """Generate or read the data, train ``config.role`` on ``config.split``, evaluate on the
     test set, and write everything to a new run folder."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    configure_process(device=config.device, threads=config.threads)
     started = time.perf_counter()
     folder = resolve_data_folder(config.data)
     data_seconds = time.perf_counter() - started
@@ -47,7 +47,7 @@ def run_direct_training(config: ExperimentConfig) -> Run:
     classes = split_class_indices(config.split)
     run = Run.create(config.runs_dir, config.name, config)
     torch.manual_seed(config.seed)
-    detector = build_detector(config.role, config.preset, num_classes=len(VOC_CLASSES))
+    detector = build_detector(config.role, config.preset, num_classes=len(VOC_CLASSES), weights=getattr(config.weights, config.role))
     params = count_parameters(detector)
     print(f"data: {folder} ({len(train)} train / {len(val)} val / {len(test)} test images, ready in {data_seconds:.1f} s)")
     print(f"model: {config.role} ({config.preset} preset, {detector.spec.backbone}, {sum(params.values()) / 1e6:.2f}M parameters); "

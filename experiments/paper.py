@@ -21,8 +21,8 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 
+from diredi_sim.compute import configure_process
 from diredi_sim.seeds import Seeds
 from diredi_sim.config import ConfigError, ExperimentConfig, config_from_dict, read_toml
 from diredi_sim.pipeline import PipelineResult, run_pipeline
@@ -91,8 +91,7 @@ def run_paper(config: ExperimentConfig, experiment: str, pipeline: PipelineConfi
     pipeline = pipeline or getattr(config, "pipeline", None) or PipelineConfig()
     if pipeline.customer == "":
         pipeline = replace(pipeline, customer=experiment)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    configure_process(device=config.device, threads=config.threads)
     run_config = {"experiment": experiment, **{f.name: getattr(config, f.name) for f in fields(config) if f.name != "pipeline"},
                   "pipeline": pipeline}
     replicates = [Seeds(config.seed, replicate=k) for k in range(seeds)]

@@ -14,10 +14,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from diredi_sim.compute import configure_process
 from diredi_sim.federation import FederationConfig, build_population, federation_from_flat, federation_to_flat
 from diredi_sim.manufacturer import prepare_manufacturer
 from diredi_sim.runs import Run, to_jsonable
@@ -37,8 +37,7 @@ def run_federation(grid: Grid, config: FederationConfig, outcome: FederationOutc
     ``config.runs_dir`` when None). ``resume``: the state.json of the run in ``run_folder``, whose
     rounds after ``resume["last_round"]`` are run here (the folder already cleared of them)."""
     outcome = outcome or FederationOutcome()
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    configure_process(device=config.device, threads=config.threads)
     if resume is not None:
         run = Run(run_folder)
     else:

@@ -9,8 +9,8 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 
-import torch
 
+from diredi_sim.compute import configure_process
 from diredi_sim.datasets import DataSets
 from diredi_sim.federation import FederationConfig, build_population, customer_step, evaluate_for_customer, load_model
 from diredi_sim.flow import train_baseline
@@ -23,8 +23,7 @@ def local_customer_work(config: FederationConfig, method: str, partition_id: int
     """One customer's ``direct`` or ``local`` model and its row; plain arguments, for a worker process.
     The model is trained by the pipeline's own baseline step (``train_baseline``), on
     ``budget_images`` images when given (the DiReDi customer's count), else for its epochs."""
-    if threads:
-        torch.set_num_threads(threads)
+    configure_process(device=config.device, threads=threads)
     population = build_population(config.population, config.pipeline.presumed_split)
     customer = population[partition_id]
     datasets = DataSets(config.data)
