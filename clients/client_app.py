@@ -1,4 +1,4 @@
-"""The DiReDi customer as a Flower ClientApp (DESIGN.md section 6). Its images and labels are
+"""The DiReDi customer as a Flower ClientApp (docs/design.md section 6). Its images and labels are
 read here only (from its partition id); what goes up is the list below, nothing else.
 
 - ``train``: down the shared tutor (``tutor``) and this customer's deployed edge model

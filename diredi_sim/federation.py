@@ -1,5 +1,5 @@
 """Many customers, one manufacturer: the population, the federation's config and the work of
-each side, in plain torch (DESIGN.md sections 4 and 7). ``clients/`` and ``server/`` wrap these
+each side, in plain torch (docs/design.md sections 4 and 7). ``clients/`` and ``server/`` wrap these
 in Flower's ClientApp and ServerApp; nothing here imports flwr or ray.
 
 - :class:`PopulationConfig` / :func:`build_population`: customers listed one by one (split

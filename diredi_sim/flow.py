@@ -1,4 +1,4 @@
-"""The paper's Fig. 2 as calls (DESIGN.md section 4): the customer's update (:func:`run_customer`:
+"""The paper's Fig. 2 as calls (docs/design.md section 4): the customer's update (:func:`run_customer`:
 RD B, RD A, the delta), the manufacturer's review of it (:func:`review_update`), Distill C
 (:func:`redistill`, at the manufacturer or at the customer), both manufacturer steps in one process
 (:func:`run_manufacturer_step`), and the customer-side baselines (:func:`train_baseline`)."""

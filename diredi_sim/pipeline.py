@@ -1,4 +1,4 @@
-"""The paper's whole flow for one customer, in one process (DESIGN.md section 4): the reference
+"""The paper's whole flow for one customer, in one process (docs/design.md section 4): the reference
 that the Flower simulation must reproduce.
 
 Data: every image set is dealt into the manufacturer's public pool and the customers' pool

@@ -1,4 +1,4 @@
-"""Every seed of a run, from one function (DESIGN.md: same config, same seed, same numbers).
+"""Every seed of a run, from one function (docs/design.md section 7: same config, same seed, same numbers).
 
 ``derive_seed(run_seed, stage, partition=, round=, replicate=)``: the manufacturer's stages use
 the run seed itself plus a fixed offset per stage (replicates share one manufacturer); a

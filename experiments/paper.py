@@ -1,4 +1,4 @@
-"""The paper's two experiments (DESIGN.md section 4, Table III) as one job: ``run_paper``.
+"""The paper's two experiments (docs/design.md sections 4-5, Table III) as one job: ``run_paper``.
 
 ``diredi-sim paper --experiment exp1 --seeds K`` runs the flow K times (customer seeds seed,
 seed + 1, ...; one manufacturer) in one run folder. Each replicate writes to ``seed-<s>/``:

@@ -1,4 +1,4 @@
-"""Class splits (DESIGN.md section 3) on the real voc2012-100 sample."""
+"""Class splits (docs/design.md section 3) on the real voc2012-100 sample."""
 
 from __future__ import annotations
 

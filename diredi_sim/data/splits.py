@@ -1,4 +1,4 @@
-"""Class splits: which VOC classes are labelled in a party's data (DESIGN.md section 3).
+"""Class splits: which VOC classes are labelled in a party's data (docs/design.md section 3).
 
 A split is a set of class names. :func:`filter_split` keeps the images that contain at least one
 box of a split class and drops the boxes of the other classes; those objects stay in the pixels,
