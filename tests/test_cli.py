@@ -1,4 +1,7 @@
-"""The `diredi-sim` command line, run as a user runs it (a subprocess)."""
+"""The `diredi-sim` command line: run as a user runs it (a subprocess), and its many error paths
+through `main` in this process."""
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -28,14 +31,26 @@ needs_voc_real = pytest.mark.usefixtures("voc_real_is_there")
 
 
 def run_cli(*args, cwd=ROOT, env=None):
+    """The command in its own process, as a user runs it (the entry point, exit code, no traceback)."""
     return subprocess.run([sys.executable, "-m", "experiments.cli", *map(str, args)], cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=600)
+
+
+def call_cli(*args):
+    """The command's ``main`` in this process (no interpreter and torch start-up: 5-8 s per call
+    on CI's cores), its output captured; for the many error-path checks."""
+    from experiments.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 @needs_voc_real
 @pytest.mark.parametrize("folder", ["voc2012-100", "tiny-voc-devkit/VOC2007", "tiny-voc-devkit/VOC2012", "labelme-voc", "icevision-voc"])
 def test_check_data_passes_clean_real_folders(folder):
-    result = run_cli("check-data", VOC_REAL / folder)
+    result = call_cli("check-data", VOC_REAL / folder)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 problem(s)" in result.stderr
 
@@ -52,7 +67,7 @@ def test_check_data_reports_every_problem_in_one_pass(tmp_path):
     text = xml.read_text()
     start = text.index("<name>") + len("<name>")
     xml.write_text(text[:start] + "unicorn" + text[text.index("</name>"):])  # unknown class
-    result = run_cli("check-data", root)
+    result = call_cli("check-data", root)
     assert result.returncode == 1
     lines = result.stdout.splitlines()
     for image_id, what in [(ids[0], "image file is missing"), (ids[1], "corrupt or unreadable image"),
@@ -64,7 +79,7 @@ def test_check_data_reports_every_problem_in_one_pass(tmp_path):
 @needs_voc_real
 def test_eval_detections_prints_one_json_object():
     sample = VOC_REAL / "voc2012-100"
-    result = run_cli("eval-detections", "--voc-root", sample / "VOCdevkit", "--detections", sample / "detections",
+    result = call_cli("eval-detections", "--voc-root", sample / "VOCdevkit", "--detections", sample / "detections",
                      "--classes", sample / "detections" / "classes.txt", "--image-set", "val")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -102,7 +117,7 @@ def test_train_end_to_end_on_tiny_synthetic_data(tmp_path):
 
 @pytest.mark.parametrize("command", [["paper", "--experiment", "exp1"], ["compare"]])
 def test_seeds_below_one_is_one_clear_line(command):
-    result = run_cli(*command, "--seeds", "0")
+    result = call_cli(*command, "--seeds", "0")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines == ["diredi-sim: error: --seeds 0: must be >= 1"], result.stderr  # before any config is read or run
@@ -114,12 +129,12 @@ def test_export_public_copies_the_public_pool_once(tmp_path):
     settings = ["--set", f'data.cache_dir="{tmp_path / "cache"}"', "--set", "data.synthetic.num_train=16",
                 "--set", "data.synthetic.num_val=8", "--set", "data.synthetic.num_test=8"]
     destination = tmp_path / "public"
-    result = run_cli("export-public", *settings, destination)
+    result = call_cli("export-public", *settings, destination)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"data.manufacturer_root=\"{destination}\"" in result.stdout
     listed = {line for name in ("train", "val", "test") for line in (destination / "ImageSets" / "Main" / f"{name}.txt").read_text().split()}
     assert {p.stem for p in (destination / "Annotations").iterdir()} == listed and 0 < len(listed) < 32
-    again = run_cli("export-public", *settings, destination)
+    again = call_cli("export-public", *settings, destination)
     assert again.returncode == 2 and again.stderr.strip() == f"diredi-sim: error: {destination}: not empty; export_pool writes into a new folder"
 
 
@@ -154,7 +169,7 @@ def test_a_users_mistake_is_one_line(tmp_path, case):
     else:
         args, expected = ["generate-data", "--set", "data.synthetic.min_objects=9", "--set", "data.synthetic.max_objects=2", *tiny], \
             "data.synthetic: min_objects = 9, max_objects = 2: need 1 <= min_objects <= max_objects"
-    result = run_cli(*args)
+    result = call_cli(*args)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and expected in lines[0] and lines[0].startswith("diredi-sim: error: "), \
         result.stderr[-2000:]
