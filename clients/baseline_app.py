@@ -9,7 +9,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.client_app import ROUND_KEYS, read_partition_id
+from clients.client_app import ROUND_KEYS, handling, read_partition_id
 from diredi_sim.compute import configure_process
 from diredi_sim.federation import baseline_customer_work, build_population, customer_evaluate, federation_from_flat
 
@@ -27,9 +27,10 @@ def read_customer(msg: Message, context: Context):
 def train(msg: Message, context: Context) -> Message:
     round_config = msg.content["config"]
     config, population, customer = read_customer(msg, context)
-    configure_process(device=config.device, threads=config.simulation.client_threads)
-    result = baseline_customer_work(config, customer, len(population), msg.content["arrays"].to_torch_state_dict(),
-                                    proximal_mu=float(round_config.get("proximal-mu", 0.0)))
+    with handling(customer):
+        configure_process(device=config.device, threads=config.simulation.client_threads)
+        result = baseline_customer_work(config, customer, len(population), msg.content["arrays"].to_torch_state_dict(),
+                                        proximal_mu=float(round_config.get("proximal-mu", 0.0)))
     return Message(RecordDict({"arrays": ArrayRecord(result["arrays"]), "metrics": MetricRecord(result["metrics"])}),
                    reply_to=msg)
 
@@ -37,7 +38,8 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     config, _, customer = read_customer(msg, context)
-    configure_process(device=config.device, threads=config.simulation.client_threads)
-    metrics = customer_evaluate(config, customer, {"edge": msg.content["arrays"].to_torch_state_dict()})
+    with handling(customer):
+        configure_process(device=config.device, threads=config.simulation.client_threads)
+        metrics = customer_evaluate(config, customer, {"edge": msg.content["arrays"].to_torch_state_dict()})
     return Message(RecordDict({"metrics": MetricRecord({**metrics, "partition-id": customer.partition_id,
                                                         "num-examples": int(metrics["edge/test_images"])})}), reply_to=msg)

@@ -27,14 +27,17 @@ records the bytes actually sent as the ``uplink-bytes`` metric.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from diredi_sim.compute import configure_process
 from diredi_sim.deltas import compress_delta, compute_norm, count_state_bytes
-from diredi_sim.federation import (FederationConfig, build_population, customer_evaluate, customer_redistill, customer_work,
-                                   federation_from_flat, privatize_delta)
+from diredi_sim.federation import (Customer, FederationConfig, build_population, customer_evaluate, customer_redistill,
+                                   customer_work, federation_from_flat, privatize_delta)
+from diredi_sim.logs import customer_tag, ensure_logging
 from diredi_sim.runs import release_memory
 
 # Keys the strategy adds to the round's config that are not settings of the run.
@@ -50,6 +53,15 @@ def read_partition_id(context: Context, num_customers: int) -> int:
         raise ValueError(f"partition-id {partition_id} is outside the population of {num_customers} customers "
                          "(population.customers + population.generated)")
     return partition_id
+
+
+@contextmanager
+def handling(customer: Customer) -> Iterator[None]:
+    """The body of a handler of ``customer``'s message: logging set up in this actor (the level
+    of the process that started Ray) and every record tagged ``customer <partition-id> (<name>)``."""
+    ensure_logging()
+    with customer_tag(customer.partition_id, customer.name):
+        yield
 
 
 def read_config(msg: Message) -> FederationConfig:
@@ -108,10 +120,11 @@ def partition(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """RD B and RD A on this customer's data; reply with the delta and scalar metrics."""
     config, population, customer = read_customer(msg, context)
-    configure_process(device=config.device, threads=config.simulation.client_threads)
-    result = customer_work(config, customer, len(population), msg.content["tutor"].to_torch_state_dict(),
-                           msg.content["edge"].to_torch_state_dict(), progress=True)
-    release_memory()  # the actor waits for its next customer without its training peak
+    with handling(customer):
+        configure_process(device=config.device, threads=config.simulation.client_threads)
+        result = customer_work(config, customer, len(population), msg.content["tutor"].to_torch_state_dict(),
+                               msg.content["edge"].to_torch_state_dict(), progress=True)
+        release_memory()  # the actor waits for its next customer without its training peak
     metrics = MetricRecord({**result["metrics"], "server-round": int(msg.content["config"].get("server-round", 0))})
     return Message(RecordDict({"delta": ArrayRecord(result["delta"]), "metrics": metrics}), reply_to=msg)
 
@@ -126,10 +139,11 @@ def read_customer(msg: Message, context: Context):
 def distill_c(msg: Message, context: Context) -> Message:
     """Distill C public+private here, on this customer's data; reply with the new edge model(s)."""
     config, population, customer = read_customer(msg, context)
-    configure_process(device=config.device, threads=config.simulation.client_threads)
-    result = customer_redistill(config, customer, len(population), msg.content["tutor"].to_torch_state_dict(),
-                                msg.content["edge"].to_torch_state_dict())
-    release_memory()
+    with handling(customer):
+        configure_process(device=config.device, threads=config.simulation.client_threads)
+        result = customer_redistill(config, customer, len(population), msg.content["tutor"].to_torch_state_dict(),
+                                    msg.content["edge"].to_torch_state_dict())
+        release_memory()
     records = {key: ArrayRecord(state) for key, state in result["edges"].items()}
     metrics = {**result["metrics"], "server-round": int(msg.content["config"].get("server-round", 0))}
     return Message(RecordDict({**records, "metrics": MetricRecord(metrics)}), reply_to=msg)
@@ -139,10 +153,11 @@ def distill_c(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Every model of the message on this customer's test images; reply with scalars only."""
     config, _, customer = read_customer(msg, context)
-    configure_process(device=config.device, threads=config.simulation.client_threads)
-    models = {key: record.to_torch_state_dict() for key, record in msg.content.items() if isinstance(record, ArrayRecord)}
-    metrics = customer_evaluate(config, customer, models)
-    release_memory()
+    with handling(customer):
+        configure_process(device=config.device, threads=config.simulation.client_threads)
+        models = {key: record.to_torch_state_dict() for key, record in msg.content.items() if isinstance(record, ArrayRecord)}
+        metrics = customer_evaluate(config, customer, models)
+        release_memory()
     return Message(RecordDict({"metrics": MetricRecord({**metrics, "partition-id": customer.partition_id,
                                                         "server-round": int(msg.content["config"].get("server-round", 0))})}),
                    reply_to=msg)

@@ -24,6 +24,7 @@ in Flower's ClientApp and ServerApp; nothing here imports flwr or ray.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Sequence
@@ -41,6 +42,7 @@ from diredi_sim.data.splits import SPLIT_PRESETS, resolve_split
 from diredi_sim.datasets import DataSets, select_customer_data
 from diredi_sim.deltas import COMPRESSIONS, MERGE_RULES, check_delta, compute_norm, count_state_bytes, merge_deltas, privatize
 from diredi_sim.flow import Step, distill_c_training_data, redistill, review_update, run_customer
+from diredi_sim.logs import customer_tag
 from diredi_sim.models import build_detector
 from diredi_sim.runs import to_jsonable
 from diredi_sim.seeds import Seeds
@@ -49,6 +51,8 @@ from diredi_sim.stages import StageRecorder
 from diredi_sim.table import (assemble_rows, compute_knowledge, distill_c_row, evaluate_row, measure_on_customer, measure_on_manufacturer)
 from diredi_sim.train import evaluate_detector, finetune
 from diredi_sim.verify import Verdict, verify_model, verify_update
+
+logger = logging.getLogger(__name__)
 
 PARTITIONS = ("shared", "disjoint")
 SELECTIONS = ("all", "krum", "multikrum")
@@ -325,28 +329,28 @@ def customer_work(config: FederationConfig, customer: Customer, num_customers: i
                   edge_state: dict[str, Tensor], *, datasets: DataSets | None = None, progress: bool = False) -> dict:
     """The customer's step on its own data: RD B, RD A, the delta. Returns the delta (float32,
     neck + head, by name) and scalar metrics only: nothing per image leaves this function."""
-    start = time.perf_counter()
-    say = (lambda text: print(f"customer {customer.partition_id} ({customer.name}): {text}", flush=True)) if progress \
-        else (lambda text: None)
-    datasets = datasets or DataSets(config.data)
-    pipeline = effective_pipeline(config, customer)
-    tutor, edge = load_model("tutor", config.preset, tutor_state), load_model("edge", config.preset, edge_state)
-    recorder = StageRecorder()
-    say(f"RD B (presumed data) and RD A ({', '.join(customer.classes)}), {pipeline.rd.epochs} epoch(s) each")
-    update = run_customer(tutor, edge, customer_step(config, customer, num_customers, datasets, recorder=recorder, say=say))
-    metrics = {
-        "partition-id": customer.partition_id,
-        "num-examples": update.train_images["rd_a"],
-        "rd-b-images": update.train_images["rd_b"],
-        "delta-norm": update.delta_info["norm"],
-        "delta-bytes-fp32": update.delta_info["bytes_fp32"],
-        "delta-bytes-fp16": update.delta_info["bytes_fp16"],
-        "seconds": round(time.perf_counter() - start, 3),
-    }
-    for stage in recorder.stages:
-        metrics[f"{stage['stage'].replace('_', '-')}-seconds"] = stage["seconds"]
-    say(f"done in {metrics['seconds']:.0f} s (RD B {metrics.get('rd-b-seconds', 0):.0f} s, RD A {metrics.get('rd-a-seconds', 0):.0f} s)")
-    return {"delta": {k: v.detach().float().contiguous() for k, v in update.delta.items()}, "metrics": metrics}
+    with customer_tag(customer.partition_id, customer.name):  # wherever it runs, its log lines name the customer
+        start = time.perf_counter()
+        say = logger.info if progress else logger.debug
+        datasets = datasets or DataSets(config.data)
+        pipeline = effective_pipeline(config, customer)
+        tutor, edge = load_model("tutor", config.preset, tutor_state), load_model("edge", config.preset, edge_state)
+        recorder = StageRecorder()
+        say(f"RD B (presumed data) and RD A ({', '.join(customer.classes)}), {pipeline.rd.epochs} epoch(s) each")
+        update = run_customer(tutor, edge, customer_step(config, customer, num_customers, datasets, recorder=recorder, say=say))
+        metrics = {
+            "partition-id": customer.partition_id,
+            "num-examples": update.train_images["rd_a"],
+            "rd-b-images": update.train_images["rd_b"],
+            "delta-norm": update.delta_info["norm"],
+            "delta-bytes-fp32": update.delta_info["bytes_fp32"],
+            "delta-bytes-fp16": update.delta_info["bytes_fp16"],
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        for stage in recorder.stages:
+            metrics[f"{stage['stage'].replace('_', '-')}-seconds"] = stage["seconds"]
+        say(f"done in {metrics['seconds']:.0f} s (RD B {metrics.get('rd-b-seconds', 0):.0f} s, RD A {metrics.get('rd-a-seconds', 0):.0f} s)")
+        return {"delta": {k: v.detach().float().contiguous() for k, v in update.delta.items()}, "metrics": metrics}
 
 
 def privatize_delta(config: FederationConfig, partition_id: int, delta: dict[str, Tensor],

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import sys
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +28,8 @@ from diredi_sim.seeds import derive_seed
 from diredi_sim.settings import ClassSets, PipelineConfig
 from diredi_sim.stages import StageRecorder
 from diredi_sim.train import distill, train_detector
+
+logger = logging.getLogger(__name__)
 
 
 MANUFACTURER_CACHE_FORMAT = 2  # 2: public pool only, Distill B from the tutor; bump when the manufacturer's training code changes what it produces
@@ -140,7 +142,7 @@ def _load_cached(folder: Path, key: str, preset: str, roles=("teacher", "tutor",
             models[role] = detector
         return models, manifest
     except (OSError, ValueError, CheckpointError) as exc:
-        print(f"diredi-sim: cached {' and '.join(roles)} in {folder} unusable ({exc}); training again", file=sys.stderr, flush=True)
+        logger.warning("cached %s in %s unusable (%s); training again", " and ".join(roles), folder, exc)
         return None
 
 
@@ -168,8 +170,7 @@ def prepare_manufacturer(pipeline: PipelineConfig, data: DataConfig, *, preset: 
         for stage in manifest.get("stages", []):
             recorder.stages.append({**stage, "cached": True, "seconds_when_trained": stage.get("seconds_when_trained", stage.get("seconds")),
                                     "seconds": 0.0})
-        if progress:
-            print(f"manufacturer: reusing teacher, tutor and edge from {folder}", file=sys.stderr, flush=True)
+        (logger.info if progress else logger.debug)("manufacturer: reusing teacher, tutor and edge from %s", folder)
         return Manufacturer(models["teacher"], models["tutor"], models["edge"], folder, key, True, description)
 
     for role in ("teacher", "tutor", "edge"):  # a bad weights file fails now, not after hours of training
@@ -218,8 +219,7 @@ def _prepare_teacher(pipeline: PipelineConfig, datasets: DataSets, description: 
         manifest = cached[1]
         recorder.stages.append({**manifest["stage"], "cached": True, "seconds_when_trained": manifest["stage"].get("seconds"),
                                 "seconds": 0.0})
-        if common.get("progress", True):
-            print(f"manufacturer: reusing the teacher from {folder}", file=sys.stderr, flush=True)
+        (logger.info if common.get("progress", True) else logger.debug)("manufacturer: reusing the teacher from %s", folder)
         return cached[0]["teacher"], recorder.stages[-1]
     cfg, split = pipeline.teacher, pipeline.teacher_split
     train = datasets.train(split, cfg, pool="public")

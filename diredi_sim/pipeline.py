@@ -48,7 +48,7 @@ Plain torch; never imports flwr or ray.
 from __future__ import annotations
 
 import io
-import sys
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -65,6 +65,8 @@ from diredi_sim.settings import ClassSets, PipelineConfig
 from diredi_sim.stages import StageRecorder
 from diredi_sim.table import evaluate_rows
 from diredi_sim.verify import Verdict
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -97,11 +99,10 @@ def run_pipeline(pipeline: PipelineConfig, data: DataConfig, *, preset: str = "c
         raise ValueError("pipeline.customer is empty: name the customer's split (a preset such as exp1, or class names)")
     classes = ClassSets.of(pipeline.customer, pipeline.presumed_split, pipeline.teacher_split)
     if not classes.private and not classes.dropped:
-        print("diredi-sim: warning: the customer's split equals the presumed split; the delta carries nothing new",
-              file=sys.stderr)
+        logger.warning("the customer's split equals the presumed split; the delta carries nothing new")
     recorder = StageRecorder(run)
     common = dict(run=run, config=config, progress=progress)
-    say = (lambda text: print(text, file=sys.stderr, flush=True)) if progress else (lambda text: None)
+    say = logger.info if progress else logger.debug
 
     with recorder.measure("data") as entry:
         datasets = DataSets(data)

@@ -7,6 +7,7 @@ append-only; a torn last line (a crash mid-append) is skipped with a warning whe
 Layout of a run folder::
 
     RUN/config.json        the full config of the run
+    RUN/log.txt            the log records of the run's process (and its worker processes)
     RUN/metrics.jsonl      one JSON object per line (epoch / round / stage rows)
     RUN/checkpoints/*.pt   {"format", "role", "preset", "spec", "config", "state_dict", ...}
     RUN/*.json             results (per-class AP, tables)
@@ -30,6 +31,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from diredi_sim.logs import attach_log_file, detach_log_file
 
 CHECKPOINT_FORMAT = "diredi-sim-checkpoint/1"
 
@@ -180,13 +183,19 @@ def load_detector_weights(detector: torch.nn.Module, path: str | Path) -> dict:
 
 
 class Run:
-    """A run folder. ``Run.create`` makes a new one; ``Run(path)`` opens an existing one."""
+    """A run folder. ``Run.create`` makes a new one; ``Run(path)`` opens an existing one.
+
+    A run created by ``Run.create`` (or opened with :meth:`open_log`, which appends) writes the
+    log records of its process to ``log.txt`` until :meth:`close` (a command closes its runs when
+    it ends: :func:`close_runs`)."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
+        self._log_handler = None
 
     @classmethod
     def create(cls, root: str | Path, name: str, config: Any) -> "Run":
+        """A new folder ``<root>/<time>-<name>`` with ``config.json``; its log file attached."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
         folder = Path(root) / f"{stamp}-{name}"
         suffix = 1
@@ -196,7 +205,38 @@ class Run:
         folder.mkdir(parents=True)
         run = cls(folder)
         atomic_write_json(run.folder / "config.json", config)
+        run.open_log()
         return run
+
+    @property
+    def log_path(self) -> Path:
+        return self.folder / "log.txt"
+
+    def open_log(self) -> "Run":
+        """Append this process's log records to ``log.txt`` (a resumed run continues its file)."""
+        if self._log_handler is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._log_handler = attach_log_file(self.log_path)
+            _open_runs.append(self)
+        return self
+
+    @property
+    def logging_to_file(self) -> bool:
+        return self._log_handler is not None
+
+    def close(self) -> None:
+        """Stop writing the log file (it stays)."""
+        if self._log_handler is not None:
+            detach_log_file(self._log_handler)
+            self._log_handler = None
+        if self in _open_runs:
+            _open_runs.remove(self)
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def metrics_path(self) -> Path:
@@ -213,3 +253,12 @@ class Run:
 
     def write_json(self, name: str, obj: Any) -> Path:
         return atomic_write_json(self.folder / name, obj)
+
+
+_open_runs: list[Run] = []
+
+
+def close_runs() -> None:
+    """Close every run this process still writes a log file for (the end of a command)."""
+    for run in list(_open_runs):
+        run.close()

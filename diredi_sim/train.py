@@ -11,6 +11,7 @@ JSON lines in a run folder.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -30,6 +31,8 @@ from diredi_sim.evaluate import collect_detections, evaluate_detections
 from diredi_sim.losses import FGDConfig, FGDLoss, compute_score_distillation
 from diredi_sim.models import backbone_precision, extract_features
 from diredi_sim.runs import Run, save_checkpoint
+
+logger = logging.getLogger(__name__)
 
 LossFn = Callable[[list[Tensor], list[dict[str, Tensor]]], dict[str, Tensor]]
 
@@ -164,10 +167,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_st
 
 
 class Progress:
-    """A one-line progress bar on stderr: loss terms, images/s and ETA.
+    """Progress of one epoch: loss terms, images/s and ETA.
 
-    Redrawn in place on a terminal; on a pipe or log file it prints every ``log_every`` steps.
-    """
+    On a terminal, a bar on ``stream`` (stderr) redrawn in place; its last state also goes to
+    the log (the run's log file; not to the console, where the bar stands). Elsewhere (a pipe,
+    a file, a Ray actor), whole lines through logging every ``log_every`` steps and at the end
+    of the epoch, every loss term under its full name (``task.bbox_regression``)."""
 
     def __init__(self, total: int, desc: str, stream=None, log_every: int = 50, enabled: bool = True):
         self.total, self.desc, self.log_every, self.enabled = total, desc, log_every, enabled
@@ -183,15 +188,25 @@ class Progress:
         elapsed = time.perf_counter() - self.start
         rate = self.images / max(elapsed, 1e-9)
         eta = elapsed / step * (self.total - step)
-        width = 20
-        filled = int(width * step / self.total)
-        loss_text = " ".join(f"{k.split('.', 1)[-1][:5]} {v:.3f}" for k, v in terms.items())
-        line = (f"{self.desc} [{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} "
-                f"loss {sum(terms.values()):.3f} ({loss_text}) {rate:.1f} img/s ETA {int(eta // 60)}:{int(eta % 60):02d}")
-        self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
-        if self.tty and step == self.total:
-            self.stream.write("\n")
-        self.stream.flush()
+        if self.tty:
+            width = 20
+            filled = int(width * step / self.total)
+            loss_text = " ".join(f"{k.split('.', 1)[-1][:5]} {v:.3f}" for k, v in terms.items())
+            line = (f"{self.desc} [{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} "
+                    f"loss {sum(terms.values()):.3f} ({loss_text}) {rate:.1f} img/s ETA {int(eta // 60)}:{int(eta % 60):02d}")
+            self.stream.write("\r" + line + "\033[K" + ("\n" if step == self.total else ""))
+            self.stream.flush()
+            if step == self.total:
+                logger.info(self.describe(step, terms, rate, elapsed), extra={"console": False})
+            return
+        logger.info(self.describe(step, terms, rate, elapsed))
+
+    def describe(self, step: int, terms: dict[str, float], rate: float, elapsed: float) -> str:
+        """One whole line: where the epoch is, the total loss and every term by its full name."""
+        eta = elapsed / step * (self.total - step)
+        loss_text = ", ".join(f"{k} {v:.4f}" for k, v in terms.items())
+        return (f"{self.desc}: step {step}/{self.total}, loss {sum(terms.values()):.4f} ({loss_text}), {rate:.1f} img/s, "
+                f"elapsed {int(elapsed // 60)}:{int(elapsed % 60):02d}, ETA {int(eta // 60)}:{int(eta % 60):02d}")
 
 
 @dataclass
@@ -419,9 +434,9 @@ def fit(
                 result = evaluate_detector(detector, val_records, class_indices, batch_size=cfg.batch_size * 2,
                                            score_threshold=cfg.score_threshold, num_workers=cfg.num_workers)
                 row.update({f"val.{k}": v for k, v in summarize_eval(result).items()})
-                if progress:
-                    print(f"{name} epoch {epoch}: val mAP50 {result['voc']['mAP']:.3f} "
-                          f"COCO AP {result['coco']['AP']:.3f} F1 {result['prf']['f1']:.3f}", file=sys.stderr)
+                (logger.info if progress else logger.debug)(
+                    "%s epoch %d: val mAP50 %.3f COCO AP %.3f F1 %.3f", name, epoch, result["voc"]["mAP"], result["coco"]["AP"],
+                    result["prf"]["f1"])
             if run is not None:
                 run.log(row)
     if run is not None:

@@ -1,4 +1,8 @@
-"""The `diredi-sim` command line. Each subcommand converts its flags into the typed config once."""
+"""The `diredi-sim` command line. Each subcommand converts its flags into the typed config once.
+
+What a command is for (tables, JSON, the paths asked for) goes to stdout with print(); progress
+and diagnostics go through logging (stderr, at ``--log-level`` or ``--quiet``'s WARNING, and
+each run folder's ``log.txt``: :mod:`diredi_sim.logs`)."""
 
 from __future__ import annotations
 
@@ -175,9 +179,26 @@ def cmd_eval_detections(args) -> int:
     return 0
 
 
+def build_logging_options() -> argparse.ArgumentParser:
+    """``--log-level`` and ``--quiet``: a parent of every subcommand's parser."""
+    options = argparse.ArgumentParser(add_help=False)
+    group = options.add_mutually_exclusive_group()
+    group.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                       help="the least severe messages shown on stderr (default INFO); a run folder's log.txt gets INFO "
+                            "and above (DEBUG too at DEBUG) whatever this is")
+    group.add_argument("--quiet", action="store_const", dest="log_level", const="WARNING",
+                       help="warnings and errors only on stderr (= --log-level WARNING); results still go to stdout")
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diredi-sim", description="Simulate DiReDi on Flower.")
     sub = parser.add_subparsers(dest="command", required=True)
+    logging_options = build_logging_options()
+
+    def add_command(name: str, **kwargs) -> argparse.ArgumentParser:
+        """A subcommand, with the logging options every subcommand has."""
+        return sub.add_parser(name, parents=[logging_options], **kwargs)
 
     def add_config(p, default: str | None):
         p.add_argument("config", nargs="?" if default else None, default=default, help="TOML config file")
@@ -188,16 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", help="cpu, cuda, cuda:N or auto (the first GPU this process sees, else the CPU); "
                                         "the config's `device` key otherwise")
 
-    p = sub.add_parser("demo", help="the main job: the DiReDi federation (4 customers, 1 round), FedAvg and direct "
+    p = add_command("demo", help="the main job: the DiReDi federation (4 customers, 1 round), FedAvg and direct "
                                     "training on the embedded synthetic data; comparison, plots and report")
     add_config(p, str(CONFIG_DIR / "demo.toml"))
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("train", help="direct training of one role on one split")
+    p = add_command("train", help="direct training of one role on one split")
     add_config(p, None)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("paper", help="the paper's Exp 1 / Exp 2 (Table III) in one process, without Flower")
+    p = add_command("paper", help="the paper's Exp 1 / Exp 2 (Table III) in one process, without Flower")
     p.add_argument("--experiment", choices=["exp1", "exp2"], required=True)
     p.add_argument("--config", default=None, help="TOML config (default experiments/configs/<experiment>.toml)")
     p.add_argument("--data", choices=["synthetic", "voc"])
@@ -211,51 +232,51 @@ def build_parser() -> argparse.ArgumentParser:
     add_device(p)
     p.set_defaults(func=cmd_paper)
 
-    p = sub.add_parser("paper-summary", help="rewrite a paper run's table.json / table.md from its seed-<s>/ folders")
+    p = add_command("paper-summary", help="rewrite a paper run's table.json / table.md from its seed-<s>/ folders")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_paper_summary)
 
-    p = sub.add_parser("simulate", help="the federation: a Flower ServerApp (manufacturer) and ClientApps (customers) on Ray")
+    p = add_command("simulate", help="the federation: a Flower ServerApp (manufacturer) and ClientApps (customers) on Ray")
     add_config(p, str(CONFIG_DIR / "federation.toml"))
     p.add_argument("--verbose", action="store_true", help="Flower's debug log")
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("resume", help="finish a killed federation run in its folder, after its last completed round")
+    p = add_command("resume", help="finish a killed federation run in its folder, after its last completed round")
     p.add_argument("run_dir")
     p.add_argument("--verbose", action="store_true", help="Flower's debug log")
     p.set_defaults(func=cmd_resume)
 
-    p = sub.add_parser("compare", help="DiReDi against FedAvg, FedProx, direct training and local fine-tuning")
+    p = add_command("compare", help="DiReDi against FedAvg, FedProx, direct training and local fine-tuning")
     add_config(p, str(CONFIG_DIR / "federation.toml"))
     p.add_argument("--seeds", type=int, default=1,
                    help="replicates (the customers' seeds change); mean and std over them, and DiReDi's paired differences "
                         "against each method with 95%% intervals")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("plot", help="redraw a comparison's plots from its saved results")
+    p = add_command("plot", help="redraw a comparison's plots from its saved results")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("report", help="one self-contained HTML report of a comparison run")
+    p = add_command("report", help="one self-contained HTML report of a comparison run")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("generate-data", help="generate (or find) the synthetic dataset of a config and print its folder")
+    p = add_command("generate-data", help="generate (or find) the synthetic dataset of a config and print its folder")
     add_config(p, str(CONFIG_DIR / "edge.toml"))
     p.set_defaults(func=cmd_generate_data)
 
-    p = sub.add_parser("export-public", help="copy the manufacturer's public pool of a config's data into a new VOC folder "
+    p = add_command("export-public", help="copy the manufacturer's public pool of a config's data into a new VOC folder "
                                              "(for data.manufacturer_root: its process then reaches no customer file)")
     add_config(p, str(CONFIG_DIR / "federation.toml"))
     p.add_argument("destination", help="a new, empty folder")
     p.set_defaults(func=cmd_export_public)
 
-    p = sub.add_parser("check-data", help="report every problem of a VOC-format dataset in one pass")
+    p = add_command("check-data", help="report every problem of a VOC-format dataset in one pass")
     p.add_argument("root", help="a VOC year folder, a VOCdevkit folder, or a parent of VOCdevkit/")
     p.add_argument("--image-set", default=None, help="an ImageSets/Main list (default: every annotation)")
     p.set_defaults(func=cmd_check_data)
 
-    p = sub.add_parser("eval-detections", help="VOC and COCO AP of detection files against VOC annotations")
+    p = add_command("eval-detections", help="VOC and COCO AP of detection files against VOC annotations")
     p.add_argument("--voc-root", required=True)
     p.add_argument("--detections", required=True, help="folder with one <image_id>.txt per image: class score x1 y1 x2 y2")
     p.add_argument("--classes", required=True, help="class names, one per line, in class-index order")
@@ -271,12 +292,18 @@ def main(argv=None) -> int:
     from diredi_sim.data.voc import DataProblem
     from diredi_sim.runs import CheckpointError
 
+    from diredi_sim.logs import configure_logging
+    from diredi_sim.runs import close_runs
+
     args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
     try:
         return args.func(args)
     except (ConfigError, DeviceError, CheckpointError, DataProblem, FileNotFoundError, FileExistsError) as exc:
         print(f"diredi-sim: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        close_runs()  # every run folder's log.txt ends with the command
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ own run folder is listed there.
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +29,8 @@ from experiments.stats import paired_difference
 MEASURES = ("mAP", "precision", "recall", "f1", "gain", "forgetting", "uplink_bytes", "downlink_bytes", "seconds")
 DIFFERENCE_MEASURES = ("mAP", "f1", "gain", "forgetting")
 REFERENCE_METHOD = "diredi"
+
+logger = logging.getLogger(__name__)
 
 
 def summarize(results: list[dict]) -> list[dict]:
@@ -114,13 +116,19 @@ def run_compare(config: FederationConfig, seeds: int = 1) -> Path:
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: must be >= 1")
     methods = resolve(config.baselines.methods)  # an unknown name stops here, before anything runs
-    run = Run.create(config.runs_dir, f"{config.name}-compare", config)
+    with Run.create(config.runs_dir, f"{config.name}-compare", config) as run:
+        return _compare(config, seeds, methods, run)
+
+
+def _compare(config: FederationConfig, seeds: int, methods: list, run: Run) -> Path:
+    """Every method on every replicate; compare.json rewritten after each (a
+    stopped comparison keeps what it finished), compare.md at the end."""
     results, folders = [], []
     for replicate in range(seeds):
         shared: dict = {}  # what this replicate's methods share (DiReDi's image counts, for equal compute)
         seeded = replace(config, replicate=replicate)
         for method in methods:
-            print(f"compare: replicate {replicate}, {method.name}", file=sys.stderr, flush=True)
+            logger.info("compare: replicate %d, %s", replicate, method.name)
             start = time.perf_counter()
             rows, folder = method.run(seeded, shared)
             seconds = time.perf_counter() - start

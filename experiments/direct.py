@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 
 import torch
@@ -15,6 +15,8 @@ from diredi_sim.data.sources import load_split_records, resolve_data_folder, spl
 from diredi_sim.models import build_detector, count_parameters
 from diredi_sim.runs import Run
 from diredi_sim.train import evaluate_detector, summarize_eval, train_detector
+
+logger = logging.getLogger(__name__)
 
 
 def format_per_class_table(result: dict, title: str) -> str:
@@ -45,22 +47,25 @@ def run_direct_training(config: ExperimentConfig) -> Run:
     val = load_split_records(config.data, config.data.val_set, config.split, limit=cfg.max_eval_images)
     test = load_split_records(config.data, config.data.test_set, config.split, limit=cfg.max_eval_images)
     classes = split_class_indices(config.split)
-    run = Run.create(config.runs_dir, config.name, config)
-    torch.manual_seed(config.seed)
-    detector = build_detector(config.role, config.preset, num_classes=len(VOC_CLASSES), weights=getattr(config.weights, config.role))
-    params = count_parameters(detector)
-    print(f"data: {folder} ({len(train)} train / {len(val)} val / {len(test)} test images, ready in {data_seconds:.1f} s)")
-    print(f"model: {config.role} ({config.preset} preset, {detector.spec.backbone}, {sum(params.values()) / 1e6:.2f}M parameters); "
-          f"training {cfg.epochs} epochs, batch {cfg.batch_size}; run folder {run.folder}", flush=True)
-    train_started = time.perf_counter()
-    train_detector(detector, train, val, cfg, class_indices=classes, seed=config.seed, run=run, name=config.role, config=config)
-    train_seconds = time.perf_counter() - train_started
-    result = evaluate_detector(detector, test, classes, batch_size=cfg.batch_size * 2, score_threshold=cfg.score_threshold)
-    summary = {"role": config.role, "preset": config.preset, "split": config.split, "test_images": len(test),
-               **summarize_eval(result), "train_seconds": round(train_seconds, 1), "data_seconds": round(data_seconds, 1),
-               "total_seconds": round(time.perf_counter() - started, 1)}
-    run.write_json("results.json", {"summary": summary, "test": result})
-    run.log({"stage": "test", **summary})
+    with Run.create(config.runs_dir, config.name, config) as run:
+        torch.manual_seed(config.seed)
+        detector = build_detector(config.role, config.preset, num_classes=len(VOC_CLASSES), weights=getattr(config.weights, config.role))
+        params = count_parameters(detector)
+        logger.info("data: %s (%d train / %d val / %d test images, ready in %.1f s)", folder, len(train), len(val), len(test),
+                    data_seconds)
+        logger.info("model: %s (%s preset, %s, %.2fM parameters); training %d epochs, batch %d; run folder %s", config.role,
+                    config.preset, detector.spec.backbone, sum(params.values()) / 1e6, cfg.epochs, cfg.batch_size, run.folder)
+        train_started = time.perf_counter()
+        train_detector(detector, train, val, cfg, class_indices=classes, seed=config.seed, run=run, name=config.role, config=config)
+        train_seconds = time.perf_counter() - train_started
+        result = evaluate_detector(detector, test, classes, batch_size=cfg.batch_size * 2, score_threshold=cfg.score_threshold)
+        summary = {"role": config.role, "preset": config.preset, "split": config.split, "test_images": len(test),
+                   **summarize_eval(result), "train_seconds": round(train_seconds, 1), "data_seconds": round(data_seconds, 1),
+                   "total_seconds": round(time.perf_counter() - started, 1)}
+        run.write_json("results.json", {"summary": summary, "test": result})
+        run.log({"stage": "test", **summary})
+        logger.info("trained in %.0f s; results in %s", train_seconds, run.folder / "results.json",
+                    extra={"console": False})  # the log file's last line; the console gets it on stdout below
     print(format_per_class_table(result, f"test set, {config.role} ({config.preset}), split {config.split}:"))
-    print(f"trained in {train_seconds:.0f} s; results in {run.folder}/results.json", file=sys.stdout, flush=True)
+    print(f"trained in {train_seconds:.0f} s; results in {run.folder}/results.json", flush=True)
     return run

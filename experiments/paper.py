@@ -14,8 +14,8 @@ with 95% intervals, the per-seed values) and ``table.md`` (``format_paper_summar
 from __future__ import annotations
 
 import json
+import logging
 import math
-import sys
 import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -29,6 +29,8 @@ from diredi_sim.pipeline import PipelineResult, run_pipeline
 from diredi_sim.settings import PipelineConfig, load_pipeline_config
 from diredi_sim.runs import Run, atomic_write_json, atomic_write_text, to_jsonable
 from experiments.stats import paired_difference, summarize
+
+logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 EXPERIMENTS = ("exp1", "exp2")
@@ -96,23 +98,22 @@ def run_paper(config: ExperimentConfig, experiment: str, pipeline: PipelineConfi
                   "pipeline": pipeline}
     replicates = [Seeds(config.seed, replicate=k) for k in range(seeds)]
     customer_seeds = [r.customer for r in replicates]
-    run = Run.create(config.runs_dir, config.name or f"paper-{experiment}", {**run_config, "seeds": customer_seeds})
-    if progress:
-        print(f"paper {experiment}: {config.preset} preset, manufacturer seed {config.seed}, customer seeds "
-              f"{', '.join(map(str, customer_seeds))}; run folder {run.folder}", file=sys.stderr, flush=True)
-    for seeds_k, customer_seed in zip(replicates, customer_seeds):
-        seed_config = {**run_config, "customer_seed": customer_seed}
-        replicate = Run(run.folder / f"seed-{customer_seed}")
-        replicate.folder.mkdir()
-        atomic_write_json(replicate.folder / "config.json", seed_config)
-        if progress:
-            print(f"paper {experiment}: customer seed {customer_seed} -> {replicate.folder}", file=sys.stderr, flush=True)
-        started = time.perf_counter()
-        result = run_pipeline(pipeline, config.data, preset=config.preset, seed=config.seed, run=replicate,
-                              config=to_jsonable(seed_config), progress=progress, seeds=seeds_k)
-        result.settings["customer_seed"] = customer_seed
-        print(write_paper_outputs(replicate, result, experiment, total_seconds=time.perf_counter() - started) + "\n", flush=True)
-        text = summarize_paper_run(run.folder)
+    with Run.create(config.runs_dir, config.name or f"paper-{experiment}", {**run_config, "seeds": customer_seeds}) as run:
+        say = logger.info if progress else logger.debug
+        say(f"paper {experiment}: {config.preset} preset, manufacturer seed {config.seed}, customer seeds "
+            f"{', '.join(map(str, customer_seeds))}; run folder {run.folder}")
+        for seeds_k, customer_seed in zip(replicates, customer_seeds):
+            seed_config = {**run_config, "customer_seed": customer_seed}
+            replicate = Run(run.folder / f"seed-{customer_seed}")
+            replicate.folder.mkdir()
+            atomic_write_json(replicate.folder / "config.json", seed_config)
+            say(f"paper {experiment}: customer seed {customer_seed} -> {replicate.folder}")
+            started = time.perf_counter()
+            result = run_pipeline(pipeline, config.data, preset=config.preset, seed=config.seed, run=replicate,
+                                  config=to_jsonable(seed_config), progress=progress, seeds=seeds_k)
+            result.settings["customer_seed"] = customer_seed
+            print(write_paper_outputs(replicate, result, experiment, total_seconds=time.perf_counter() - started) + "\n", flush=True)
+            text = summarize_paper_run(run.folder)
     print(text, flush=True)
     print(f"\nresults in {run.folder} (table.md, table.json; each seed's outputs in seed-<s>/)", flush=True)
     return run

@@ -13,6 +13,7 @@ that of an uninterrupted run (as long as every customer is sampled each round: w
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -21,6 +22,8 @@ from diredi_sim.config import ConfigError
 from diredi_sim.federation import FederationConfig, federation_config_from_dict
 from diredi_sim.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
 from server.ledger import STATE_FORMAT
+
+logger = logging.getLogger(__name__)
 
 
 class ResumeError(ConfigError):
@@ -127,7 +130,7 @@ def run_resume(folder: str | Path, verbose: bool = False):
         print(f"diredi-sim: {folder} already finished ({total} of {total} rounds); nothing to resume")
         return None
     for line in clear_interrupted_round(folder, state):
-        print(f"diredi-sim: resume: cleared {line}")
+        logger.info("resume: cleared %s", line)
     if last >= total:  # killed after the last round, before the summary was complete
         from diredi_sim.runs import Run
         from server.ledger import write_summary
@@ -136,7 +139,7 @@ def run_resume(folder: str | Path, verbose: bool = False):
         print(f"diredi-sim: {folder}: all {total} rounds were complete; summary written")
         return None
     (folder / "summary.md").unlink(missing_ok=True)
-    print(f"diredi-sim: resuming {folder} after round {last} of {total}")
+    logger.info("resuming %s after round %d of %d", folder, last, total)
     from experiments.simulate import run_simulate
 
     return run_simulate(config, run_folder=folder, verbose=verbose, resume=state)

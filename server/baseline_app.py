@@ -7,7 +7,7 @@ ServerApp's process reads no customer file."""
 
 from __future__ import annotations
 
-import sys
+import logging
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -19,6 +19,8 @@ from diredi_sim.manufacturer import prepare_manufacturer
 from diredi_sim.table import compute_knowledge
 from diredi_sim.runs import Run, to_jsonable
 from server.server_app import FederationOutcome
+
+logger = logging.getLogger(__name__)
 
 
 def recording_evaluation(base: type) -> type:
@@ -39,9 +41,14 @@ def recording_evaluation(base: type) -> type:
 def run_baseline(grid: Grid, config: FederationConfig, method: str, outcome: FederationOutcome | None = None) -> FederationOutcome:
     """FedAvg (``method="fedavg"``) or FedProx (``"fedprox"``) for ``config.baselines.rounds`` rounds."""
     outcome = outcome or FederationOutcome()
-    run = Run.create(config.runs_dir, f"{config.name}-{method}", config)
-    outcome.folder = run.folder
-    print(f"diredi-sim: {method} run folder {run.folder}", file=sys.stderr, flush=True)
+    with Run.create(config.runs_dir, f"{config.name}-{method}", config) as run:
+        outcome.folder = run.folder
+        logger.info("%s run folder %s", method, run.folder)
+        _run_rounds(grid, config, method, outcome, run)
+    return outcome
+
+
+def _run_rounds(grid: Grid, config: FederationConfig, method: str, outcome: FederationOutcome, run: Run) -> None:
     population = build_population(config.population, config.pipeline.presumed_split)
     maker = prepare_manufacturer(config.pipeline, config.data, preset=config.preset, seed=config.seed)
     model_bytes = count_state_bytes(maker.edge.state_dict())
@@ -89,7 +96,6 @@ def run_baseline(grid: Grid, config: FederationConfig, method: str, outcome: Fed
     last = max(r["round"] for r in rows)
     outcome.summary = [r for r in rows if r["round"] == last]
     run.write_json("summary.json", to_jsonable({"method": method, "customers": outcome.summary, "rounds": rows}))
-    return outcome
 
 
 def make_baseline_app(config: FederationConfig, method: str, outcome: FederationOutcome | None = None) -> ServerApp:

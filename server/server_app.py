@@ -10,7 +10,7 @@ rounds, and the per-customer summary in the run folder. Given a run's saved stat
 
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +23,8 @@ from diredi_sim.manufacturer import prepare_manufacturer
 from diredi_sim.runs import Run, to_jsonable
 from server.ledger import write_summary
 from server.strategy import DiReDiStrategy
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,11 +41,17 @@ def run_federation(grid: Grid, config: FederationConfig, outcome: FederationOutc
     outcome = outcome or FederationOutcome()
     configure_process(device=config.device, threads=config.threads)
     if resume is not None:
-        run = Run(run_folder)
+        run = Run(run_folder).open_log()  # the log file goes on
     else:
         run = Run.create(config.runs_dir, config.name, config) if run_folder is None else _open_run(run_folder, config)
     outcome.folder = run.folder
-    print(f"diredi-sim: federation run folder {run.folder}", file=sys.stderr, flush=True)
+    with run:
+        logger.info("federation run folder %s", run.folder)
+        _run_rounds(grid, config, outcome, run, resume)
+    return outcome
+
+
+def _run_rounds(grid: Grid, config: FederationConfig, outcome: FederationOutcome, run: Run, resume: dict | None) -> None:
     population = build_population(config.population, config.pipeline.presumed_split)
     run.write_json("customers.json", to_jsonable([{**vars(c), "private": c.class_sets(config.pipeline).private,
                                                     "dropped": c.class_sets(config.pipeline).dropped} for c in population]))
@@ -54,8 +62,7 @@ def run_federation(grid: Grid, config: FederationConfig, outcome: FederationOutc
     strategy = DiReDiStrategy(config, population, edge_state, run)
     if resume is not None:
         tutor_state = strategy.restore(resume) or tutor_state
-        print(f"diredi-sim: resuming after round {strategy.round_offset} of {config.simulation.num_rounds}", file=sys.stderr,
-              flush=True)
+        logger.info("resuming after round %d of %d", strategy.round_offset, config.simulation.num_rounds)
     try:
         strategy.start(grid, initial_arrays=ArrayRecord(tutor_state), num_rounds=config.simulation.num_rounds - strategy.round_offset,
                        timeout=config.simulation.round_timeout, train_config=ConfigRecord(federation_to_flat(config)))
@@ -63,14 +70,13 @@ def run_federation(grid: Grid, config: FederationConfig, outcome: FederationOutc
         strategy.close()
     outcome.summary = strategy.ledger.summary_rows
     write_summary(run, strategy.ledger.summary_rows, strategy.ledger.round_reports)
-    return outcome
 
 
 def _open_run(folder: str | Path, config: FederationConfig) -> Run:
     run = Run(folder)
     run.folder.mkdir(parents=True, exist_ok=True)
     run.write_json("config.json", to_jsonable(config))
-    return run
+    return run.open_log()
 
 
 def make_server_app(config: FederationConfig, outcome: FederationOutcome | None = None,

@@ -26,7 +26,6 @@ every customer's deployed edge model as of that round, the summary rows and roun
 
 from __future__ import annotations
 
-import importlib
 import math
 import multiprocessing
 import os
@@ -44,6 +43,7 @@ from flwr.serverapp.strategy.multikrum import select_multikrum
 from diredi_sim.deltas import decompress_delta, select_neck_head
 from diredi_sim.federation import (Customer, FederationConfig, combine_round, evaluation_models, manufacturer_review, merge_round,
                                    reply_problems, review_edge, rows_from_metrics)
+from diredi_sim.logs import current_level, start_worker
 from diredi_sim.runs import Run, release_memory
 from diredi_sim.table import distill_c_row
 from server.ledger import STATE_FORMAT, SUMMARY_COLUMNS, Ledger
@@ -327,8 +327,10 @@ class DiReDiStrategy(FedAvg):
         An executor given to the strategy is used as it is."""
         if self.pool is not None:
             return
+        # each worker logs as this process does: its level, to stderr and to the run's log.txt
+        log_file = str(self.run.log_path) if self.run.logging_to_file else None
         self.pool = ProcessPoolExecutor(max_workers=self.server_workers, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=importlib.import_module, initargs=("diredi_sim.federation",))
+                                        initializer=start_worker, initargs=(current_level(), log_file, "diredi_sim.federation"))
         for _ in range(self.server_workers):  # the pool starts a process per waiting task: all of them, now
             self.pool.submit(int)
 

@@ -57,11 +57,11 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import math
 import multiprocessing
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -76,6 +76,8 @@ from diredi_sim.data import VOC_CLASSES
 FORMAT_VERSION = 1
 SETTINGS_FILE = "synthetic.json"
 SPLITS = ("train", "val", "test")
+
+logger = logging.getLogger(__name__)
 
 # Colours shared by every class and by the background; drawn per object, so they carry no class.
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -955,9 +957,9 @@ def write_dataset(root: Path, config: SyntheticConfig, workers: int | None) -> d
 
 def report_generation(root: Path, config: SyntheticConfig, info: dict) -> None:
     n = max(1, info["images"])
-    print(f"diredi-sim: generated synthetic VOC data in {info['seconds']:.1f} s ({info['workers']} process(es)): "
-          f"{info['images']} images of {config.image_size} px, {info['objects'] / n:.2f} objects "
-          f"({info['difficult'] / n:.2f} difficult) per image -> {root}", file=sys.stderr, flush=True)
+    logger.info("generated synthetic VOC data in %.1f s (%d process(es)): %d images of %d px, %.2f objects (%.2f difficult) "
+                "per image -> %s", info["seconds"], info["workers"], info["images"], config.image_size, info["objects"] / n,
+                info["difficult"] / n, root)
 
 
 def generate_synthetic(root: Path, config: SyntheticConfig, workers: int | None = None) -> Path:
