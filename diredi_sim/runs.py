@@ -11,6 +11,7 @@ Layout of a run folder::
     RUN/metrics.jsonl      one JSON object per line (epoch / round / stage rows)
     RUN/checkpoints/*.pt   {"format", "role", "preset", "spec", "config", "state_dict", ...}
     RUN/*.json             results (per-class AP, tables)
+    RUN/results.csv        the results as one tidy table (diredi_sim.tidy), where the command has results
 """
 
 from __future__ import annotations

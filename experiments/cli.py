@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_device(p)
     p.set_defaults(func=cmd_paper)
 
-    p = add_command("paper-summary", help="rewrite a paper run's table.json / table.md from its seed-<s>/ folders")
+    p = add_command("paper-summary", help="rewrite a paper run's table.json, table.md and results.csv from its seed-<s>/ folders")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_paper_summary)
 

@@ -8,7 +8,8 @@ models stay), the mean and standard deviation over seeds. DiReDi's paired differ
 each other method on mAP, F1, gain and forgetting (pairs matched by seed and customer) with
 Student-t 95% intervals (``compare_differences``). Writes ``compare.json`` (``results``,
 ``summary``, ``differences``, ``runs``) and ``compare.md`` to a new run folder; every method's
-own run folder is listed there.
+own run folder is listed there, and ``results.csv`` holds every method's rows as one tidy table
+(:mod:`diredi_sim.tidy`; seed = run seed + replicate).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 from diredi_sim.config import ConfigError
 from diredi_sim.federation import FederationConfig
 from diredi_sim.runs import Run, atomic_write_text, to_jsonable
+from diredi_sim.tidy import tidy_rows, write_results_csv
 from experiments.methods import resolve
 from experiments.stats import paired_difference
 
@@ -112,6 +114,14 @@ def format_comparison(summary: list[dict], seeds: int) -> str:
     return "\n".join(lines)
 
 
+def compare_results(results: list[dict], run_seed: int) -> list[dict]:
+    """The tidy rows of ``compare.json``'s results: one method's row per replicate and customer
+    (seed = ``run_seed`` + replicate; round: the method's last, none for direct / local)."""
+    return [tidy for row in results
+            for tidy in tidy_rows(row, method=row["method"], seed=run_seed + row.get("replicate", 0), round=row.get("round"),
+                                  customer=row.get("customer"), partition_id=row.get("partition_id"))]
+
+
 def run_compare(config: FederationConfig, seeds: int = 1) -> Path:
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: must be >= 1")
@@ -121,7 +131,7 @@ def run_compare(config: FederationConfig, seeds: int = 1) -> Path:
 
 
 def _compare(config: FederationConfig, seeds: int, methods: list, run: Run) -> Path:
-    """Every method on every replicate; compare.json rewritten after each (a
+    """Every method on every replicate; compare.json and results.csv rewritten after each (a
     stopped comparison keeps what it finished), compare.md at the end."""
     results, folders = [], []
     for replicate in range(seeds):
@@ -138,6 +148,7 @@ def _compare(config: FederationConfig, seeds: int, methods: list, run: Run) -> P
                 results.append({"replicate": replicate, "method": method.name, "seconds": seconds / max(1, len(rows)), **row})
             run.write_json("compare.json", to_jsonable({"results": results, "summary": summarize(results),
                                                         "differences": compare_differences(results), "runs": folders}))
+            write_results_csv(run.folder / "results.csv", compare_results(to_jsonable(results), config.seed))
     summary = summarize(results)
     differences = compare_differences(results)
     text = (f"{seeds} seed(s). mAP, precision, recall, F1 over each customer's classes (score >= "
@@ -151,5 +162,5 @@ def _compare(config: FederationConfig, seeds: int, methods: list, run: Run) -> P
                  "negative favours DiReDi.\n\n" + format_differences(differences) + "\n")
     atomic_write_text(run.folder / "compare.md", text)
     print(text)
-    print(f"comparison in {run.folder} (compare.md, compare.json)")
+    print(f"comparison in {run.folder} (compare.md, compare.json, results.csv)")
     return run.folder

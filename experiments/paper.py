@@ -8,7 +8,8 @@ knowledge gain and forgetting), ``table.md`` (the same shaped like the paper's T
 (time and peak memory per stage), ``delta.pt`` (the delta that travelled), ``config.json``,
 ``metrics.jsonl`` and ``checkpoints/``. The top of the folder holds the summary over seeds,
 ``table.json`` (``aggregate_paper_tables``: mean and std per row and measure, paired differences
-with 95% intervals, the per-seed values) and ``table.md`` (``format_paper_summary``).
+with 95% intervals, the per-seed values), ``table.md`` (``format_paper_summary``) and
+``results.csv`` (``paper_results``: every seed's rows as one tidy table, :mod:`diredi_sim.tidy`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from diredi_sim.config import ConfigError, ExperimentConfig, config_from_dict, r
 from diredi_sim.pipeline import PipelineResult, run_pipeline
 from diredi_sim.settings import PipelineConfig, load_pipeline_config
 from diredi_sim.runs import Run, atomic_write_json, atomic_write_text, to_jsonable
+from diredi_sim.tidy import tidy_rows, write_results_csv
 from experiments.stats import paired_difference, summarize
 
 logger = logging.getLogger(__name__)
@@ -115,7 +117,7 @@ def run_paper(config: ExperimentConfig, experiment: str, pipeline: PipelineConfi
             print(write_paper_outputs(replicate, result, experiment, total_seconds=time.perf_counter() - started) + "\n", flush=True)
             text = summarize_paper_run(run.folder)
     print(text, flush=True)
-    print(f"\nresults in {run.folder} (table.md, table.json; each seed's outputs in seed-<s>/)", flush=True)
+    print(f"\nresults in {run.folder} (table.md, table.json, results.csv; each seed's outputs in seed-<s>/)", flush=True)
     return run
 
 
@@ -139,9 +141,28 @@ def summarize_paper_run(folder: str | Path) -> str:
     for entry, (table, name) in zip(summary["per_seed"], tables):
         entry.update({"folder": name, "accepted": table["verdict"]["accepted"], "training_images": table["settings"].get("training_images")})
     atomic_write_json(folder / "table.json", summary)
+    write_results_csv(folder / "results.csv", [row for table, _ in tables for row in paper_results(table)])
     text = format_paper_summary(summary, manufacturer_seed=config.get("seed"))
     atomic_write_text(folder / "table.md", text + "\n")
     return text
+
+
+# A paper run's rows that are baselines, not DiReDi: the method results.csv gives them.
+PAPER_ROW_METHODS = {"edge_direct": "direct", "edge_local": "local"}
+
+
+def paper_results(table: dict) -> list[dict]:
+    """The tidy rows (:func:`diredi_sim.tidy.tidy_rows`) of one replicate's ``table.json``: its
+    customer (the experiment, partition 0) in round 1 (the paper's flow is one round), seed its
+    customer seed; every row of the table under ``<row key>/`` (``edge_direct`` and
+    ``edge_local`` as methods direct and local, the others as diredi), and the verdict
+    (``accepted``) and the delta (``delta/norm``, ``delta/bytes_fp32``, ...) as diredi's."""
+    where = dict(seed=table["settings"]["customer_seed"], round=1, customer=table["experiment"], partition_id=0)
+    rows = tidy_rows({"verdict": "accepted" if table["verdict"]["accepted"] else "rejected", "delta": table.get("delta") or {}},
+                     method="diredi", **where)
+    for row in table["rows"]:
+        rows += tidy_rows(row, method=PAPER_ROW_METHODS.get(row["key"], "diredi"), prefix=f"{row['key']}/", **where)
+    return rows
 
 
 def write_paper_outputs(run: Run, result: PipelineResult, experiment: str, *, total_seconds: float | None = None) -> str:

@@ -135,7 +135,7 @@ def run_resume(folder: str | Path, verbose: bool = False):
         from diredi_sim.runs import Run
         from server.ledger import write_summary
 
-        write_summary(Run(folder), state["summary_rows"], state["round_reports"])
+        write_summary(Run(folder), state["summary_rows"], state["round_reports"], config)
         print(f"diredi-sim: {folder}: all {total} rounds were complete; summary written")
         return None
     (folder / "summary.md").unlink(missing_ok=True)

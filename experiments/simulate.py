@@ -67,7 +67,7 @@ def run_simulate(config: FederationConfig, run_folder: str | Path | None = None,
         raise RuntimeError(f"the simulation ended without results (run folder: {outcome.folder}); see the log above")
     print(format_summary(outcome.summary))
     print(f"\n{len(population)} customers, {config.simulation.num_rounds} round(s) in {seconds:.0f} s; "
-          f"results in {outcome.folder} (summary.md, summary.json, round*/customer*.json, checkpoints/, log.txt)")
+          f"results in {outcome.folder} (summary.md, summary.json, results.csv, round*/customer*.json, checkpoints/, log.txt)")
     logging.getLogger("flwr").info("done")
     sys.stdout.flush()
     return outcome

@@ -18,6 +18,7 @@ from diredi_sim.federation import (FederationConfig, build_population, count_sta
 from diredi_sim.manufacturer import prepare_manufacturer
 from diredi_sim.table import compute_knowledge
 from diredi_sim.runs import Run, to_jsonable
+from diredi_sim.tidy import tidy_rows, write_results_csv
 from server.server_app import FederationOutcome
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,9 @@ def _run_rounds(grid: Grid, config: FederationConfig, method: str, outcome: Fede
     last = max(r["round"] for r in rows)
     outcome.summary = [r for r in rows if r["round"] == last]
     run.write_json("summary.json", to_jsonable({"method": method, "customers": outcome.summary, "rounds": rows}))
+    seed = config.seed + config.replicate
+    write_results_csv(run.folder / "results.csv", [tidy for r in rows for tidy in tidy_rows(
+        r, method=method, seed=seed, round=r["round"], customer=r["customer"], partition_id=r["partition_id"])])
 
 
 def make_baseline_app(config: FederationConfig, method: str, outcome: FederationOutcome | None = None) -> ServerApp:

@@ -6,12 +6,15 @@ the ledger writes.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 from diredi_sim.federation import FederationConfig, load_model
 from diredi_sim.runs import (Run, atomic_write_bytes, atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint,
                              to_jsonable)
 from diredi_sim.table import distill_c_row
+from diredi_sim.tidy import tidy_rows, write_results_csv
 
 # Columns of the per-customer summary (summary.md), in order.
 SUMMARY_COLUMNS = ("round", "partition_id", "customer", "private", "dropped", "verdict", "edge", "gain", "forgetting",
@@ -156,8 +159,48 @@ def format_summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_summary(run: Run, rows: list[dict], rounds: list[dict]) -> None:
+# A customer's round as results.csv has it: these measures of the edge model it runs after the
+# round, and these of its summary row.
+OUTCOME_MEASURES = ("mAP", "precision", "recall", "f1", "per_class", "change")
+ROUND_MEASURES = ("verdict", "edge", "gain", "forgetting", "dropped_forgetting", "mAP_before", "mAP_after", "uplink_bytes",
+                  "downlink_bytes", "delta_bytes", "seconds", "customer_seconds", "manufacturer_seconds", "bytes", "train_images")
+MERGE_MEASURES = ("replies", "failures", "accepted_customers", "shared_tutor_updated")
+
+
+def _round_file_order(path: Path) -> tuple[int, int]:
+    return int(path.parent.name.removeprefix("round")), int(path.stem.removeprefix("customer"))
+
+
+def federation_results(folder: str | Path, config: FederationConfig, method: str = "diredi") -> list[dict]:
+    """The tidy rows (:func:`diredi_sim.tidy.tidy_rows`) of a federation run folder, from its
+    round files (``round<r>/customer<p>.json``) and ``rounds.json``: per customer and round the
+    outcome (the edge model it runs after the round: Distill C's when deployed, its previous
+    one when not; unprefixed metrics) and every model of the round's table (``<row key>/...``);
+    per round the merge (no customer)."""
+    folder = Path(folder)
+    seed = config.seed + config.replicate
+    deployed_key = distill_c_row(config.simulation.deploy_mode, config.pipeline.distill_c_losses[0])
+    rows = []
+    for path in sorted(folder.glob("round*/customer*.json"), key=_round_file_order):
+        detail = json.loads(path.read_text(encoding="utf-8"))
+        where = dict(method=method, seed=seed, round=detail["round"], customer=detail["customer"], partition_id=detail["partition_id"])
+        models = {row["key"]: row for row in detail.get("rows", [])}
+        deployed = models.get(deployed_key if detail.get("edge") == "deployed" else "edge_original", {})
+        outcome = {**{k: deployed[k] for k in OUTCOME_MEASURES if k in deployed}, **{k: detail[k] for k in ROUND_MEASURES if k in detail}}
+        rows += tidy_rows(outcome, **where)
+        for key, model in models.items():
+            rows += tidy_rows(model, **where, prefix=f"{key}/")
+    reports = json.loads((folder / "rounds.json").read_text(encoding="utf-8")) if (folder / "rounds.json").is_file() else []
+    for report in reports:
+        rows += tidy_rows({k: report[k] for k in MERGE_MEASURES if k in report}, method=method, seed=seed, round=report["round"],
+                          prefix="merge/")
+    return rows
+
+
+def write_summary(run: Run, rows: list[dict], rounds: list[dict], config: FederationConfig) -> None:
+    """summary.json, summary.md and results.csv (:func:`federation_results`) of a finished run."""
     run.write_json("summary.json", to_jsonable({"customers": rows, "rounds": rounds}))
+    write_results_csv(run.folder / "results.csv", federation_results(run.folder, config))
     text = ("gain: mean AP change on the customer's private classes; forgetting: mean AP lost on its kept presumed classes; "
             "dropped_forgetting: AP lost on the presumed classes it dropped (intended). The edge model the customer runs "
             "after the round (Distill C when accepted; its previous one when rejected) against the original edge, on the "
@@ -165,4 +208,4 @@ def write_summary(run: Run, rows: list[dict], rounds: list[dict]) -> None:
     atomic_write_text(run.folder / "summary.md", text)
 
 
-__all__ = ["Ledger", "SUMMARY_COLUMNS", "STATE_FORMAT", "format_summary", "write_summary"]
+__all__ = ["Ledger", "SUMMARY_COLUMNS", "STATE_FORMAT", "federation_results", "format_summary", "write_summary"]

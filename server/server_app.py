@@ -69,7 +69,7 @@ def _run_rounds(grid: Grid, config: FederationConfig, outcome: FederationOutcome
     finally:
         strategy.close()
     outcome.summary = strategy.ledger.summary_rows
-    write_summary(run, strategy.ledger.summary_rows, strategy.ledger.round_reports)
+    write_summary(run, strategy.ledger.summary_rows, strategy.ledger.round_reports, config)
 
 
 def _open_run(folder: str | Path, config: FederationConfig) -> Run:

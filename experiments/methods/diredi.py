@@ -34,7 +34,8 @@ def run_diredi(config: FederationConfig, shared: dict | None = None) -> tuple[li
             uplink, downlink = uplink + record["uplink_bytes"], downlink + record["downlink_bytes"]
             counts = record.get("train_images", {})
             images += counts.get("rd_b", 0) + counts.get("rd_a", 0) + counts.get(mode_key.replace("edge_", "", 1), 0)
-        rows.append({"partition_id": summary["partition_id"], "customer": summary["customer"], "verdict": summary["verdict"],
+        rows.append({"round": rounds, "partition_id": summary["partition_id"], "customer": summary["customer"],
+                     "verdict": summary["verdict"],
                      **{k: deployed.get(k) for k in ("mAP", "precision", "recall", "f1", "gain", "forgetting", "per_class", "change")},
                      "uplink_bytes": uplink, "downlink_bytes": downlink,
                      "train_images": images})
