@@ -132,6 +132,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)  # the trained role starts from weights.<role>
+    tensorboard: bool = False  # also write every metrics row as TensorBoard scalars to <run>/tensorboard/ (needs the tensorboard package)
 
     def __post_init__(self):
         _check(self.preset in ("cpu", "paper"), "preset", self.preset, "must be 'cpu' or 'paper'")

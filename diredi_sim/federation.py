@@ -185,6 +185,7 @@ class FederationConfig:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     replicate: int = 0  # the customers' seeds of replicate k differ; the manufacturer's models stay (compare --seeds)
+    tensorboard: bool = False  # also write the run's metrics rows as TensorBoard scalars to <run>/tensorboard/ (needs tensorboard)
 
     def seeds(self, partition_id: int) -> Seeds:
         """Customer ``partition_id``'s seeds in this replicate (:func:`diredi_sim.seeds.derive_seed`)."""

@@ -6,12 +6,14 @@ append-only; a torn last line (a crash mid-append) is skipped with a warning whe
 
 Layout of a run folder::
 
-    RUN/config.json        the full config of the run
+    RUN/config.json        the full config of the run, and under "environment" the library
+                           versions, the device and the git commit that produced it
     RUN/log.txt            the log records of the run's process (and its worker processes)
     RUN/metrics.jsonl      one JSON object per line (epoch / round / stage rows)
     RUN/checkpoints/*.pt   {"format", "role", "preset", "spec", "config", "state_dict", ...}
     RUN/*.json             results (per-class AP, tables)
     RUN/results.csv        the results as one tidy table (diredi_sim.tidy), where the command has results
+    RUN/tensorboard/       the metrics rows as TensorBoard scalars (with `tensorboard = true`)
 """
 
 from __future__ import annotations
@@ -188,15 +190,23 @@ class Run:
 
     A run created by ``Run.create`` (or opened with :meth:`open_log`, which appends) writes the
     log records of its process to ``log.txt`` until :meth:`close` (a command closes its runs when
-    it ends: :func:`close_runs`)."""
+    it ends: :func:`close_runs`). With ``tensorboard`` on, every metrics row that :meth:`log`
+    appends is also written as TensorBoard scalars to ``tensorboard/`` (:class:`ScalarWriter`)."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, *, tensorboard: bool = False):
         self.folder = Path(folder)
+        self.tensorboard = bool(tensorboard)
+        self._writer: ScalarWriter | None = None
         self._log_handler = None
 
     @classmethod
     def create(cls, root: str | Path, name: str, config: Any) -> "Run":
-        """A new folder ``<root>/<time>-<name>`` with ``config.json``; its log file attached."""
+        """A new folder ``<root>/<time>-<name>`` with ``config.json`` (the config and, under
+        ``environment``, the library versions, device and git commit); its log file attached.
+        ``config``'s ``tensorboard`` setting (a field or key) turns the TensorBoard writer on."""
+        tensorboard = wants_tensorboard(config)
+        if tensorboard:
+            require_tensorboard()  # before the folder exists
         stamp = time.strftime("%Y%m%d-%H%M%S")
         folder = Path(root) / f"{stamp}-{name}"
         suffix = 1
@@ -204,8 +214,8 @@ class Run:
             suffix += 1
             folder = Path(root) / f"{stamp}-{name}-{suffix}"
         folder.mkdir(parents=True)
-        run = cls(folder)
-        atomic_write_json(run.folder / "config.json", config)
+        run = cls(folder, tensorboard=tensorboard)
+        write_config(run.folder, config)
         run.open_log()
         return run
 
@@ -226,10 +236,13 @@ class Run:
         return self._log_handler is not None
 
     def close(self) -> None:
-        """Stop writing the log file (it stays)."""
+        """Stop writing the log file and TensorBoard events (the files stay)."""
         if self._log_handler is not None:
             detach_log_file(self._log_handler)
             self._log_handler = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
         if self in _open_runs:
             _open_runs.remove(self)
 
@@ -245,6 +258,10 @@ class Run:
 
     def log(self, row: dict) -> None:
         append_jsonl(self.metrics_path, {"time": round(time.time(), 3), **row})
+        if self.tensorboard:
+            if self._writer is None:
+                self._writer = ScalarWriter(self.folder / "tensorboard")
+            self._writer.write(row)
 
     def metrics(self) -> list[dict]:
         return read_jsonl(self.metrics_path)
@@ -263,3 +280,137 @@ def close_runs() -> None:
     """Close every run this process still writes a log file for (the end of a command)."""
     for run in list(_open_runs):
         run.close()
+
+
+# ------------------------------------------------------------------------------ config.json
+
+
+def _package_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def _git(folder: Path, *args: str) -> str | None:
+    """The output of ``git args`` in ``folder``; None when git is missing, fails or takes too long."""
+    import subprocess
+
+    try:
+        result = subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout if result.returncode == 0 else None
+
+
+def read_git_commit(folder: str | Path | None = None) -> str | None:
+    """``git rev-parse HEAD`` of ``folder`` (default: this project's folder) when it is a git
+    checkout; None when it is not, or git is missing or fails."""
+    folder = Path(folder) if folder is not None else Path(__file__).resolve().parents[1]
+    commit = (_git(folder, "rev-parse", "HEAD") or "").strip()
+    return commit or None
+
+
+def read_git_dirty(folder: str | Path | None = None) -> bool | None:
+    """Whether tracked files of the checkout differ from its commit (None: not a git checkout)."""
+    folder = Path(folder) if folder is not None else Path(__file__).resolve().parents[1]
+    status = _git(folder, "status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status.strip())
+
+
+def describe_environment() -> dict:
+    """What produced a run: Python and library versions (None for one not installed), this
+    process's device (:func:`diredi_sim.compute.current_device`), the project's git commit
+    (None outside a git checkout) and whether tracked files differed from it, the command line."""
+    import platform
+    import sys
+
+    from diredi_sim import __version__
+    from diredi_sim.compute import current_device
+
+    device = current_device()
+    versions = {"python": platform.python_version(), "diredi-sim": __version__, "torch": torch.__version__,
+                **{name: _package_version(name) for name in ("torchvision", "flwr", "ray", "numpy")}}
+    return {"versions": versions, "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+            "platform": platform.platform(), "git_commit": read_git_commit(), "git_dirty": read_git_dirty(),
+            "argv": list(sys.argv)}
+
+
+def write_config(folder: str | Path, config: Any) -> Path:
+    """``config.json``: the config's fields and ``environment`` (:func:`describe_environment`)."""
+    data = to_jsonable(config)
+    if isinstance(data, dict):
+        data = {**data, "environment": describe_environment()}
+    return atomic_write_json(Path(folder) / "config.json", data)
+
+
+def strip_environment(data: dict) -> dict:
+    """A config.json's fields without its ``environment`` record (to rebuild the typed config)."""
+    return {k: v for k, v in data.items() if k != "environment"}
+
+
+# ------------------------------------------------------------------------------ TensorBoard
+
+TENSORBOARD_SETTING = "tensorboard"
+# Keys of a metrics row that say where it belongs rather than what was measured.
+_ROW_KEYS = ("time", "epoch", "round", "partition_id", "replicate", "seed", "server-round", "node")
+
+
+def wants_tensorboard(config: Any) -> bool:
+    """The config's ``tensorboard`` setting (a dataclass field or a dict key; False when absent)."""
+    if isinstance(config, Mapping):
+        return bool(config.get(TENSORBOARD_SETTING, False))
+    return bool(getattr(config, TENSORBOARD_SETTING, False))
+
+
+def require_tensorboard() -> None:
+    """ImportError naming the setting when ``tensorboard = true`` but the package is missing."""
+    import importlib
+
+    try:
+        importlib.import_module("torch.utils.tensorboard")  # imports the tensorboard package
+    except ImportError as exc:
+        from diredi_sim.config import ConfigError
+
+        raise ConfigError(f"{TENSORBOARD_SETTING} = true needs the tensorboard package, which torch.utils.tensorboard "
+                          f"could not import ({exc}); install it (`uv pip install tensorboard`) or set "
+                          f"{TENSORBOARD_SETTING} = false") from None
+
+
+def _scalars(row: Mapping, prefix: str = "") -> dict[str, float]:
+    """The numbers of a metrics row, nested mappings flattened with '/' (per_class/cat)."""
+    out = {}
+    for key, value in row.items():
+        if not prefix and key in _ROW_KEYS:
+            continue
+        if isinstance(value, Mapping):
+            out.update(_scalars(value, f"{prefix}{key}/"))
+        elif isinstance(value, (bool, int, float, np.number)) and math.isfinite(float(value)):
+            out[f"{prefix}{key}"] = float(value)
+    return out
+
+
+class ScalarWriter:
+    """Metrics rows as TensorBoard scalars (torch.utils.tensorboard.SummaryWriter): tag
+    ``<stage or event>[/customer<p>]/<measure>``, step the row's epoch or round."""
+
+    def __init__(self, folder: str | Path):
+        require_tensorboard()
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(folder))
+
+    def write(self, row: Mapping) -> None:
+        group = str(row.get("stage") or row.get("pipeline_stage") or row.get("event") or "run")
+        if row.get("partition_id") is not None:
+            group += f"/customer{row['partition_id']}"
+        step = int(row.get("epoch") or row.get("round") or 0)
+        for key, value in _scalars(row).items():
+            self.writer.add_scalar(f"{group}/{key}", value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

@@ -21,9 +21,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from diredi_sim.compute import configure_process
 from diredi_sim.config import ConfigError
 from diredi_sim.federation import FederationConfig
-from diredi_sim.runs import Run, atomic_write_text, to_jsonable
+from diredi_sim.runs import Run, atomic_write_text, require_tensorboard, to_jsonable
 from diredi_sim.tidy import tidy_rows, write_results_csv
 from experiments.methods import resolve
 from experiments.stats import paired_difference
@@ -126,6 +127,9 @@ def run_compare(config: FederationConfig, seeds: int = 1) -> Path:
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: must be >= 1")
     methods = resolve(config.baselines.methods)  # an unknown name stops here, before anything runs
+    configure_process(device=config.device, threads=config.threads)  # the device config.json records
+    if config.tensorboard:
+        require_tensorboard()
     with Run.create(config.runs_dir, f"{config.name}-compare", config) as run:
         return _compare(config, seeds, methods, run)
 

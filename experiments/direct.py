@@ -14,6 +14,7 @@ from diredi_sim.data import VOC_CLASSES
 from diredi_sim.data.sources import load_split_records, resolve_data_folder, split_class_indices
 from diredi_sim.models import build_detector, count_parameters
 from diredi_sim.runs import Run
+from diredi_sim.runs import require_tensorboard
 from diredi_sim.train import evaluate_detector, summarize_eval, train_detector
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ def run_direct_training(config: ExperimentConfig) -> Run:
     """Generate or read the data, train ``config.role`` on ``config.split``, evaluate on the
     test set, and write everything to a new run folder."""
     configure_process(device=config.device, threads=config.threads)
+    if config.tensorboard:
+        require_tensorboard()
     started = time.perf_counter()
     folder = resolve_data_folder(config.data)
     data_seconds = time.perf_counter() - started

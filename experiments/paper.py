@@ -28,7 +28,7 @@ from diredi_sim.seeds import Seeds
 from diredi_sim.config import ConfigError, ExperimentConfig, config_from_dict, read_toml
 from diredi_sim.pipeline import PipelineResult, run_pipeline
 from diredi_sim.settings import PipelineConfig, load_pipeline_config
-from diredi_sim.runs import Run, atomic_write_json, atomic_write_text, to_jsonable
+from diredi_sim.runs import Run, atomic_write_json, atomic_write_text, require_tensorboard, to_jsonable, write_config
 from diredi_sim.tidy import tidy_rows, write_results_csv
 from experiments.stats import paired_difference, summarize
 
@@ -96,6 +96,8 @@ def run_paper(config: ExperimentConfig, experiment: str, pipeline: PipelineConfi
     if pipeline.customer == "":
         pipeline = replace(pipeline, customer=experiment)
     configure_process(device=config.device, threads=config.threads)
+    if config.tensorboard:
+        require_tensorboard()
     run_config = {"experiment": experiment, **{f.name: getattr(config, f.name) for f in fields(config) if f.name != "pipeline"},
                   "pipeline": pipeline}
     replicates = [Seeds(config.seed, replicate=k) for k in range(seeds)]
@@ -106,13 +108,14 @@ def run_paper(config: ExperimentConfig, experiment: str, pipeline: PipelineConfi
             f"{', '.join(map(str, customer_seeds))}; run folder {run.folder}")
         for seeds_k, customer_seed in zip(replicates, customer_seeds):
             seed_config = {**run_config, "customer_seed": customer_seed}
-            replicate = Run(run.folder / f"seed-{customer_seed}")
+            replicate = Run(run.folder / f"seed-{customer_seed}", tensorboard=run.tensorboard)
             replicate.folder.mkdir()
-            atomic_write_json(replicate.folder / "config.json", seed_config)
+            write_config(replicate.folder, seed_config)
             say(f"paper {experiment}: customer seed {customer_seed} -> {replicate.folder}")
             started = time.perf_counter()
-            result = run_pipeline(pipeline, config.data, preset=config.preset, seed=config.seed, run=replicate,
-                                  config=to_jsonable(seed_config), progress=progress, seeds=seeds_k)
+            with replicate:  # its TensorBoard events closed when the replicate ends
+                result = run_pipeline(pipeline, config.data, preset=config.preset, seed=config.seed, run=replicate,
+                                      config=to_jsonable(seed_config), progress=progress, seeds=seeds_k)
             result.settings["customer_seed"] = customer_seed
             print(write_paper_outputs(replicate, result, experiment, total_seconds=time.perf_counter() - started) + "\n", flush=True)
             text = summarize_paper_run(run.folder)

@@ -19,6 +19,7 @@ from diredi_sim.compute import configure_process
 from diredi_sim.federation import FederationConfig, build_population
 from diredi_sim.datasets import DataSets
 from diredi_sim.manufacturer import manufacturer_is_cached, prepare_manufacturer
+from diredi_sim.runs import require_tensorboard
 
 
 def build_backend_config(config: FederationConfig) -> dict:
@@ -45,6 +46,8 @@ def run_simulate(config: FederationConfig, run_folder: str | Path | None = None,
     from server.server_app import FederationOutcome, make_server_app
 
     configure_process(device=config.device, threads=config.threads)  # an absent GPU fails here, before Ray starts
+    if config.tensorboard:
+        require_tensorboard()  # and a missing package here
     population = build_population(config.population, config.pipeline.presumed_split)
     DataSets(config.data)  # generate the synthetic data here, once, before any actor needs it
     # The manufacturer's models, trained into the cache here when missing, before Ray and Flower

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from diredi_sim.compute import configure_process
 from diredi_sim.federation import FederationConfig, build_population, federation_from_flat, federation_to_flat
 from diredi_sim.manufacturer import prepare_manufacturer
-from diredi_sim.runs import Run, to_jsonable
+from diredi_sim.runs import Run, to_jsonable, write_config
 from server.ledger import write_summary
 from server.strategy import DiReDiStrategy
 
@@ -41,7 +41,7 @@ def run_federation(grid: Grid, config: FederationConfig, outcome: FederationOutc
     outcome = outcome or FederationOutcome()
     configure_process(device=config.device, threads=config.threads)
     if resume is not None:
-        run = Run(run_folder).open_log()  # the log file goes on
+        run = Run(run_folder, tensorboard=config.tensorboard).open_log()  # the log file goes on
     else:
         run = Run.create(config.runs_dir, config.name, config) if run_folder is None else _open_run(run_folder, config)
     outcome.folder = run.folder
@@ -73,9 +73,9 @@ def _run_rounds(grid: Grid, config: FederationConfig, outcome: FederationOutcome
 
 
 def _open_run(folder: str | Path, config: FederationConfig) -> Run:
-    run = Run(folder)
+    run = Run(folder, tensorboard=config.tensorboard)
     run.folder.mkdir(parents=True, exist_ok=True)
-    run.write_json("config.json", to_jsonable(config))
+    write_config(run.folder, config)
     return run.open_log()
 
 

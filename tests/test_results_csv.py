@@ -1,22 +1,28 @@
 """results.csv (one tidy row per method x seed x round x customer x class x metric) of simulate,
 compare and paper runs, read back with the csv module (and pandas where installed) and checked
-against the runs' JSON."""
+against the runs' JSON; config.json's environment record; the optional TensorBoard writer."""
 from __future__ import annotations
 
 import csv
 import json
 import logging
 import math
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from diredi_sim.config import ConfigError, DataConfig
 from diredi_sim.federation import BaselineConfig, FederationConfig, PopulationConfig, build_population
 from diredi_sim.models import build_detector
-from diredi_sim.runs import Run
+from diredi_sim.runs import Run, read_git_commit
 from diredi_sim.table import distill_c_row
 from diredi_sim.tidy import COLUMNS, read_results_csv, tidy_rows
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def read_csv(path: Path) -> dict[tuple, float]:
@@ -206,3 +212,49 @@ def test_tidy_rows_skip_identifiers_and_missing_values():
     assert [(r["class"], r["metric"], r["value"]) for r in rows] == [
         (None, "mAP", 0.5), (None, "accepted", 1), (None, "accepted", 0), ("cat", "AP", 0.25), (None, "bytes/train.up", 7),
         (None, "value", 1.5)]
+
+
+def test_config_json_records_versions_device_and_commit(tmp_path, monkeypatch):
+    run = Run.create(tmp_path, "env", {"seed": 1})
+    run.close()
+    data = json.loads((run.folder / "config.json").read_text())
+    assert data["seed"] == 1
+    environment = data["environment"]
+    versions = environment["versions"]
+    assert set(versions) >= {"python", "torch", "torchvision", "flwr", "ray", "numpy"}
+    assert versions["torch"] == torch.__version__ and versions["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert versions["numpy"] == __import__("numpy").__version__
+    assert environment["device"] == "cpu" or environment["device"].startswith("cuda")
+    git = shutil.which("git")
+    expected = subprocess.run([git, "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() if git else ""
+    assert environment["git_commit"] == (expected or None)
+    assert read_git_commit(tmp_path) is None  # not a git checkout
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git at all
+    assert read_git_commit() is None
+    Run.create(tmp_path, "no-git", {}).close()  # and a run is still created
+    # the resume path reads a config.json with its environment record back into the typed config
+    from experiments.resume import load_run_config
+
+    federation = FederationConfig(name="fed", data=DataConfig(cache_dir=str(tmp_path / "d")))
+    with Run.create(tmp_path, "fed", federation) as fed:
+        assert load_run_config(fed.folder) == federation
+
+
+def test_tensorboard_on_writes_scalars_or_says_which_setting_needs_the_package(tmp_path, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:  # an optional package: the writer where it is installed
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        with Run.create(tmp_path, "tb", {"tensorboard": True}) as run:
+            run.log({"stage": "edge", "epoch": 1, "loss.task.classification": 0.5, "val.mAP50": 0.25})
+            run.log({"event": "customer", "round": 2, "partition_id": 1, "gain": 0.125, "per_class": {"cat": 0.5}})
+        events = EventAccumulator(str(run.folder / "tensorboard"))
+        events.Reload()
+        assert [(e.step, e.value) for e in events.Scalars("edge/loss.task.classification")] == [(1, 0.5)]
+        assert [(e.step, e.value) for e in events.Scalars("customer/customer1/per_class/cat")] == [(2, 0.5)]
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as when the package is missing
+    with pytest.raises(ConfigError, match=r"tensorboard = true needs the tensorboard package.*or set tensorboard = false"):
+        Run.create(tmp_path / "missing", "tb", FederationConfig(tensorboard=True))
+    assert not (tmp_path / "missing").exists()
+    Run.create(tmp_path / "off", "tb", FederationConfig()).close()  # off: never imported
