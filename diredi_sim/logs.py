@@ -37,7 +37,7 @@ FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d] %(customer_prefi
 DATE_FORMAT = "%H:%M:%S"
 
 _customer: contextvars.ContextVar[str] = contextvars.ContextVar("diredi_sim_customer", default="")
-_state = {"level": None, "file_level": logging.NOTSET}
+_state = {"level": None, "file_level": logging.INFO}  # the log files: INFO, DEBUG when the console is at DEBUG
 
 
 class CustomerTag(logging.Filter):

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from diredi_sim.compute import configure_process
 from diredi_sim.federation import FederationConfig, build_population, federation_from_flat, federation_to_flat
+from diredi_sim.logs import ensure_logging
 from diredi_sim.manufacturer import prepare_manufacturer
 from diredi_sim.runs import Run, to_jsonable, write_config
 from server.ledger import write_summary
@@ -97,4 +98,5 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """``flwr run .``: the settings come from the run_config (flat keys, as pyproject.toml lists them)."""
+    ensure_logging()  # a process of Flower's: INFO to stderr and log.txt, unless logging was set up already
     run_federation(grid, federation_from_flat(dict(context.run_config), source="run_config"))
