@@ -70,7 +70,9 @@ def test_jsonl_skips_a_torn_last_line(tmp_path):
 def test_run_folder_layout(tmp_path):
     run = Run.create(tmp_path, "x", {"seed": 1})
     run.log({"epoch": 1, "loss": torch.tensor(0.5)})
-    assert json.loads((run.folder / "config.json").read_text()) == {"seed": 1}
+    written = json.loads((run.folder / "config.json").read_text())
+    assert {k: v for k, v in written.items() if k != "environment"} == {"seed": 1}
+    assert written["environment"]["versions"]["torch"] == torch.__version__ and written["environment"]["device"] == "cpu"
     assert run.metrics()[0]["loss"] == 0.5 and "time" in run.metrics()[0]
     assert Run.create(tmp_path, "x", {}).folder != run.folder
 
