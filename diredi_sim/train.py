@@ -280,9 +280,10 @@ def predict(detector: nn.Module, loader: DataLoader) -> dict[str, dict]:
     detector.eval()
     detections: dict[str, dict] = {}
     try:
-        for images, targets in loader:
-            outputs = detector(to_device(images)[0])
-            detections.update(collect_detections(outputs, [t["image_id"] for t in targets]))
+        with on_device(detector) as device:  # the batches follow the model to this process's device
+            for images, targets in loader:
+                outputs = detector(to_device(images, device=device)[0])
+                detections.update(collect_detections(outputs, [t["image_id"] for t in targets]))
     finally:
         detector.train(was_training)
     return detections
@@ -299,8 +300,7 @@ def evaluate_detector(
 ) -> dict:
     """VOC / COCO AP, per-class AP and P/R/F1 of ``detector`` on ``records`` for ``class_indices``."""
     loader = build_loader(records, batch_size=batch_size, train=False, num_workers=num_workers)
-    with on_device(detector):
-        detections = predict(detector, loader)
+    detections = predict(detector, loader)
     return evaluate_detections(
         detections, records_to_ground_truth(records), VOC_CLASSES, class_indices=list(class_indices), score_threshold=score_threshold
     )
