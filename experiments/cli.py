@@ -69,23 +69,24 @@ def cmd_paper_summary(args) -> int:
 
 
 def cmd_paper(args) -> int:
-    from experiments.paper import find_paper_config, load_paper_config, run_paper
+    from experiments.api import load_paper_job
+    from experiments.paper import run_paper
 
     check_seeds(args.seeds)
     overrides = overrides_of(args)
     for key, value in (("data.source", args.data), ("data.voc_root", args.voc_root), ("preset", args.preset), ("seed", args.seed)):
         if value is not None:
             overrides[key] = value
-    config, pipeline = load_paper_config(args.config or find_paper_config(args.experiment), overrides)
+    config, pipeline = load_paper_job(args.experiment, args.config, overrides)
     run_paper(config, args.experiment, pipeline, seeds=args.seeds)
     return 0
 
 
 def cmd_simulate(args) -> int:
-    from diredi_sim.federation import load_federation_config
+    from experiments.api import load_federation
     from experiments.simulate import run_simulate
 
-    config = load_federation_config(args.config, overrides_of(args))
+    config = load_federation(args.config, overrides_of(args))
     run_simulate(config, verbose=args.verbose)
     return 0
 
@@ -98,22 +99,22 @@ def cmd_resume(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from diredi_sim.federation import load_federation_config
+    from experiments.api import load_federation
     from experiments.compare import run_compare
 
     check_seeds(args.seeds)
-    config = load_federation_config(args.config, overrides_of(args))
+    config = load_federation(args.config, overrides_of(args))
     run_compare(config, seeds=args.seeds)
     return 0
 
 
 def cmd_demo(args) -> int:
     """The main job: the comparison on the demo config, then its HTML report."""
-    from diredi_sim.federation import load_federation_config
+    from experiments.api import load_federation
     from experiments.compare import run_compare
     from experiments.report import render_report
 
-    config = load_federation_config(args.config, overrides_of(args))
+    config = load_federation(args.config, overrides_of(args))
     folder = run_compare(config, seeds=1)
     report = render_report(folder)
     print(f"report: {report} (plots in {folder / 'plots'})")
@@ -121,9 +122,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from experiments.plots import plot_comparison
+    from experiments.plots import plot_run
 
-    for path in plot_comparison(args.run_dir):
+    for path in plot_run(args.run_dir):
         print(path)
     return 0
 
