@@ -1,5 +1,6 @@
 """``diredi-sim report RUN_DIR``: one self-contained HTML file (tables and embedded plots) for a
-comparison run, written to ``RUN_DIR/report.html``. Plots are redrawn from the saved results."""
+compare, simulate or paper run, written to ``RUN_DIR/report.html``. Plots are redrawn from the
+saved results; a simulate or paper run's tables are :mod:`experiments.run_folders`'s."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 
 from diredi_sim.runs import atomic_write_text
 from experiments.compare import MEASURES, summarize
-from experiments.plots import load_comparison, plot_comparison
+from experiments.plots import load_comparison, load_view, plot_comparison, plot_view
+from experiments.run_folders import Table, detect_run_kind
 
 STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:1em 0}"
          "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eee}td:first-child,td:nth-child(2)"
@@ -26,40 +28,62 @@ def _cell(entry: dict, measure: str) -> str:
     return text + (f" ± {std * scale:.3f}" if entry["n"] > 1 and std and not math.isnan(std) else "")
 
 
-def render_report(folder: str | Path) -> Path:
-    folder = Path(folder)
-    data = load_comparison(folder)
-    images = [p for p in plot_comparison(folder) if p.suffix == ".png"]
-    summary = sorted(summarize(data["results"]), key=lambda e: (e["customer"] != "all", e["customer"], e["method"]))
-    headers = ["method", "customer", *[m.replace("_bytes", " MiB") for m in MEASURES]]
-    rows = "\n".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in
-                                     [e["method"], e["customer"], *[_cell(e, m) for m in MEASURES]]) + "</tr>" for e in summary)
-    figures = "\n".join(
+def render_table(table: Table) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in table.headers)
+    body = "\n".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in table.rows)
+    note = f"\n<p>{html.escape(table.note)}</p>" if table.note else ""
+    return f"<h2>{html.escape(table.title)}</h2>{note}\n<table>\n<tr>{head}</tr>\n{body}\n</table>"
+
+
+def render_images(paths: list[Path]) -> str:
+    """Each PNG embedded as base64 under its name."""
+    return "\n".join(
         f'<h3>{html.escape(p.stem)}</h3>\n<img alt="{html.escape(p.stem)}" src="data:image/png;base64,'
-        f'{base64.b64encode(p.read_bytes()).decode()}">' for p in images)
-    runs = "\n".join(f"<li>{html.escape(str(r['method']))} (seed {r['replicate']}): {html.escape(str(r['folder']))}, "
-                     f"{r['seconds']} s</li>" for r in data.get("runs", []))
-    page = f"""<!DOCTYPE html>
+        f'{base64.b64encode(p.read_bytes()).decode()}">' for p in paths if p.suffix == ".png")
+
+
+def render_page(title: str, intro: str, tables: list[Table], images: list[Path], extra: str = "") -> str:
+    """One self-contained HTML page: the tables, then the plots (embedded), then ``extra``."""
+    sections = "\n".join(render_table(t) for t in tables)
+    return f"""<!DOCTYPE html>
 <html lang="en">
-<head><meta charset="utf-8"><title>diredi-sim comparison: {html.escape(folder.name)}</title><style>{STYLE}</style></head>
+<head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{STYLE}</style></head>
 <body>
-<h1>DiReDi and the baselines: {html.escape(folder.name)}</h1>
-<p>Per method and customer: mAP@0.5, precision, recall and F1 over the customer's classes; gain (mean AP change on its
-private classes) and forgetting (mean AP lost on its kept presumed classes) against the original edge model; bytes moved
-per customer over all rounds; wall time per customer. "all": over every customer (and seed).</p>
-<table>
-<tr>{"".join(f"<th>{html.escape(h)}</th>" for h in headers)}</tr>
-{rows}
-</table>
+<h1>{html.escape(title)}</h1>
+<p>{html.escape(intro)}</p>
+{sections}
 <h2>Plots</h2>
-{figures}
-<h2>Runs</h2>
-<ul>
-{runs}
-</ul>
+{render_images(images)}
+{extra}
 </body>
 </html>
 """
+
+
+def comparison_page(folder: Path) -> str:
+    data = load_comparison(folder)
+    images = plot_comparison(folder)
+    summary = sorted(summarize(data["results"]), key=lambda e: (e["customer"] != "all", e["customer"], e["method"]))
+    table = Table("Methods per customer", ["method", "customer", *[m.replace("_bytes", " MiB") for m in MEASURES]],
+                  [[e["method"], e["customer"], *[_cell(e, m) for m in MEASURES]] for e in summary])
+    runs = "\n".join(f"<li>{html.escape(str(r['method']))} (seed {r['replicate']}): {html.escape(str(r['folder']))}, "
+                     f"{r['seconds']} s</li>" for r in data.get("runs", []))
+    intro = ("Per method and customer: mAP@0.5, precision, recall and F1 over the customer's classes; gain (mean AP change on "
+             "its private classes) and forgetting (mean AP lost on its kept presumed classes) against the original edge model; "
+             "bytes moved per customer over all rounds; wall time per customer. \"all\": over every customer (and seed).")
+    return render_page(f"DiReDi and the baselines: {folder.name}", intro, [table], images,
+                       f"<h2>Runs</h2>\n<ul>\n{runs}\n</ul>")
+
+
+def render_report(folder: str | Path) -> Path:
+    """``RUN_DIR/report.html`` of a compare, simulate or paper run folder (the kind read from its
+    files): its tables and its plots, redrawn from the saved results and embedded."""
+    folder = Path(folder)
+    if detect_run_kind(folder) == "compare":
+        page = comparison_page(folder)
+    else:
+        view = load_view(folder)
+        page = render_page(view.title, view.intro, view.tables, plot_view(view, folder / "plots"))
     path = folder / "report.html"
     atomic_write_text(path, page)
     return path
