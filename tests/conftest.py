@@ -12,3 +12,41 @@ def flower_task_identity():
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
     yield
     TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+@pytest.fixture(scope="session")
+def simulated(tmp_path_factory):
+    """A real Flower simulation (Ray backend, 2 customers, 1 round) on tiny data: (config, outcome,
+    processes left running after it, tmp folder). One per session: test_simulation.py and
+    test_report.py read the same run folder."""
+    import time
+
+    import torch
+
+    from diredi_sim.config import DataConfig
+    from diredi_sim.federation import FederationConfig, PopulationConfig, SimulationConfig
+    from diredi_sim.settings import PipelineConfig
+    from diredi_sim.verify import VerifyConfig
+    from test_simulation import STAGE, TINY, child_processes
+
+    tmp = tmp_path_factory.mktemp("simulation")
+    pipeline = PipelineConfig(teacher=STAGE, distill_a=STAGE, distill_b=STAGE, rd=STAGE, distill_c=STAGE, direct=STAGE,
+                              cache_dir=str(tmp / "manufacturer-cache"), eval_batch_size=16,
+                              verify=VerifyConfig(max_ap_drop=0.05))
+    config = FederationConfig(name="tiny-federation", runs_dir=str(tmp / "runs"),
+                              data=DataConfig(cache_dir=str(tmp / "data"), synthetic=TINY), pipeline=pipeline,
+                              population=PopulationConfig(customers=("exp1", "exp2"), generated=0),
+                              simulation=SimulationConfig(num_rounds=1, client_threads=1, num_cpus=2,
+                                                          distill_rejected=True))
+    from experiments.simulate import run_simulate
+
+    before = child_processes()
+    torch.set_num_threads(1)
+    outcome = run_simulate(config)
+    deadline = time.monotonic() + 30  # Ray's processes take a moment to exit after ray.shutdown()
+    # multiprocessing's resource tracker (started by the first spawn-context pool) lives as long
+    # as this interpreter, by design; everything else must be gone.
+    while (leftover := {p: c for p, c in child_processes().items() if p not in before and "resource_tracker" not in c}) \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return config, outcome, leftover, tmp

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from dataclasses import replace
 
 import pytest
@@ -20,7 +19,6 @@ from diredi_sim.federation import (FederationConfig, PopulationConfig, Simulatio
 from diredi_sim.datasets import export_pool
 from diredi_sim.pipeline import run_pipeline
 from diredi_sim.settings import PipelineConfig
-from diredi_sim.verify import VerifyConfig
 from experiments.processes import command_line, descendants
 
 pytestmark = pytest.mark.slow
@@ -32,31 +30,6 @@ STAGE = TrainConfig(epochs=1, batch_size=8, lr=0.01, warmup_steps=1)
 def child_processes() -> dict[int, str]:
     """Live processes below this one, with their command lines."""
     return {pid: command_line(pid)[:200] for pid in descendants(os.getpid())}
-
-
-@pytest.fixture(scope="module")
-def simulated(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("simulation")
-    pipeline = PipelineConfig(teacher=STAGE, distill_a=STAGE, distill_b=STAGE, rd=STAGE, distill_c=STAGE, direct=STAGE,
-                              cache_dir=str(tmp / "manufacturer-cache"), eval_batch_size=16,
-                              verify=VerifyConfig(max_ap_drop=0.05))
-    config = FederationConfig(name="tiny-federation", runs_dir=str(tmp / "runs"),
-                              data=DataConfig(cache_dir=str(tmp / "data"), synthetic=TINY), pipeline=pipeline,
-                              population=PopulationConfig(customers=("exp1", "exp2"), generated=0),
-                              simulation=SimulationConfig(num_rounds=1, client_threads=1, num_cpus=2,
-                                                          distill_rejected=True))
-    from experiments.simulate import run_simulate
-
-    before = child_processes()
-    torch.set_num_threads(1)
-    outcome = run_simulate(config)
-    deadline = time.monotonic() + 30  # Ray's processes take a moment to exit after ray.shutdown()
-    # multiprocessing's resource tracker (started by the first spawn-context pool) lives as long
-    # as this interpreter, by design; everything else must be gone.
-    while (leftover := {p: c for p, c in child_processes().items() if p not in before and "resource_tracker" not in c}) \
-            and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return config, outcome, leftover, tmp
 
 
 def test_simulation_runs_two_customers_and_writes_the_run_folder(simulated):
