@@ -16,7 +16,7 @@ from diredi_sim.datasets import DataSets
 from diredi_sim.evaluate import compute_voc_ap, evaluate_detections
 from diredi_sim.settings import ClassSets, PipelineConfig
 from diredi_sim.stages import StageRecorder
-from diredi_sim.train import build_loader, predict, records_to_ground_truth
+from diredi_sim.train import predict_records, records_to_ground_truth
 
 
 
@@ -26,8 +26,7 @@ def evaluate_row(detector: nn.Module, records: Sequence[ImageRecord], target: Se
     and F1 over ``target`` classes; per-class AP (and ground-truth counts) of every ``union``
     class. One prediction pass; AP per class does not depend on which classes are selected,
     so ``mAP`` is the mean of ``per_class`` over the target classes that have ground truth."""
-    loader = build_loader(records, batch_size=batch_size, train=False)
-    detections = predict(detector, loader)
+    detections = predict_records(detector, records, batch_size=batch_size)
     truth = records_to_ground_truth(records)
     headline = evaluate_detections(detections, truth, VOC_CLASSES, class_indices=ClassSets.indices(target),
                                    score_threshold=score_threshold)

@@ -127,3 +127,26 @@ def test_weights_from_a_local_file(tmp_path):
     with pytest.raises(WeightsError, match="torchvision has no weights named 'NoSuch_Weights.X'"):
         build_detector("edge", "cpu", weights="torchvision:NoSuch_Weights.X")
     assert WeightsConfig().teacher == ""
+
+
+def test_a_repeated_evaluation_is_remembered_and_identical(tiny_train):
+    """The same model on the same images is predicted once (a round evaluates the manufacturer's
+    current models before every customer's update); a changed weight is a new pass."""
+    from diredi_sim import train as train_module
+
+    torch.manual_seed(2)
+    edge = build_detector("edge", "cpu")
+    calls = []
+    real = train_module.predict
+    train_module.predict = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        first = train_module.evaluate_detector(edge, tiny_train, list(range(20)), batch_size=8)
+        second = train_module.evaluate_detector(edge, tiny_train, list(range(20)), batch_size=8)
+        assert len(calls) == 1 and first == second
+        with torch.no_grad():
+            edge.head.classification_head.cls_logits.bias += 1.0
+        train_module.evaluate_detector(edge, tiny_train, list(range(20)), batch_size=8)
+        train_module.evaluate_detector(edge, tiny_train[:8], list(range(20)), batch_size=8)
+        assert len(calls) == 3
+    finally:
+        train_module.predict = real
