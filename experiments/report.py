@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import re
 from pathlib import Path
 
 from diredi_sim.runs import atomic_write_text
@@ -16,7 +17,10 @@ from experiments.run_folders import Table, detect_run_kind
 
 STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:1em 0}"
          "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eee}td:first-child,td:nth-child(2)"
-         "{text-align:left}img{max-width:100%;border:1px solid #ddd;margin:0.5em 0}")
+         "{text-align:left}td.text{text-align:left}img{max-width:100%;border:1px solid #ddd;margin:0.5em 0}")
+
+# A cell right-aligned as a number: a signed or unsigned number, '-', with ± or a unit after it.
+NUMBER = re.compile(r"^([-+]?\d|-$)")
 
 
 def _cell(entry: dict, measure: str) -> str:
@@ -28,9 +32,14 @@ def _cell(entry: dict, measure: str) -> str:
     return text + (f" ± {std * scale:.3f}" if entry["n"] > 1 and std and not math.isnan(std) else "")
 
 
+def render_cell(text: str) -> str:
+    """A table cell; text (not a number) left-aligned."""
+    return f"<td>{html.escape(text)}</td>" if NUMBER.match(text) else f'<td class="text">{html.escape(text)}</td>'
+
+
 def render_table(table: Table) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in table.headers)
-    body = "\n".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in table.rows)
+    body = "\n".join("<tr>" + "".join(render_cell(str(v)) for v in row) + "</tr>" for row in table.rows)
     note = f"\n<p>{html.escape(table.note)}</p>" if table.note else ""
     return f"<h2>{html.escape(table.title)}</h2>{note}\n<table>\n<tr>{head}</tr>\n{body}\n</table>"
 

@@ -251,6 +251,13 @@ def _mean(values: list) -> float:
     return sum(numbers) / len(numbers) if numbers else math.nan
 
 
+def _training_images(value) -> str:
+    """The pipeline's count of training images: a number, or per method (``{"diredi": n, ...}``)."""
+    if isinstance(value, dict):
+        value = value.get("diredi")
+    return "-" if value is None else str(value)
+
+
 def paper_view(folder: str | Path) -> RunView:
     """The Table III analog (mean ± std over seeds), the paired differences, the per-seed
     verdicts, per-class heatmaps (mean over seeds) and bars of a paper run folder."""
@@ -285,10 +292,11 @@ def paper_view(folder: str | Path) -> RunView:
         view.tables.append(Table("Paired differences over seeds", ["A - B", "measure", "mean (points)", "95% interval", "n",
                                                                    "significant"], differences,
                                  "A - B of the same seed; Student-t 95% interval of the mean; significant: it excludes 0."))
-    view.tables.append(Table("Replicates", ["seed", "folder", "verdict", "training images", "delta norm"],
+    view.tables.append(Table("Replicates", ["seed", "folder", "verdict", "DiReDi training images", "delta norm"],
                              [[str(e["seed"]), str(e.get("folder", "-")), "accepted" if e.get("accepted") else "rejected",
-                               str(e.get("training_images", "-")), format_number((t.get("delta") or {}).get("norm"), digits=4)]
-                              for e, t in zip(summary["per_seed"], tables)]))
+                               _training_images(e.get("training_images")), format_number((t.get("delta") or {}).get("norm"), digits=4)]
+                              for e, t in zip(summary["per_seed"], tables)],
+                             "training images: the customer's, over RD B, RD A and Distill C (the pipeline's count)."))
     keys = [row["key"] for row in first["rows"]]
     labels = {row["key"]: row.get("label", row["key"]) for row in first["rows"]}
     for measure, name, title, label, diverging in (
