@@ -254,11 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "against each method with 95%% intervals")
     p.set_defaults(func=cmd_compare)
 
-    p = add_command("plot", help="redraw a comparison's plots from its saved results")
+    p = add_command("plot", help="redraw a run's plots (compare, simulate or paper) from its saved results")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_plot)
 
-    p = add_command("report", help="one self-contained HTML report of a comparison run")
+    p = add_command("report", help="one self-contained HTML report of a compare, simulate or paper run")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
 
