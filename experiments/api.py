@@ -132,26 +132,28 @@ def load_paper_job(experiment: str, config: str | Path | ExperimentConfig | None
 
 
 def simulate(config: str | Path | FederationConfig = CONFIG_DIR / "federation.toml",
-             overrides: dict[str, Any] | None = None, *, verbose: bool = False) -> RunResult:
+             overrides: dict[str, Any] | None = None, *, verbose: bool = False, log_level: str | None = "INFO") -> RunResult:
     """The federation on Flower's simulation engine (``diredi-sim simulate``).
 
     Args:
         config: a TOML file (default ``experiments/configs/federation.toml``) or a FederationConfig.
         overrides: flat dotted keys, as ``--set`` (``{"simulation.num_rounds": 2}``).
         verbose: Flower's debug log.
+        log_level: as ``--log-level``: the least severe records shown on stderr (the run folder's
+            ``log.txt`` gets INFO and above); None leaves logging as the caller set it up.
 
     Returns:
         The run folder; ``summary``: one dict per customer and round (the printed table).
     """
     from experiments.simulate import run_simulate
 
-    with _command():
+    with _command(log_level):
         outcome = run_simulate(load_federation(config, overrides), verbose=verbose)
     return RunResult(Path(outcome.folder), "simulate", list(outcome.summary))
 
 
 def compare(config: str | Path | FederationConfig = CONFIG_DIR / "federation.toml", seeds: int = 1,
-            overrides: dict[str, Any] | None = None) -> RunResult:
+            overrides: dict[str, Any] | None = None, *, log_level: str | None = "INFO") -> RunResult:
     """DiReDi against the baselines of ``baselines.methods`` (``diredi-sim compare``).
 
     Args:
@@ -159,6 +161,7 @@ def compare(config: str | Path | FederationConfig = CONFIG_DIR / "federation.tom
             ``experiments/configs/demo.toml``) or a FederationConfig.
         seeds: replicates (the customers' seeds change).
         overrides: flat dotted keys, as ``--set``.
+        log_level: as ``--log-level`` (:func:`simulate`).
 
     Returns:
         The run folder; ``summary``: one dict per method and customer (``customer`` "all":
@@ -166,13 +169,14 @@ def compare(config: str | Path | FederationConfig = CONFIG_DIR / "federation.tom
     """
     from experiments.compare import run_compare
 
-    with _command():
+    with _command(log_level):
         folder = run_compare(load_federation(config, overrides), seeds=seeds)
     return load(folder)
 
 
 def paper(experiment: str, seeds: int = 1, config: str | Path | ExperimentConfig | None = None,
-          overrides: dict[str, Any] | None = None, *, pipeline: PipelineConfig | None = None) -> RunResult:
+          overrides: dict[str, Any] | None = None, *, pipeline: PipelineConfig | None = None,
+          log_level: str | None = "INFO") -> RunResult:
     """The paper's Exp 1 / Exp 2 in one process, without Flower (``diredi-sim paper``).
 
     Args:
@@ -183,6 +187,7 @@ def paper(experiment: str, seeds: int = 1, config: str | Path | ExperimentConfig
         overrides: flat dotted keys, as ``--set`` (``--data``, ``--preset``, ``--seed`` are
             ``data.source``, ``preset``, ``seed``).
         pipeline: the pipeline settings of an ExperimentConfig ``config``.
+        log_level: as ``--log-level`` (:func:`simulate`).
 
     Returns:
         The run folder; ``summary``: one dict per row of the table (``row``: teacher, tutor,
@@ -191,7 +196,7 @@ def paper(experiment: str, seeds: int = 1, config: str | Path | ExperimentConfig
     from experiments.paper import run_paper
 
     config, pipeline = load_paper_job(experiment, config, overrides, pipeline)
-    with _command():
+    with _command(log_level):
         run = run_paper(config, experiment, pipeline, seeds=seeds)
     return load(run.folder)
 
@@ -221,9 +226,17 @@ def _read_json(path: Path) -> dict:
 
 
 class _command:
-    """The end of a command: the run folders' log files closed, as the CLI does."""
+    """A command's start and end, as the CLI's: logging at ``log_level`` (unless None), and the
+    run folders' log files closed at the end."""
+
+    def __init__(self, log_level: str | None):
+        self.log_level = log_level
 
     def __enter__(self):
+        from diredi_sim.logs import configure_logging
+
+        if self.log_level is not None:
+            configure_logging(self.log_level)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -41,6 +41,29 @@ def test_load_names_a_folder_that_is_not_a_run(tmp_path):
         api.load(tmp_path)
 
 
+def test_load_reads_the_table_each_command_printed(tmp_path):
+    """simulate's summary.json customers, paper's table.json rows (mean and std per measure), and
+    rows() without pandas from results.csv."""
+    import json
+
+    from diredi_sim.tidy import write_results_csv
+
+    simulate, paper = tmp_path / "simulate", tmp_path / "paper"
+    simulate.mkdir(), paper.mkdir()
+    customers = [{"customer": "exp1", "round": 1, "gain": 0.1}]
+    (simulate / "summary.json").write_text(json.dumps({"customers": customers, "rounds": []}))
+    (paper / "table.json").write_text(json.dumps({"rows": {"teacher": {"mAP": {"mean": 0.5, "std": None}},
+                                                           "tutor": {"mAP": {"mean": 0.4, "std": 0.01}}}}))
+    write_results_csv(paper / "results.csv", [{"method": "paper", "seed": 0, "customer": "exp1", "class": "cat",
+                                               "metric": "AP", "value": 0.25}])
+    assert api.load(simulate).kind == "simulate" and api.load(simulate).summary == customers
+    result = api.load(paper)
+    assert result.kind == "paper"
+    assert result.summary == [{"row": "teacher", "mAP": 0.5, "mAP_std": None}, {"row": "tutor", "mAP": 0.4, "mAP_std": 0.01}]
+    assert result.rows() == [{"method": "paper", "seed": 0, "round": None, "customer": "exp1", "partition_id": None,
+                              "class": "cat", "metric": "AP", "value": 0.25}]
+
+
 def test_to_dataframe_names_pandas_when_it_is_missing(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pandas", None)  # import pandas now raises ImportError
     with pytest.raises(ImportError, match="pip install pandas"):
@@ -77,6 +100,7 @@ def test_the_tutorial_notebook_runs_and_its_run_folder_loads(tmp_path, monkeypat
     (folder,) = (tmp_path / "runs").glob("*-tutorial-compare")
     result = api.load(folder)
     assert result.kind == "compare"
+    assert " INFO " in (folder / "log.txt").read_text(), "the API sets logging up as the CLI does"
     assert {(e["method"], e["customer"]) for e in result.summary} >= {(m, c) for m in ("diredi", "direct")
                                                                       for c in ("exp1", "exp2", "all")}
     with open(result.results_csv, newline="", encoding="utf-8") as f:
