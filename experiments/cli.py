@@ -157,9 +157,9 @@ def cmd_check_data(args) -> int:
 
 def cmd_export_public(args) -> int:
     from diredi_sim.datasets import export_pool
-    from diredi_sim.federation import load_federation_config
+    from experiments.api import load_federation
 
-    config = load_federation_config(args.config, overrides_of(args))
+    config = load_federation(args.config, overrides_of(args))
     counts = export_pool(config.data, args.destination)
     print(f"{args.destination}: the manufacturer's public pool, " + ", ".join(f"{n} {s} images" for s, n in counts.items()) +
           f"; run the federation with --set data.manufacturer_root=\"{args.destination}\" so that its process reads only these")
