@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--customer", type=int, default=0)
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--summarize", help="a py-spy raw file to summarise instead of running")
+    parser.add_argument("--no-memo", action="store_true", help="predict every evaluation again (the code before the memo)")
     args = parser.parse_args()
     if args.summarize:
         summarize(args.summarize)
@@ -59,6 +60,10 @@ def main() -> None:
     from diredi_sim.manufacturer import prepare_manufacturer
     from experiments.cli import parse_overrides
 
+    if args.no_memo:
+        import diredi_sim.train
+
+        diredi_sim.train._PREDICTIONS_KEPT = 0
     config = load_federation_config(args.config, parse_overrides(args.set))
     configure_process(device=config.device, threads=config.threads)
     population = build_population(config.population, config.pipeline.presumed_split)
