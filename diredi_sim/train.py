@@ -291,9 +291,9 @@ def predict(detector: nn.Module, loader: DataLoader) -> dict[str, dict]:
 
 
 # The last few prediction passes, by (model fingerprint, batch size, images): a round evaluates the
-# same model on the same images more than once (the manufacturer's current tutor and edge, before
-# every customer's update; a row's presumed mAP and its own-classes figures on one image set).
-# The detections of an eval-mode pass depend on nothing else, so a hit is bit-identical.
+# same model on the same images once per customer (the manufacturer's current tutor on its
+# verification images; the round's original tutor and edge on its test images). The detections of
+# an eval-mode pass depend on nothing else, so a hit is bit-identical.
 _PREDICTIONS: OrderedDict[tuple, dict[str, dict]] = OrderedDict()
 _PREDICTIONS_KEPT = 8
 
