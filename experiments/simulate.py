@@ -23,10 +23,14 @@ from diredi_sim.runs import require_tensorboard
 
 
 def build_backend_config(config: FederationConfig) -> dict:
-    """Flower's Ray backend settings: resources per customer actor, and where Ray runs."""
+    """Flower's Ray backend settings: resources per customer actor, and where Ray runs: the
+    cluster at ``simulation.ray_address`` or, when that is empty, at ``$RAY_ADDRESS``; else a local
+    Ray bound to 127.0.0.1. On a cluster every node needs this project installed (its workers
+    import ``clients`` and ``diredi_sim``) and the data and model caches at the same paths."""
     sim = config.simulation
-    if sim.ray_address:
-        init_args = {"address": sim.ray_address}
+    address = sim.ray_address or os.environ.get("RAY_ADDRESS", "")  # the setting, else Ray's own variable
+    if address:
+        init_args = {"address": address}
     else:
         init_args = {"num_cpus": sim.num_cpus or os.cpu_count() or 1, "_node_ip_address": "127.0.0.1",
                      "include_dashboard": False, "log_to_driver": True}  # customers' progress lines reach this terminal
