@@ -49,10 +49,10 @@ def losses_of(model, images, targets, precision):
 
 def test_bf16_and_channels_last_stay_within_tolerance_of_fp32(tiny_train):
     """The stated tolerance (README, "Device, precision, memory format and starting weights"): on
-    the same weights and batch every FCOS
-    loss term under bf16 + channels_last is within 1% of fp32's; over 20 training steps the
-    training loss falls as fp32's does, the final one within 10%. The settings leave the weights
-    on the CPU in contiguous float32 memory, and fp32 without channels_last is bit-exact."""
+    the same weights and batch every FCOS loss term under bf16 + channels_last is within 1% of
+    fp32's; over 20 training steps the training loss falls as fp32's does, the final one within
+    10%. The settings leave the weights on the CPU in contiguous float32 memory, and fp32 without
+    channels_last is bit-exact."""
     images, targets = next(iter(build_loader(tiny_train, batch_size=8, train=False)))
     for role in ("tutor", "edge"):
         torch.manual_seed(1)
