@@ -174,7 +174,8 @@ def prepare_manufacturer(pipeline: PipelineConfig, data: DataConfig, *, preset: 
         return Manufacturer(models["teacher"], models["tutor"], models["edge"], folder, key, True, description)
 
     for role in ("teacher", "tutor", "edge"):  # a bad weights file fails now, not after hours of training
-        build_detector(role, preset, num_classes=len(VOC_CLASSES), weights=getattr(pipeline.weights, role))
+        if getattr(pipeline.weights, role):
+            build_detector(role, preset, num_classes=len(VOC_CLASSES), weights=getattr(pipeline.weights, role))
     datasets = datasets or DataSets.manufacturer(data)
     common = dict(run=run, config=config, progress=progress)
     teacher, entry = _prepare_teacher(pipeline, datasets, describe_teacher(description), preset=preset, seed=seed,

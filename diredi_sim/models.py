@@ -185,7 +185,8 @@ def read_weights(source: str, *, key: str = "weights") -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - pickle, zip and torch errors alike
-        raise WeightsError(f"{key} = {source!r}: not a torch weights file ({type(exc).__name__}: {exc})") from None
+        first = next((line for line in str(exc).splitlines() if line.strip()), "")[:200]  # torch's messages run to many lines
+        raise WeightsError(f"{key} = {source!r}: not a torch weights file ({type(exc).__name__}: {first})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):

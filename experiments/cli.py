@@ -289,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from diredi_sim.compute import DeviceError
+    from diredi_sim.models import WeightsError
     from diredi_sim.config import ConfigError
     from diredi_sim.data.voc import DataProblem
     from diredi_sim.runs import CheckpointError
@@ -300,7 +301,7 @@ def main(argv=None) -> int:
     configure_logging(args.log_level)
     try:
         return args.func(args)
-    except (ConfigError, DeviceError, CheckpointError, DataProblem, FileNotFoundError, FileExistsError) as exc:
+    except (ConfigError, DeviceError, WeightsError, CheckpointError, DataProblem, FileNotFoundError, FileExistsError) as exc:
         print(f"diredi-sim: error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -151,3 +151,14 @@ def test_a_repeated_evaluation_is_remembered_and_identical(tiny_train):
         assert len(calls) == 3
     finally:
         train_module.predict = real
+
+
+def test_a_weights_file_that_does_not_fit_is_one_line_on_the_command_line(tmp_path, capsys):
+    (tmp_path / "junk.pt").write_text("not weights")
+    tiny = ["--set", f'data.cache_dir="{tmp_path / "cache"}"', "--set", f'runs_dir="{tmp_path / "runs"}"',
+            "--set", "data.synthetic.num_train=8", "--set", "data.synthetic.num_val=4", "--set", "data.synthetic.num_test=4"]
+    assert main(["train", "experiments/configs/edge.toml", "--device", "cpu", *tiny,
+                 "--set", f'weights.edge="{tmp_path / "junk.pt"}"']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("diredi-sim: error: weights.edge = ") and "not a torch weights file" in err[-1], err
+    assert "Traceback" not in "\n".join(err)
