@@ -1,4 +1,5 @@
-"""Time and peak memory per stage of a flow (:class:`StageRecorder`)."""
+"""Time and peak memory per stage of a flow (:class:`StageRecorder`); each stage's start and end also
+reach the open progress trackers (:func:`diredi_sim.progress.notify_stage`)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,8 @@ import time
 from contextlib import contextmanager
 from typing import Any
 
-
+from diredi_sim.progress import notify_stage
 from diredi_sim.runs import Run
-
 
 
 def read_peak_rss_mb() -> float:
@@ -31,6 +31,7 @@ class StageRecorder:
         entry: dict[str, Any] = {"stage": name, **info}
         peak_before = read_peak_rss_mb()
         start = time.perf_counter()
+        notify_stage(name, finished=False)
         try:
             yield entry
         finally:
@@ -41,3 +42,4 @@ class StageRecorder:
             self.stages.append(entry)
             if self.run is not None:
                 self.run.log({"pipeline_stage": name, **{k: v for k, v in entry.items() if k != "stage"}})
+        notify_stage(name, finished=True)  # after the finally: a stage that failed does not count as done

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import hashlib
 import math
-import sys
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
@@ -31,6 +30,7 @@ from diredi_sim.data.voc import DetectionDataset, ImageRecord, collate_detection
 from diredi_sim.evaluate import collect_detections, evaluate_detections
 from diredi_sim.losses import FGDConfig, FGDLoss, compute_score_distillation
 from diredi_sim.models import backbone_precision, extract_features
+from diredi_sim.progress import format_duration, open_epoch_bar
 from diredi_sim.runs import Run, save_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -170,44 +170,50 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_st
 class Progress:
     """Progress of one epoch: loss terms, images/s and ETA.
 
-    On a terminal, a bar on ``stream`` (stderr) redrawn in place; its last state also goes to
-    the log (the run's log file; not to the console, where the bar stands). Elsewhere (a pipe,
-    a file, a Ray actor), whole lines through logging every ``log_every`` steps and at the end
-    of the epoch, every loss term under its full name (``task.bbox_regression``)."""
+    On a terminal, a bar on the process's live display (:mod:`diredi_sim.progress`: below the
+    run's overall bar, if one is open; started on ``stream``, default stderr, if none is); at
+    the end of the epoch its last state stays printed above the display and goes to the log
+    (the run's log file; not to the console, where it is printed). Elsewhere (a pipe, a file, a
+    Ray actor), whole lines through logging every ``log_every`` steps and at the end of the
+    epoch, every loss term under its full name (``task.bbox_regression``)."""
 
     def __init__(self, total: int, desc: str, stream=None, log_every: int = 50, enabled: bool = True):
         self.total, self.desc, self.log_every, self.enabled = total, desc, log_every, enabled
-        self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.bar = open_epoch_bar(desc, total, stream) if enabled else None
         self.start = time.perf_counter()
         self.images = 0
 
     def update(self, step: int, images: int, terms: dict[str, float]) -> None:
         self.images += images
-        if not self.enabled or not (self.tty or step % self.log_every == 0 or step == self.total):
+        if not self.enabled or not (self.bar is not None or step % self.log_every == 0 or step == self.total):
             return
         elapsed = time.perf_counter() - self.start
         rate = self.images / max(elapsed, 1e-9)
-        eta = elapsed / step * (self.total - step)
-        if self.tty:
-            width = 20
-            filled = int(width * step / self.total)
+        if self.bar is not None:
+            eta = elapsed / step * (self.total - step)
             loss_text = " ".join(f"{k.split('.', 1)[-1][:5]} {v:.3f}" for k, v in terms.items())
-            line = (f"{self.desc} [{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} "
-                    f"loss {sum(terms.values()):.3f} ({loss_text}) {rate:.1f} img/s ETA {int(eta // 60)}:{int(eta % 60):02d}")
-            self.stream.write("\r" + line + "\033[K" + ("\n" if step == self.total else ""))
-            self.stream.flush()
+            self.bar.update(step, f"{step}/{self.total} loss {sum(terms.values()):.3f} ({loss_text}) {rate:.1f} img/s "
+                                  f"ETA {format_duration(eta)}")
             if step == self.total:
-                logger.info(self.describe(step, terms, rate, elapsed), extra={"console": False})
+                line = self.describe(step, terms, rate, elapsed)
+                self.bar.close(line)
+                self.bar = None
+                logger.info(line, extra={"console": False})
             return
         logger.info(self.describe(step, terms, rate, elapsed))
+
+    def close(self) -> None:
+        """Take the bar off the display (an epoch cut short, or stopped by an error)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def describe(self, step: int, terms: dict[str, float], rate: float, elapsed: float) -> str:
         """One whole line: where the epoch is, the total loss and every term by its full name."""
         eta = elapsed / step * (self.total - step)
         loss_text = ", ".join(f"{k} {v:.4f}" for k, v in terms.items())
         return (f"{self.desc}: step {step}/{self.total}, loss {sum(terms.values()):.4f} ({loss_text}), {rate:.1f} img/s, "
-                f"elapsed {int(elapsed // 60)}:{int(elapsed % 60):02d}, ETA {int(eta // 60)}:{int(eta % 60):02d}")
+                f"elapsed {format_duration(elapsed)}, ETA {format_duration(eta)}")
 
 
 @dataclass
@@ -245,27 +251,30 @@ def train_one_epoch(
     bar = Progress(num_steps, f"{desc} epoch {epoch}", enabled=progress)
     start = time.perf_counter()
     images_seen = 0
-    for step, (images, targets) in enumerate(loader, 1):
-        if step > num_steps:
-            break
-        images, targets = to_device(images, targets)
-        losses = compute_losses(images, targets)
-        total = sum(losses.values())
-        if not torch.isfinite(total):
-            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-            raise NonFiniteLossError(f"{desc}: non-finite loss at epoch {epoch} step {step}: {terms}")
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        values = {k: v.item() for k, v in losses.items()}
-        for k, v in values.items():
-            sums[k] += v
-        images_seen += len(images)
-        bar.update(step, len(images), values)
+    try:
+        for step, (images, targets) in enumerate(loader, 1):
+            if step > num_steps:
+                break
+            images, targets = to_device(images, targets)
+            losses = compute_losses(images, targets)
+            total = sum(losses.values())
+            if not torch.isfinite(total):
+                terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+                raise NonFiniteLossError(f"{desc}: non-finite loss at epoch {epoch} step {step}: {terms}")
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            values = {k: v.item() for k, v in losses.items()}
+            for k, v in values.items():
+                sums[k] += v
+            images_seen += len(images)
+            bar.update(step, len(images), values)
+    finally:
+        bar.close()
     steps = max(num_steps, 1)
     return EpochStats({k: v / steps for k, v in sums.items()}, images_seen, time.perf_counter() - start)
 
