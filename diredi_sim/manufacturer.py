@@ -23,6 +23,7 @@ from diredi_sim.data.synthetic import default_cache_dir
 from diredi_sim.datasets import DataSets
 from diredi_sim.compute import current_device
 from diredi_sim.models import build_detector, describe_weights
+from diredi_sim.progress import Tracker, Unit, skip_stage
 from diredi_sim.runs import CheckpointError, Run, atomic_write_json, load_detector_weights, save_checkpoint, to_jsonable
 from diredi_sim.seeds import derive_seed
 from diredi_sim.settings import ClassSets, PipelineConfig
@@ -146,6 +147,14 @@ def _load_cached(folder: Path, key: str, preset: str, roles=("teacher", "tutor",
         return None
 
 
+MANUFACTURER_STAGES = (("teacher", "teacher"), ("distill_a", "Distill A"), ("distill_b", "Distill B"))
+
+
+def plan_manufacturer(pipeline: PipelineConfig) -> list[Unit]:
+    """The manufacturer's training stages as progress units, weighted by their epochs."""
+    return [Unit(stage, label, getattr(pipeline, stage).epochs) for stage, label in MANUFACTURER_STAGES]
+
+
 def prepare_manufacturer(pipeline: PipelineConfig, data: DataConfig, *, preset: str = "cpu", seed: int = 0,
                          datasets: DataSets | None = None, recorder: StageRecorder | None = None, run: Run | None = None,
                          config: Any = None, progress: bool = True) -> Manufacturer:
@@ -178,6 +187,14 @@ def prepare_manufacturer(pipeline: PipelineConfig, data: DataConfig, *, preset: 
             build_detector(role, preset, num_classes=len(VOC_CLASSES), weights=getattr(pipeline.weights, role))
     datasets = datasets or DataSets.manufacturer(data)
     common = dict(run=run, config=config, progress=progress)
+    with Tracker("manufacturer", plan_manufacturer(pipeline), enabled=progress):  # its stages finish its units
+        return _train_manufacturer(pipeline, datasets, description, key, folder, preset=preset, seed=seed, recorder=recorder,
+                                   **common)
+
+
+def _train_manufacturer(pipeline: PipelineConfig, datasets: DataSets, description: dict, key: str, folder: Path, *, preset: str,
+                        seed: int, recorder: StageRecorder, **common) -> Manufacturer:
+    """Teacher (from its own cache when there), Distill A and Distill B, then the cache written."""
     teacher, entry = _prepare_teacher(pipeline, datasets, describe_teacher(description), preset=preset, seed=seed,
                                       recorder=recorder, **common)
     trained = [entry]
@@ -221,6 +238,7 @@ def _prepare_teacher(pipeline: PipelineConfig, datasets: DataSets, description: 
         recorder.stages.append({**manifest["stage"], "cached": True, "seconds_when_trained": manifest["stage"].get("seconds"),
                                 "seconds": 0.0})
         (logger.info if common.get("progress", True) else logger.debug)("manufacturer: reusing the teacher from %s", folder)
+        skip_stage("teacher")
         return cached[0]["teacher"], recorder.stages[-1]
     cfg, split = pipeline.teacher, pipeline.teacher_split
     train = datasets.train(split, cfg, pool="public")

@@ -59,6 +59,7 @@ from diredi_sim.config import DataConfig
 from diredi_sim.datasets import DataSets
 from diredi_sim.flow import BASELINES, Step, count_customer_compute, run_customer, run_manufacturer_step, train_baseline
 from diredi_sim.manufacturer import prepare_manufacturer
+from diredi_sim.progress import Unit
 from diredi_sim.runs import Run, atomic_write_bytes
 from diredi_sim.seeds import Seeds
 from diredi_sim.settings import ClassSets, PipelineConfig
@@ -135,6 +136,21 @@ def run_pipeline(pipeline: PipelineConfig, data: DataConfig, *, preset: str = "c
     settings.update(customer_seed=seeds.customer, training_images=compute)
     return PipelineResult(rows, review.verdict, delta, delta_info, recorder.stages, classes,
                           {"folder": str(maker.folder), "key": maker.key, "reused": maker.reused}, settings)
+
+
+def plan_customer(pipeline: PipelineConfig) -> list[Unit]:
+    """The stages of one customer's flow (:func:`run_pipeline` after the manufacturer) as progress
+    units named by their stage, weighted by their epochs (a baseline at equal compute: the DiReDi
+    customer's RD B + RD A + one Distill C; verification and evaluation: one each)."""
+    rd, distill_c = pipeline.rd.epochs, pipeline.distill_c.epochs
+    units = [Unit("rd_b", "RD B", rd), Unit("rd_a", "RD A", rd), Unit("verify", "verification")]
+    for mode in pipeline.distill_c_modes:
+        for loss in pipeline.distill_c_losses:
+            units.append(Unit(f"distill_c_{mode}" + ("_score" if loss == "fgd+score" else ""), f"Distill C {mode} ({loss})", distill_c))
+    for kind in BASELINES:
+        epochs = 2 * rd + distill_c if pipeline.equal_compute else getattr(pipeline, kind).epochs
+        units.append(Unit(kind, f"{kind} baseline", epochs))
+    return units + [Unit("evaluate", "evaluation")]
 
 
 def train_baselines(models: dict[str, nn.Module], update, review, step: Step, preset: str) -> dict:

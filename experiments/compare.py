@@ -24,6 +24,7 @@ from pathlib import Path
 from diredi_sim.compute import configure_process
 from diredi_sim.config import ConfigError
 from diredi_sim.federation import FederationConfig
+from diredi_sim.progress import Tracker, Unit, plan_units
 from diredi_sim.runs import Run, atomic_write_text, require_tensorboard, to_jsonable
 from diredi_sim.tidy import tidy_rows, write_results_csv
 from experiments.methods import resolve
@@ -138,21 +139,10 @@ def _compare(config: FederationConfig, seeds: int, methods: list, run: Run) -> P
     """Every method on every replicate; compare.json and results.csv rewritten after each (a
     stopped comparison keeps what it finished), compare.md at the end."""
     results, folders = [], []
-    for replicate in range(seeds):
-        shared: dict = {}  # what this replicate's methods share (DiReDi's image counts, for equal compute)
-        seeded = replace(config, replicate=replicate)
-        for method in methods:
-            logger.info("compare: replicate %d, %s", replicate, method.name)
-            start = time.perf_counter()
-            rows, folder = method.run(seeded, shared)
-            seconds = time.perf_counter() - start
-            folders.append({"replicate": replicate, "method": method.name, "folder": str(folder) if folder else None,
-                            "seconds": round(seconds, 1)})
-            for row in rows:
-                results.append({"replicate": replicate, "method": method.name, "seconds": seconds / max(1, len(rows)), **row})
-            run.write_json("compare.json", to_jsonable({"results": results, "summary": summarize(results),
-                                                        "differences": compare_differences(results), "runs": folders}))
-            write_results_csv(run.folder / "results.csv", compare_results(to_jsonable(results), config.seed))
+    # units named apart from the flows' stage names ("direct", "local"), which would finish them too
+    plan = plan_units([f"seed {r}" for r in range(seeds)], [Unit(f"method {m.name}", m.name) for m in methods])
+    with Tracker("compare", plan) as tracker:
+        _run_methods(config, seeds, methods, run, tracker, results, folders)
     summary = summarize(results)
     differences = compare_differences(results)
     text = (f"{seeds} seed(s). mAP, precision, recall, F1 over each customer's classes (score >= "
@@ -168,3 +158,25 @@ def _compare(config: FederationConfig, seeds: int, methods: list, run: Run) -> P
     print(text)
     print(f"comparison in {run.folder} (compare.md, compare.json, results.csv)")
     return run.folder
+
+
+def _run_methods(config: FederationConfig, seeds: int, methods: list, run: Run, tracker: Tracker, results: list[dict],
+                 folders: list[dict]) -> None:
+    """Every method on every replicate, into ``results`` and ``folders``; the tracker told as each ends."""
+    for replicate in range(seeds):
+        shared: dict = {}  # what this replicate's methods share (DiReDi's image counts, for equal compute)
+        seeded = replace(config, replicate=replicate)
+        for method in methods:
+            logger.info("compare: replicate %d, %s", replicate, method.name)
+            tracker.start(label=f"seed {replicate}, {method.name}")
+            start = time.perf_counter()
+            rows, folder = method.run(seeded, shared)
+            seconds = time.perf_counter() - start
+            folders.append({"replicate": replicate, "method": method.name, "folder": str(folder) if folder else None,
+                            "seconds": round(seconds, 1)})
+            for row in rows:
+                results.append({"replicate": replicate, "method": method.name, "seconds": seconds / max(1, len(rows)), **row})
+            run.write_json("compare.json", to_jsonable({"results": results, "summary": summarize(results),
+                                                        "differences": compare_differences(results), "runs": folders}))
+            write_results_csv(run.folder / "results.csv", compare_results(to_jsonable(results), config.seed))
+            tracker.finish(f"method {method.name}")

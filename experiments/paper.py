@@ -26,7 +26,9 @@ from typing import Any
 from diredi_sim.compute import configure_process
 from diredi_sim.seeds import Seeds
 from diredi_sim.config import ConfigError, ExperimentConfig, config_from_dict, read_toml
-from diredi_sim.pipeline import PipelineResult, run_pipeline
+from diredi_sim.manufacturer import manufacturer_is_cached, plan_manufacturer
+from diredi_sim.pipeline import PipelineResult, plan_customer, run_pipeline
+from diredi_sim.progress import Tracker, plan_units
 from diredi_sim.settings import PipelineConfig, load_pipeline_config
 from diredi_sim.runs import Run, atomic_write_json, atomic_write_text, require_tensorboard, to_jsonable, write_config
 from diredi_sim.tidy import tidy_rows, write_results_csv
@@ -106,19 +108,23 @@ def run_paper(config: ExperimentConfig, experiment: str, pipeline: PipelineConfi
         say = logger.info if progress else logger.debug
         say(f"paper {experiment}: {config.preset} preset, manufacturer seed {config.seed}, customer seeds "
             f"{', '.join(map(str, customer_seeds))}; run folder {run.folder}")
-        for seeds_k, customer_seed in zip(replicates, customer_seeds):
-            seed_config = {**run_config, "customer_seed": customer_seed}
-            replicate = Run(run.folder / f"seed-{customer_seed}", tensorboard=run.tensorboard)
-            replicate.folder.mkdir()
-            write_config(replicate.folder, seed_config)
-            say(f"paper {experiment}: customer seed {customer_seed} -> {replicate.folder}")
-            started = time.perf_counter()
-            with replicate:  # its TensorBoard events closed when the replicate ends
-                result = run_pipeline(pipeline, config.data, preset=config.preset, seed=config.seed, run=replicate,
-                                      config=to_jsonable(seed_config), progress=progress, seeds=seeds_k)
-            result.settings["customer_seed"] = customer_seed
-            print(write_paper_outputs(replicate, result, experiment, total_seconds=time.perf_counter() - started) + "\n", flush=True)
-            text = summarize_paper_run(run.folder)
+        # one overall progress: the manufacturer's stages (unless cached), then each seed's customer stages
+        cached = manufacturer_is_cached(pipeline, config.data, preset=config.preset, seed=config.seed)
+        plan = ([] if cached else plan_manufacturer(pipeline)) + plan_units([f"seed {s}" for s in customer_seeds], plan_customer(pipeline))
+        with Tracker(f"paper {experiment}", plan, enabled=progress):
+            for seeds_k, customer_seed in zip(replicates, customer_seeds):
+                seed_config = {**run_config, "customer_seed": customer_seed}
+                replicate = Run(run.folder / f"seed-{customer_seed}", tensorboard=run.tensorboard)
+                replicate.folder.mkdir()
+                write_config(replicate.folder, seed_config)
+                say(f"paper {experiment}: customer seed {customer_seed} -> {replicate.folder}")
+                started = time.perf_counter()
+                with replicate:  # its TensorBoard events closed when the replicate ends
+                    result = run_pipeline(pipeline, config.data, preset=config.preset, seed=config.seed, run=replicate,
+                                          config=to_jsonable(seed_config), progress=progress, seeds=seeds_k)
+                result.settings["customer_seed"] = customer_seed
+                print(write_paper_outputs(replicate, result, experiment, total_seconds=time.perf_counter() - started) + "\n", flush=True)
+                text = summarize_paper_run(run.folder)
     print(text, flush=True)
     print(f"\nresults in {run.folder} (table.md, table.json, results.csv; each seed's outputs in seed-<s>/)", flush=True)
     return run

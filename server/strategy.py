@@ -44,6 +44,7 @@ from diredi_sim.deltas import decompress_delta, select_neck_head
 from diredi_sim.federation import (Customer, FederationConfig, combine_round, evaluation_models, manufacturer_review, merge_round,
                                    reply_problems, review_edge, rows_from_metrics)
 from diredi_sim.logs import current_level, start_worker
+from diredi_sim.progress import Tracker, Unit, plan_units
 from diredi_sim.runs import Run, release_memory
 from diredi_sim.table import distill_c_row
 from server.ledger import STATE_FORMAT, SUMMARY_COLUMNS, Ledger
@@ -129,6 +130,7 @@ class DiReDiStrategy(FedAvg):
         # customers answered), so that a customer's results do not depend on the others' failures
         self.server_workers = sim.server_workers or min(len(population), self.cpus)
         self.server_threads = max(1, self.cpus // self.server_workers)
+        self.tracker: Tracker | None = None  # rounds x sampled customers, opened at the first round (_track)
 
     def restore(self, state: dict) -> dict | None:
         """Continue after round ``state["last_round"]`` (a run's state.json): deployed edges,
@@ -159,6 +161,7 @@ class DiReDiStrategy(FedAvg):
         self.sampled_nodes = [message.metadata.dst_node_id for message in sampled]
         self._learn_partitions(grid, self.sampled_nodes)
         messages = [self._train_message(m.metadata.dst_node_id, arrays, config, m.metadata.message_type) for m in sampled]
+        self._track(server_round, len(messages)).start(label=f"round {server_round}: {len(messages)} customers training")
         self.run.log({"event": "round_started", "round": server_round, "nodes": len(messages)})
         return messages
 
@@ -219,6 +222,8 @@ class DiReDiStrategy(FedAvg):
                 continue
             seen.add(job["customer"].partition_id)
             jobs.append(job)
+        if self.tracker is not None:
+            self.tracker.start(label=f"round {server_round}: the manufacturer's reviews")
         results = self._run_round_steps(server_round, jobs, failures)
         for failure in failures:
             log(WARNING, "round %d: customer on node %s failed: %s", server_round, failure["node"], failure["reason"])
@@ -226,12 +231,18 @@ class DiReDiStrategy(FedAvg):
         accepted, weights = [], []
         for job, result in zip(jobs, results):
             self.ledger.customer(server_round, job, result)
+            if self.tracker is not None:
+                self.tracker.finish("customer", label=f"round {server_round}, customer {job['customer'].partition_id} "
+                                                      f"({job['customer'].name})")
             if result["verdict"]["accepted"]:
                 accepted.append(job["delta"])
                 weights.append(self._merge_weight(job["metrics"]))
             if self.config.simulation.deploy_mode in result["edges"]:  # accepted, and the edge passed its check
                 self.deployed_edges[job["customer"].partition_id] = result["edges"][self.config.simulation.deploy_mode]
 
+        if self.tracker is not None:  # the sampled customers that sent no usable reply
+            for _ in range(len(self.sampled_nodes) - len(jobs)):
+                self.tracker.finish("customer", label=f"round {server_round}, a customer without a usable reply")
         selected, selected_weights, selection = self._select(accepted, weights)
         merged_state, report = self._merge(selected, selected_weights)
         report["selection"] = selection
@@ -334,8 +345,20 @@ class DiReDiStrategy(FedAvg):
         for _ in range(self.server_workers):  # the pool starts a process per waiting task: all of them, now
             self.pool.submit(int)
 
+    def _track(self, server_round: int, sampled: int) -> Tracker:
+        """The run's progress, opened at its first round: this round to the last, ``sampled``
+        customers each (FedAvg samples as many every round); a customer's unit finishes when its
+        round's results are in."""
+        if self.tracker is None:
+            rounds = [f"round {r}" for r in range(server_round, self.config.simulation.num_rounds + 1)]
+            self.tracker = Tracker("federation", plan_units(rounds, [Unit("customer", f"customer {k + 1}") for k in range(sampled)]))
+        return self.tracker
+
     def close(self) -> None:
         """Stop the manufacturer's worker processes (the run is over, or failed)."""
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
         if self.pool is not None and self.own_pool:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
