@@ -90,11 +90,12 @@ def estimate_eta(elapsed: float, done_weight: float, total_weight: float) -> flo
 # ------------------------------------------------------------------------------ the one display
 
 class _StatusColumn(ProgressColumn):
-    """A task's ``status`` field: a string, or a callable asked at each refresh (elapsed time moves)."""
+    """A task's ``status`` field: a string, or a callable asked at each refresh (elapsed time moves);
+    one row, cut with an ellipsis on a narrow terminal."""
 
     def render(self, task: Task) -> Text:
         status = task.fields.get("status", "")
-        return Text(status() if callable(status) else str(status))
+        return Text(status() if callable(status) else str(status), no_wrap=True, overflow="ellipsis")
 
 
 def _is_terminal(console: Console) -> bool:
