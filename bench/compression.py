@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--train", action="store_true", help="train the manufacturer's models when they are not cached")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     args = parser.parse_args()
-    from experiments.cli import parse_overrides
+    from diredi_sim.config import parse_overrides
 
     torch.set_num_threads(args.threads)
     config = load_federation_config(args.config, parse_overrides(args.set))

@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (2 on 2 busy cores is many times slower)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     args = parser.parse_args()
-    from experiments.cli import parse_overrides
+    from diredi_sim.config import parse_overrides
 
     torch.set_num_threads(args.threads)
     config = load_federation_config(args.config, {**QUICK, **parse_overrides(args.set)})

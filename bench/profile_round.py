@@ -58,7 +58,7 @@ def main() -> None:
     from diredi_sim.federation import (build_population, customer_evaluate, customer_redistill, customer_work, load_federation_config,
                                        manufacturer_review, review_edge)
     from diredi_sim.manufacturer import prepare_manufacturer
-    from experiments.cli import parse_overrides
+    from diredi_sim.config import parse_overrides
 
     if args.no_memo:
         import diredi_sim.train

@@ -92,7 +92,7 @@ def main() -> None:
                         help="run one of the three alone (to profile it, e.g. under py-spy); prints its time")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    from experiments.cli import parse_overrides
+    from diredi_sim.config import parse_overrides
 
     base = load_federation_config(args.config, parse_overrides(args.set))
     listed = base.population.customers[: args.customers]

@@ -1,20 +1,17 @@
-"""The FedAvg / FedProx customer as a Flower ClientApp: ``train`` fine-tunes the received edge
-model on this customer's data and sends the whole model back (``arrays``) with
-``num-examples``; FedProx's ``proximal-mu`` arrives in the round's config (Flower's FedProx puts
-it there). ``evaluate`` evaluates the received edge model on this customer's test images and
-replies with scalars only (per-class AP, P, R, F1)."""
+"""The FedAvg / FedProx customer: the handlers that the one ClientApp (``clients.client_app.app``)
+calls for a message whose config says ``method`` = ``fedavg`` or ``fedprox``. ``train``
+fine-tunes the received edge model on this customer's data and sends the whole model back
+(``arrays``) with ``num-examples``; FedProx's ``proximal-mu`` arrives in the round's config
+(Flower's FedProx puts it there). ``evaluate`` evaluates the received edge model on this
+customer's test images and replies with scalars only (per-class AP, P, R, F1)."""
 
 from __future__ import annotations
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 
 from clients.client_app import ROUND_KEYS, handling, read_partition_id
 from diredi_sim.compute import configure_process
 from diredi_sim.federation import baseline_customer_work, build_population, customer_evaluate, federation_from_flat
-
-app = ClientApp()
-
 
 def read_customer(msg: Message, context: Context):
     settings = {k: v for k, v in msg.content["config"].items() if k not in (*ROUND_KEYS, "proximal-mu")}
@@ -23,7 +20,6 @@ def read_customer(msg: Message, context: Context):
     return config, population, population[read_partition_id(context, len(population))]
 
 
-@app.train()
 def train(msg: Message, context: Context) -> Message:
     round_config = msg.content["config"]
     config, population, customer = read_customer(msg, context)
@@ -35,7 +31,6 @@ def train(msg: Message, context: Context) -> Message:
                    reply_to=msg)
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     config, _, customer = read_customer(msg, context)
     with handling(customer):

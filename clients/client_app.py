@@ -13,6 +13,10 @@ read here only (from its partition id); what goes up is the list below, nothing 
   its own test images and replies with per-class AP, P, R, F1 as scalars (``metrics``).
 - ``query.partition``: answered with the node's partition id alone.
 
+The same app serves Flower's FedAvg and FedProx (:mod:`clients.baseline_app`): a ``train`` or
+``evaluate`` message whose config has ``method`` = ``fedavg`` or ``fedprox`` goes to their
+handlers, so ``flwr run`` needs one ClientApp for every federated method.
+
 With ``simulation.dp_clip_norm`` > 0, :func:`local_dp_mod` clips that delta and adds Gaussian
 noise before the reply leaves (local differential privacy). Flower's own ``LocalDpMod`` does not
 fit this reply: it reads the legacy ``fitins.parameters`` / ``fitres.parameters`` records, takes
@@ -40,8 +44,18 @@ from diredi_sim.federation import (Customer, FederationConfig, build_population,
 from diredi_sim.logs import customer_tag, ensure_logging
 from diredi_sim.runs import release_memory
 
-# Keys the strategy adds to the round's config that are not settings of the run.
-ROUND_KEYS = ("server-round",)
+# Keys the strategies add to the round's config that are not settings of the run.
+ROUND_KEYS = ("server-round", "method")
+BASELINES = ("fedavg", "fedprox")
+
+
+def baseline_handler(msg: Message, name: str):
+    """FedAvg's or FedProx's ``name`` handler when the message is theirs, else None."""
+    if str(msg.content["config"].get("method", "diredi")) not in BASELINES:
+        return None
+    from clients import baseline_app  # it imports this module
+
+    return getattr(baseline_app, name)
 
 
 def read_partition_id(context: Context, num_customers: int) -> int:
@@ -119,6 +133,8 @@ def partition(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """RD B and RD A on this customer's data; reply with the delta and scalar metrics."""
+    if handler := baseline_handler(msg, "train"):
+        return handler(msg, context)
     config, population, customer = read_customer(msg, context)
     with handling(customer):
         configure_process(device=config.device, threads=config.simulation.client_threads)
@@ -152,6 +168,8 @@ def distill_c(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Every model of the message on this customer's test images; reply with scalars only."""
+    if handler := baseline_handler(msg, "evaluate"):
+        return handler(msg, context)
     config, _, customer = read_customer(msg, context)
     with handling(customer):
         configure_process(device=config.device, threads=config.simulation.client_threads)

@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from diredi_sim.compute import check_device_name
 from diredi_sim.data.splits import resolve_split
@@ -263,6 +263,22 @@ def from_flat(flat: dict[str, Any], cls: type = ExperimentConfig) -> Any:
     for key, value in flat.items():
         _set_dotted(nested, key.replace("-", "_"), value)
     return config_from_dict(cls, nested)
+
+
+def parse_overrides(pairs: Sequence[str] | None, source: str = "--set") -> dict[str, Any]:
+    """``KEY=VALUE`` pairs (``--set`` on the command line, ``set`` in Flower's run_config) as flat
+    dotted keys; values are read as TOML scalars (3, 0.1, true, "text"), else kept as text."""
+    overrides = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError(f"{source} {pair!r}: expected KEY=VALUE, e.g. pipeline.rd.epochs=3")
+        key, raw = pair.split("=", 1)
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        overrides[key.strip()] = value
+    return overrides
 
 
 def with_overrides(config: Any, **changes: Any) -> Any:

@@ -211,11 +211,15 @@ def federation_config_from_dict(data: dict, source: str = "") -> FederationConfi
         raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
 
 
-def load_federation_config(path: str | Path, overrides: dict[str, Any] | None = None) -> FederationConfig:
-    """Read a federation TOML file; ``overrides`` are flat dotted keys (``simulation.num-rounds``)."""
-    data = read_toml(path)
-    flat = {**to_flat_dict(data), **{k.replace("_", "-"): v for k, v in (overrides or {}).items()}}
-    return federation_from_flat(flat, source=str(path))
+def load_federation_config(path: str | Path, overrides: dict[str, Any] | None = None,
+                           overrides_source: str = "--set") -> FederationConfig:
+    """Read a federation TOML file; ``overrides`` are flat dotted keys (``simulation.num-rounds``).
+    The file is checked alone first, so an error names the file or ``overrides_source``."""
+    flat = to_flat_dict(read_toml(path))
+    config = federation_from_flat(flat, source=str(path))
+    if not overrides:
+        return config
+    return federation_from_flat({**flat, **{k.replace("_", "-"): v for k, v in overrides.items()}}, source=overrides_source)
 
 
 def to_flat_dict(data: dict, prefix: str = "") -> dict[str, Any]:

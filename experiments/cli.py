@@ -11,30 +11,12 @@ import json
 import sys
 from pathlib import Path
 
+from diredi_sim.config import parse_overrides
 from experiments.offline import stay_offline
 
 stay_offline()  # no outbound traffic from anything this process starts (Flower, Ray)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """``--set train.epochs=3`` pairs; values are read as TOML scalars (3, 0.1, true, "text")."""
-    import tomllib
-
-    overrides = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            from diredi_sim.config import ConfigError
-
-            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. train.epochs=3")
-        key, raw = pair.split("=", 1)
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw
-        overrides[key.strip()] = value
-    return overrides
 
 
 def overrides_of(args) -> dict:

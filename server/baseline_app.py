@@ -84,7 +84,7 @@ def _run_rounds(grid: Grid, config: FederationConfig, method: str, outcome: Fede
     strategy = recording_evaluation(FedProx)(proximal_mu=config.baselines.proximal_mu, **common) if method == "fedprox" \
         else recording_evaluation(FedAvg)(**common)
     strategy.on_evaluated = on_evaluated
-    settings = ConfigRecord(federation_to_flat(config))
+    settings = ConfigRecord({**federation_to_flat(config), "method": method})  # the ClientApp dispatches on it
     initial = ArrayRecord(maker.edge.state_dict())
     # round 0: the original edge at every customer (Flower's own evaluation starts after round 1)
     strategy.aggregate_evaluate(0, grid.send_and_receive(list(strategy.configure_evaluate(0, initial, settings, grid)),
@@ -93,7 +93,7 @@ def _run_rounds(grid: Grid, config: FederationConfig, method: str, outcome: Fede
         raise RuntimeError(f"{len(population) - len(reference)} customer(s) did not evaluate the original edge model (round 0): "
                            "no reference for gains; see metrics.jsonl")
     strategy.start(grid, initial_arrays=initial, num_rounds=config.baselines.rounds, timeout=sim.round_timeout,
-                   train_config=settings, evaluate_config=ConfigRecord(federation_to_flat(config)))
+                   train_config=settings, evaluate_config=ConfigRecord({**federation_to_flat(config), "method": method}))
     last = max(r["round"] for r in rows)
     outcome.summary = [r for r in rows if r["round"] == last]
     run.write_json("summary.json", to_jsonable({"method": method, "customers": outcome.summary, "rounds": rows}))

@@ -1,24 +1,32 @@
 """The DiReDi manufacturer as a Flower ServerApp.
 
-``app`` reads the run's settings from Flower's run_config (``flwr run .``: the defaults in
-pyproject.toml's [tool.flwr.app.config] plus ``--run-config`` overrides); ``make_server_app``
-binds a typed config directly (``diredi-sim simulate CONFIG``). Both run :func:`run_federation`:
-the manufacturer's models (cached), the population, the DiReDi strategy for the configured
-rounds, and the per-customer summary in the run folder. Given a run's saved state
-(``diredi-sim resume``), it continues that run in its folder after its last completed round.
+``app`` (``flwr run .``) reads three run_config keys (pyproject.toml's [tool.flwr.app.config],
+overridden with ``--run-config``): ``config-file``, the same federation TOML file that
+``diredi-sim simulate CONFIG`` takes; ``set``, overrides in the same ``KEY=VALUE`` form as
+``--set``; ``method``, ``diredi`` or a Flower baseline (``fedavg``, ``fedprox``). Both paths read
+the file and the overrides with the same function, so every key means the same under both.
+``make_server_app`` binds a typed config directly (``diredi-sim simulate``, ``resume``). DiReDi
+runs :func:`run_federation`: the manufacturer's models (cached), the population, the DiReDi
+strategy for the configured rounds, and the per-customer summary in the run folder. Given a
+run's saved state (``diredi-sim resume``), it continues that run in its folder after its last
+completed round.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from diredi_sim.compute import configure_process
-from diredi_sim.federation import FederationConfig, build_population, federation_from_flat, federation_to_flat
+from diredi_sim.config import ConfigError, parse_overrides
+from diredi_sim.federation import (FederationConfig, SimulationConfig, build_population, federation_to_flat,
+                                   load_federation_config)
 from diredi_sim.logs import ensure_logging
 from diredi_sim.manufacturer import prepare_manufacturer
 from diredi_sim.runs import Run, to_jsonable, write_config
@@ -92,11 +100,68 @@ def make_server_app(config: FederationConfig, outcome: FederationOutcome | None 
     return server_app
 
 
+# Where ``flwr run`` looks for a relative ``config-file``: the app's folder (the project, or the
+# installed FAB, which carries experiments/configs/).
+APP_ROOT = Path(__file__).resolve().parents[1]
+RUN_CONFIG_KEYS = ("config-file", "set", "method")
+FLOWER_METHODS = ("diredi", "fedavg", "fedprox")
+# simulation.* keys that Flower's own federation settings decide under ``flwr run``
+# (``options.*`` of the SuperLink connection in $FLWR_HOME/config.toml), not the config file.
+RAY_ONLY_KEYS = ("client_cpus", "client_gpus", "num_cpus", "ray_address")
+
+
+def read_run_config(run_config: Mapping) -> tuple[FederationConfig, str]:
+    """The federation config and method of a ``flwr run``: ``config-file`` (relative to the app's
+    folder unless absolute) with the ``set`` overrides applied, read exactly as ``diredi-sim
+    simulate CONFIG --set ...`` reads them. Any mistake is a ConfigError naming the key."""
+    unknown = sorted(set(run_config) - set(RUN_CONFIG_KEYS))
+    if unknown:
+        raise ConfigError(f"run_config: unknown key(s) {unknown}; the keys are {list(RUN_CONFIG_KEYS)} "
+                          "(every setting lives in the config file, or in set=\"KEY=VALUE ...\")")
+    method = str(run_config.get("method", "diredi"))
+    if method not in FLOWER_METHODS:
+        raise ConfigError(f"run_config method = {method!r}: must be one of {list(FLOWER_METHODS)} "
+                          "(local fine-tuning and direct training are not federated: `diredi-sim compare` runs them)")
+    name = str(run_config.get("config-file", "")).strip()
+    if not name:
+        raise ConfigError("run_config config-file is empty: name a federation config, e.g. "
+                          "config-file='experiments/configs/federation.toml'")
+    path = Path(name).expanduser()
+    path = path if path.is_absolute() else APP_ROOT / path
+    if not path.is_file():
+        raise ConfigError(f"run_config config-file = {name!r}: {path} is not a file (a relative path is read "
+                          f"from the app's folder, {APP_ROOT})")
+    try:
+        pairs = shlex.split(str(run_config.get("set", "")))
+    except ValueError as exc:
+        raise ConfigError(f"run_config set = {run_config.get('set')!r}: {exc}") from None
+    return load_federation_config(path, parse_overrides(pairs, source="run_config set"), overrides_source="run_config set"), method
+
+
+def warn_ray_only_settings(config: FederationConfig) -> list[str]:
+    """Log (and return) the config's Ray settings that ``flwr run`` does not use, changed from
+    their defaults: Flower's federation settings decide the resources and the cluster there."""
+    default = SimulationConfig()
+    ignored = [f"simulation.{f.name} = {getattr(config.simulation, f.name)!r}" for f in fields(SimulationConfig)
+               if f.name in RAY_ONLY_KEYS and getattr(config.simulation, f.name) != getattr(default, f.name)]
+    for setting in ignored:
+        logger.warning("%s has no effect under flwr run: the SuperLink's options (options.backend.client-resources, "
+                       "options.num-supernodes in $FLWR_HOME/config.toml) decide; `diredi-sim simulate` uses it", setting)
+    return ignored
+
+
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """``flwr run .``: the settings come from the run_config (flat keys, as pyproject.toml lists them)."""
+    """``flwr run .``: the config file and overrides that the run_config names, then the method."""
     ensure_logging()  # a process of Flower's: INFO to stderr and log.txt, unless logging was set up already
-    run_federation(grid, federation_from_flat(dict(context.run_config), source="run_config"))
+    config, method = read_run_config(context.run_config)
+    warn_ray_only_settings(config)
+    if method == "diredi":
+        run_federation(grid, config)
+    else:
+        from server.baseline_app import run_baseline  # it imports this module
+
+        run_baseline(grid, config, method)

@@ -1,6 +1,8 @@
 """Flower's deployment engine: one SuperLink and two SuperNodes on 127.0.0.1 run one round of
-the same ClientApp and ServerApp through ``flwr run``; the test stops exactly the processes it
-started (each in its own process group, with its children) and nothing else."""
+DiReDi, then one of FedAvg, through ``flwr run`` with the same ClientApp and ServerApp, reading
+the same federation config file that ``diredi-sim simulate`` takes (run_config ``config-file``,
+``set``, ``method``); the test stops exactly the processes it started (each in its own process
+group, with its children) and nothing else."""
 
 from __future__ import annotations
 
@@ -61,26 +63,36 @@ def stop(process: subprocess.Popen, tree: set[int]) -> None:
     process.wait(timeout=15)
 
 
-TINY_RUN_CONFIG = """\
-"name" = "deployment-test"
-"runs-dir" = "{runs}"
-"data.cache-dir" = "{cache}"
-"data.synthetic.seed" = 3
-"data.synthetic.num-train" = 24
-"data.synthetic.num-val" = 8
-"data.synthetic.num-test" = 16
-"data.synthetic.min-objects" = 3
-"data.synthetic.max-objects" = 5
-"data.synthetic.min-object-size" = 24
-"pipeline.cache-dir" = "{cache}"
-"pipeline.max-eval-images" = 0
-"pipeline.eval-batch-size" = 16
-"population.customers" = "exp1,exp2"
-"population.generated" = 0
-"simulation.num-rounds" = 1
-"simulation.server-workers" = 1
+TINY_CONFIG = """\
+name = "deployment-test"
+runs_dir = "{runs}"
+[data]
+cache_dir = "{cache}"
+[data.synthetic]
+seed = 3
+num_train = 24
+num_val = 8
+num_test = 16
+min_objects = 3
+max_objects = 5
+min_object_size = 24
+[pipeline]
+cache_dir = "{cache}"
+max_eval_images = 0
+eval_batch_size = 16
+[population]
+customers = ["exp1", "exp2"]
+generated = 0
+[simulation]
+num_rounds = 1
+server_workers = 1
+[baselines]
+rounds = 1
+[baselines.local]
+epochs = 1
+batch_size = 8
 """
-STAGES = ("teacher", "distill-a", "distill-b", "rd", "distill-c", "direct")
+STAGES = ("teacher", "distill_a", "distill_b", "rd", "distill_c", "direct")
 
 
 def test_superlink_and_two_supernodes_run_one_round(tmp_path):
@@ -89,12 +101,11 @@ def test_superlink_and_two_supernodes_run_one_round(tmp_path):
     http = free_port()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "127.0.0.1:{http}"\ninsecure = true\n')
-    lines = [TINY_RUN_CONFIG.format(runs=runs, cache=cache)]
+    text = TINY_CONFIG.format(runs=runs, cache=cache)
     for stage in STAGES:
-        lines.append(f'"pipeline.{stage}.epochs" = 1\n"pipeline.{stage}.batch-size" = 8\n'
-                     f'"pipeline.{stage}.max-train-images" = 0\n"pipeline.{stage}.max-eval-images" = 0\n')
-    run_config = tmp_path / "run-config.toml"
-    run_config.write_text("".join(lines))
+        text += f"[pipeline.{stage}]\nepochs = 1\nbatch_size = 8\nmax_train_images = 0\nmax_eval_images = 0\n"
+    config = tmp_path / "tiny.toml"  # the file `diredi-sim simulate` would take; flwr run reads it by its run_config
+    config.write_text(text)
     env = {**os.environ, **OFFLINE_ENV, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_HOME": str(home),
            "OMP_NUM_THREADS": "1"}
     started: list[subprocess.Popen] = []
@@ -115,20 +126,30 @@ def test_superlink_and_two_supernodes_run_one_round(tmp_path):
             start(f"supernode{partition}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{http}",
                                    "--node-config", f"partition-id={partition} num-partitions=2", "--isolation", "subprocess",
                                    "--host", "127.0.0.1", "--port", str(free_port()))
-        result = subprocess.run([str(BIN / "flwr"), "run", str(ROOT), "deploy", "--run-config", str(run_config), "--stream"],
-                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-        output = result.stdout + result.stderr
-        assert result.returncode == 0, output[-4000:]
-        deadline = time.monotonic() + 120
-        summaries = []
-        while not summaries and time.monotonic() < deadline:
-            summaries = list(runs.glob("*-deployment-test/summary.json"))
-            time.sleep(1)
-        logs = "\n".join(p.read_text()[-2000:] for p in tmp_path.glob("*.log"))
-        assert summaries, f"no summary.json under {runs}\n{output[-3000:]}\n{logs}"
-        summary = json.loads(summaries[0].read_text())
+
+        def flwr_run(method: str) -> dict:
+            run_config = f"config-file='{config}' method='{method}' set='simulation.num_rounds=1'"
+            result = subprocess.run([str(BIN / "flwr"), "run", str(ROOT), "deploy", "--run-config", run_config, "--stream"],
+                                    cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+            output = result.stdout + result.stderr
+            assert result.returncode == 0, output[-4000:]
+            pattern = "*-deployment-test/summary.json" if method == "diredi" else f"*-deployment-test-{method}/summary.json"
+            deadline, summaries = time.monotonic() + 120, []
+            while not summaries and time.monotonic() < deadline:
+                summaries = list(runs.glob(pattern))
+                time.sleep(1)
+            logs = "\n".join(p.read_text()[-2000:] for p in tmp_path.glob("*.log"))
+            assert summaries, f"no {pattern} under {runs}\n{output[-3000:]}\n{logs}"
+            return json.loads(summaries[0].read_text())
+
+        summary = flwr_run("diredi")
         assert sorted(row["customer"] for row in summary["customers"]) == ["exp1", "exp2"]
         assert summary["rounds"][0]["replies"] == 2 and summary["rounds"][0]["failures"] == 0
+        # FedAvg through the same flwr run, ServerApp and ClientApp: one round, each customer evaluated
+        summary = flwr_run("fedavg")
+        assert summary["method"] == "fedavg"
+        assert sorted((row["customer"], row["round"]) for row in summary["customers"]) == [("exp1", 1), ("exp2", 1)]
+        assert sorted(row["round"] for row in summary["rounds"]) == [0, 0, 1, 1]
     finally:
         trees = {process.pid: descendants(process.pid) for process in started}
         for process in reversed(started):

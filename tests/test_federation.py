@@ -3,6 +3,7 @@ Flower section."""
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import replace
 from pathlib import Path
@@ -86,22 +87,37 @@ def test_config_round_trips_through_flower_flat_form_and_names_bad_keys():
         replace(config, pipeline=replace(config.pipeline, distill_c_modes=("public",)))
 
 
-def test_pyproject_flower_section_is_the_demo_config():
-    """``flwr run .`` reads [tool.flwr.app.config]; it must hold exactly the demo config's keys
-    and values (Flower only accepts --run-config overrides of keys listed there)."""
+def test_flwr_run_reads_the_config_file_and_overrides_exactly_as_the_command_line(caplog):
+    """``flwr run .`` reads pyproject's three run_config keys; its config is the one
+    ``diredi-sim simulate experiments/configs/demo.toml`` reads, and ``set`` means what ``--set``
+    means (same parser, same keys); every mistake names its key."""
+    from diredi_sim.config import parse_overrides
+    from experiments.api import load_federation
+    from server.server_app import read_run_config, warn_ray_only_settings
+
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     app = pyproject["tool"]["flwr"]["app"]
     assert app["components"] == {"serverapp": "server.server_app:app", "clientapp": "clients.client_app:app"}
-    flat_pyproject = _flatten(app["config"])
-    expected = federation_to_flat(load_federation_config(ROOT / "experiments/configs/demo.toml"))
-    assert flat_pyproject == expected
+    assert app["config"] == {"config-file": "experiments/configs/demo.toml", "set": "", "method": "diredi"}
+    demo = ROOT / "experiments/configs/demo.toml"
+    assert read_run_config(app["config"]) == (load_federation(demo), "diredi")
 
+    pairs = ["simulation.num_rounds=3", "pipeline.rd.epochs=2", 'name="two words"', "simulation.client_cpus=2"]
+    config, method = read_run_config({"config-file": str(demo), "method": "fedprox",
+                                      "set": "simulation.num_rounds=3 pipeline.rd.epochs=2 'name=\"two words\"' simulation.client_cpus=2"})
+    assert method == "fedprox" and config == load_federation(demo, parse_overrides(pairs))
+    assert (config.simulation.num_rounds, config.pipeline.rd.epochs, config.name) == (3, 2, "two words")
+    with caplog.at_level("WARNING", logger="server.server_app"):  # a Ray setting: Flower's options decide under flwr run
+        assert warn_ray_only_settings(config) == ["simulation.client_cpus = 2.0"]
+    assert "simulation.client_cpus = 2.0 has no effect under flwr run" in caplog.text
+    assert warn_ray_only_settings(load_federation(demo)) == []
 
-def _flatten(table: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
+    for run_config, named in [({**app["config"], "simulation.num-rounds": 2}, "unknown key(s) ['simulation.num-rounds']"),
+                              ({**app["config"], "method": "local"}, "method = 'local'"),
+                              ({**app["config"], "config-file": "no/such.toml"}, "config-file = 'no/such.toml'"),
+                              ({**app["config"], "config-file": ""}, "config-file is empty"),
+                              ({**app["config"], "set": "simulation.num_round=2"}, "run_config set: unknown key simulation.num_round"),
+                              ({**app["config"], "set": "rounds"}, "run_config set 'rounds': expected KEY=VALUE"),
+                              ({**app["config"], "set": "name='open"}, "run_config set")]:
+        with pytest.raises(ConfigError, match=re.escape(named)):
+            read_run_config(run_config)

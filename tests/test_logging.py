@@ -108,17 +108,17 @@ def test_the_console_shows_the_chosen_level_and_every_subcommand_takes_the_optio
 
 
 @pytest.mark.usefixtures("flower_task_identity")
-@pytest.mark.parametrize("app_module", ["clients.client_app", "clients.baseline_app"])
-def test_records_emitted_while_a_client_handles_a_message_name_the_customer(app_module, monkeypatch):
-    """The real ClientApp's evaluate handler, its evaluation replaced by a stand-in that logs:
-    the record carries "customer 1 (exp2)"; a record after the handler carries no tag."""
-    import importlib
-
+@pytest.mark.parametrize("method", ["diredi", "fedavg"])
+def test_records_emitted_while_a_client_handles_a_message_name_the_customer(method, monkeypatch):
+    """The real ClientApp's evaluate handler (DiReDi's, or FedAvg's that the same app dispatches
+    to), its evaluation replaced by a stand-in that logs: the record carries "customer 1 (exp2)";
+    a record after the handler carries no tag."""
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
+    from clients import baseline_app, client_app
     from diredi_sim.federation import FederationConfig, PopulationConfig, federation_to_flat
 
-    module = importlib.import_module(app_module)
+    module = baseline_app if method == "fedavg" else client_app
     worker = logging.getLogger("diredi_sim.federation")
 
     def evaluate_and_log(config, customer, models):
@@ -127,12 +127,12 @@ def test_records_emitted_while_a_client_handles_a_message_name_the_customer(app_
 
     monkeypatch.setattr(module, "customer_evaluate", evaluate_and_log)
     config = FederationConfig(population=PopulationConfig(customers=("exp1", "exp2"), generated=0))
-    records = {"arrays" if app_module.endswith("baseline_app") else "edge": ArrayRecord()}
-    content = RecordDict({**records, "config": ConfigRecord({**federation_to_flat(config), "server-round": 1})})
+    records = {"arrays" if method == "fedavg" else "edge": ArrayRecord()}
+    content = RecordDict({**records, "config": ConfigRecord({**federation_to_flat(config), "server-round": 1, "method": method})})
     message = Message(content=content, dst_node_id=5, message_type="evaluate")
     context = Context(run_id=1, node_id=5, node_config={"partition-id": 1, "num-partitions": 2}, state=RecordDict(), run_config={})
     with Records() as handler:
-        reply = module.app(message, context)
+        reply = client_app.app(message, context)
         worker.warning("after the handler")
     assert not reply.has_error(), reply.error
     inside, after = [r for r in handler.records if r.name == "diredi_sim.federation"]
