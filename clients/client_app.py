@@ -13,9 +13,10 @@ read here only (from its partition id); what goes up is the list below, nothing 
   its own test images and replies with per-class AP, P, R, F1 as scalars (``metrics``).
 - ``query.partition``: answered with the node's partition id alone.
 
-The same app serves Flower's FedAvg and FedProx (:mod:`clients.baseline_app`): a ``train`` or
-``evaluate`` message whose config has ``method`` = ``fedavg`` or ``fedprox`` goes to their
-handlers, so ``flwr run`` needs one ClientApp for every federated method.
+The same app serves Flower's strategies (FedAvg, FedProx, FedAdam, Krum...:
+:mod:`clients.baseline_app`): a ``train`` or ``evaluate`` message whose config has a ``method``
+other than ``diredi`` goes to their handlers, so ``flwr run`` needs one ClientApp for every
+federated method.
 
 With ``simulation.dp_clip_norm`` > 0, :func:`local_dp_mod` clips that delta and adds Gaussian
 noise before the reply leaves (local differential privacy). Flower's own ``LocalDpMod`` does not
@@ -46,12 +47,11 @@ from diredi_sim.runs import release_memory
 
 # Keys the strategies add to the round's config that are not settings of the run.
 ROUND_KEYS = ("server-round", "method")
-BASELINES = ("fedavg", "fedprox")
 
 
 def baseline_handler(msg: Message, name: str):
-    """FedAvg's or FedProx's ``name`` handler when the message is theirs, else None."""
-    if str(msg.content["config"].get("method", "diredi")) not in BASELINES:
+    """The Flower strategies' ``name`` handler when the message is theirs, else None."""
+    if str(msg.content["config"].get("method", "diredi")) == "diredi":
         return None
     from clients import baseline_app  # it imports this module
 

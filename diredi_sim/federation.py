@@ -156,11 +156,14 @@ class BaselineConfig:
     """The methods DiReDi is compared with, on the same customers, splits and seeds."""
 
     methods: tuple[str, ...] = METHODS  # what `diredi-sim compare` runs
-    rounds: int = 3  # FedAvg / FedProx rounds
+    rounds: int = 3  # rounds of FedAvg, FedProx and the other Flower strategies
     local: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=1, lr=0.001, warmup_steps=10, eval_every=100, max_train_images=600, max_eval_images=100))
     # ^ a FedAvg / FedProx customer's fine-tuning per round; local fine-tuning runs it for `rounds` times the epochs
     proximal_mu: float = 0.01  # FedProx
+    # the Flower strategies' parameters, STRATEGY.PARAMETER=VALUE pairs separated by spaces
+    # ("fedadam.eta=0.01 krum.num_malicious_nodes=1"); checked against each strategy's constructor
+    strategy_args: str = ""
 
     def __post_init__(self):
         _check(bool(self.methods) and len(set(self.methods)) == len(self.methods), "baselines.methods", self.methods,

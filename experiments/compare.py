@@ -128,6 +128,9 @@ def run_compare(config: FederationConfig, seeds: int = 1) -> Path:
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: must be >= 1")
     methods = resolve(config.baselines.methods)  # an unknown name stops here, before anything runs
+    for method in methods:
+        if method.check is not None:
+            method.check(config)  # and a method's bad parameter
     configure_process(device=config.device, threads=config.threads)  # the device config.json records
     if config.tensorboard:
         require_tensorboard()

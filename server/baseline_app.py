@@ -1,5 +1,7 @@
-"""FedAvg and FedProx on the edge model, with Flower's own strategies, on the same customers,
-splits and seeds as DiReDi. Before the first round and after every round the global edge model
+"""FedAvg, FedProx and the other Flower strategies of :data:`STRATEGIES` on the edge model,
+with Flower's own implementations, on the same customers, splits and seeds as DiReDi. Their
+parameters come from ``baselines.strategy_args`` (``fedadam.eta=0.01 krum.num_malicious_nodes=1``;
+FedProx's mu from ``baselines.proximal_mu`` unless given there). Before the first round and after every round the global edge model
 is evaluated at each customer, on its own test images, by Flower's federated evaluation (an
 ``evaluate`` message; the reply holds per-class AP and P/R/F1 as scalars): gain and
 forgetting against the original edge, one row per round per customer in ``metrics.jsonl``. The
@@ -7,11 +9,15 @@ ServerApp's process reads no customer file."""
 
 from __future__ import annotations
 
+import inspect
 import logging
+import shlex
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp import strategy as flower
+
+from diredi_sim.config import ConfigError, parse_overrides
 
 from diredi_sim.federation import (FederationConfig, build_population, count_state_bytes, federation_to_flat,
                                    rows_from_metrics)
@@ -23,14 +29,80 @@ from server.server_app import FederationOutcome
 
 logger = logging.getLogger(__name__)
 
+# Flower 1.41's strategies that aggregate whole models sent as ``arrays`` with ``num-examples``,
+# by method name (QFedAvg, which needs the customers' training loss, and the DP and XGBoost
+# wrappers are not offered).
+STRATEGIES: dict[str, type] = {name.lower(): getattr(flower, name) for name in (
+    "FedAvg", "FedProx", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad", "FedMedian", "FedTrimmedAvg", "Krum",
+    "MultiKrum", "Bulyan")}
+# the strategy's parameters that the run sets itself: not settable in baselines.strategy_args
+RUN_SETS = ("fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes", "min_available_nodes",
+            "weighted_by_key", "arrayrecord_key", "configrecord_key", "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn")
+
+
+def strategy_arguments(config: FederationConfig, method: str) -> dict:
+    """``method``'s parameters from ``baselines.strategy_args`` (``STRATEGY.PARAMETER=VALUE``
+    pairs, as ``--set`` reads values), checked against its constructor; ConfigError names the pair."""
+    source = "baselines.strategy_args"
+    try:
+        pairs = parse_overrides(shlex.split(config.baselines.strategy_args), source=source)
+    except ValueError as exc:
+        raise ConfigError(f"{source} = {config.baselines.strategy_args!r}: {exc}") from None
+    cls = STRATEGIES[method]
+    params = inspect.signature(cls.__init__).parameters
+    settable = [n for n, p in params.items() if n != "self" and n not in RUN_SETS
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    args = {"proximal_mu": config.baselines.proximal_mu} if method == "fedprox" else {}
+    for key, value in pairs.items():
+        name, _, param = key.partition(".")
+        if name not in STRATEGIES or not param:
+            raise ConfigError(f"{source}: {key!r} is not STRATEGY.PARAMETER, STRATEGY one of {sorted(STRATEGIES)}")
+        if name != method:
+            continue
+        if param not in settable:
+            raise ConfigError(f"{source}: {key!r}: {cls.__name__} has no parameter {param!r} to set here; it takes {settable}")
+        args[param] = value
+    missing = [n for n in settable if params[n].default is inspect.Parameter.empty and n not in args]
+    if missing:
+        raise ConfigError(f"{source}: {cls.__name__} needs {', '.join(f'{method}.{n}' for n in missing)}")
+    return args
+
+
+def build_strategy(config: FederationConfig, method: str, num_customers: int):
+    """Flower's strategy named ``method`` with its parameters, recording per-customer evaluations."""
+    if method not in STRATEGIES:
+        raise ConfigError(f"method {method!r}: not a Flower strategy offered here; one of {sorted(STRATEGIES)}")
+    sim = config.simulation
+    common = dict(fraction_train=sim.fraction_train, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=num_customers,
+                  min_available_nodes=num_customers)
+    args = strategy_arguments(config, method)
+    try:
+        return recording_evaluation(STRATEGIES[method])(**common, **args)
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise ConfigError(f"baselines.strategy_args: {STRATEGIES[method].__name__}({args}) refused: {exc}") from None
+
 
 def recording_evaluation(base: type) -> type:
     """``base`` (a Flower strategy) whose ``aggregate_evaluate`` hands every reply to
     ``self.on_evaluated(server_round, replies) -> MetricRecord``: per-customer rows, which
-    Flower's own aggregation cannot take (each customer reports its own classes' keys)."""
+    Flower's own aggregation cannot take (each customer reports its own classes' keys). Its
+    aggregated model keeps the dtypes of the model it sent (Flower's aggregation returns float64
+    for integer buffers, and FedAdam, FedYogi and FedAdagrad for every entry): the global edge
+    model stays the edge model's size on the wire."""
 
     class Recording(base):
         on_evaluated = None
+        sent_dtypes: dict | None = None
+
+        def configure_train(self, server_round: int, arrays: ArrayRecord, config, grid):
+            self.sent_dtypes = {k: v.dtype for k, v in arrays.to_torch_state_dict().items()}
+            return super().configure_train(server_round, arrays, config, grid)
+
+        def aggregate_train(self, server_round: int, replies):
+            arrays, metrics = super().aggregate_train(server_round, replies)
+            if arrays is not None and self.sent_dtypes:
+                arrays = ArrayRecord({k: v.to(self.sent_dtypes[k]) for k, v in arrays.to_torch_state_dict().items()})
+            return arrays, metrics
 
         def aggregate_evaluate(self, server_round: int, replies):
             return self.on_evaluated(server_round, list(replies))
@@ -40,8 +112,9 @@ def recording_evaluation(base: type) -> type:
 
 
 def run_baseline(grid: Grid, config: FederationConfig, method: str, outcome: FederationOutcome | None = None) -> FederationOutcome:
-    """FedAvg (``method="fedavg"``) or FedProx (``"fedprox"``) for ``config.baselines.rounds`` rounds."""
+    """The Flower strategy ``method`` (a key of :data:`STRATEGIES`) for ``config.baselines.rounds`` rounds."""
     outcome = outcome or FederationOutcome()
+    build_strategy(config, method, 1)  # a bad name or parameter stops here, before the run folder exists
     with Run.create(config.runs_dir, f"{config.name}-{method}", config) as run:
         outcome.folder = run.folder
         logger.info("%s run folder %s", method, run.folder)
@@ -79,10 +152,7 @@ def _run_rounds(grid: Grid, config: FederationConfig, method: str, outcome: Fede
         return MetricRecord({"mean-map": sum(maps) / len(maps) if maps else float("nan")})
 
     sim = config.simulation
-    common = dict(fraction_train=sim.fraction_train, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=len(population),
-                  min_available_nodes=len(population))
-    strategy = recording_evaluation(FedProx)(proximal_mu=config.baselines.proximal_mu, **common) if method == "fedprox" \
-        else recording_evaluation(FedAvg)(**common)
+    strategy = build_strategy(config, method, len(population))
     strategy.on_evaluated = on_evaluated
     settings = ConfigRecord({**federation_to_flat(config), "method": method})  # the ClientApp dispatches on it
     initial = ArrayRecord(maker.edge.state_dict())

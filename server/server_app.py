@@ -3,7 +3,8 @@
 ``app`` (``flwr run .``) reads three run_config keys (pyproject.toml's [tool.flwr.app.config],
 overridden with ``--run-config``): ``config-file``, the same federation TOML file that
 ``diredi-sim simulate CONFIG`` takes; ``set``, overrides in the same ``KEY=VALUE`` form as
-``--set``; ``method``, ``diredi`` or a Flower baseline (``fedavg``, ``fedprox``). Both paths read
+``--set``; ``method``, ``diredi`` or a Flower strategy (``fedavg``, ``fedprox``, ``fedadam``...:
+``server.baseline_app.STRATEGIES``). Both paths read
 the file and the overrides with the same function, so every key means the same under both.
 ``make_server_app`` binds a typed config directly (``diredi-sim simulate``, ``resume``). DiReDi
 runs :func:`run_federation`: the manufacturer's models (cached), the population, the DiReDi
@@ -104,7 +105,6 @@ def make_server_app(config: FederationConfig, outcome: FederationOutcome | None 
 # installed FAB, which carries experiments/configs/).
 APP_ROOT = Path(__file__).resolve().parents[1]
 RUN_CONFIG_KEYS = ("config-file", "set", "method")
-FLOWER_METHODS = ("diredi", "fedavg", "fedprox")
 # simulation.* keys that Flower's own federation settings decide under ``flwr run``
 # (``options.*`` of the SuperLink connection in $FLWR_HOME/config.toml), not the config file.
 RAY_ONLY_KEYS = ("client_cpus", "client_gpus", "num_cpus", "ray_address")
@@ -118,9 +118,11 @@ def read_run_config(run_config: Mapping) -> tuple[FederationConfig, str]:
     if unknown:
         raise ConfigError(f"run_config: unknown key(s) {unknown}; the keys are {list(RUN_CONFIG_KEYS)} "
                           "(every setting lives in the config file, or in set=\"KEY=VALUE ...\")")
+    from server.baseline_app import STRATEGIES  # it imports this module
+
     method = str(run_config.get("method", "diredi"))
-    if method not in FLOWER_METHODS:
-        raise ConfigError(f"run_config method = {method!r}: must be one of {list(FLOWER_METHODS)} "
+    if method != "diredi" and method not in STRATEGIES:
+        raise ConfigError(f"run_config method = {method!r}: must be 'diredi' or a Flower strategy, one of {sorted(STRATEGIES)} "
                           "(local fine-tuning and direct training are not federated: `diredi-sim compare` runs them)")
     name = str(run_config.get("config-file", "")).strip()
     if not name:

@@ -24,6 +24,7 @@ class Method:
     name: str
     summary: str
     run: Callable[..., tuple[list[dict], Path | None]]  # (config, shared) -> (rows per customer, run folder or None)
+    check: Callable[..., None] | None = None  # (config) -> None, raises ConfigError: compare calls it before anything runs
 
 
 REGISTRY: dict[str, Method] = {}

@@ -1,4 +1,4 @@
-"""FedAvg and FedProx on the edge model, with Flower's own strategies (``server/baseline_app.py``,
+"""FedAvg, FedProx and Flower's other strategies by name on the edge model, with Flower's own strategies (``server/baseline_app.py``,
 ``clients/baseline_app.py``, served by the one ClientApp), for ``baselines.rounds`` rounds; each customer's row is the global
 edge model's after the last round, evaluated at the customer."""
 
@@ -31,5 +31,25 @@ def run_flower_baseline(config: FederationConfig, shared: dict | None = None, *,
     return outcome.summary, outcome.folder
 
 
-register(Method("fedavg", "FedAvg: the whole edge model fine-tuned at each customer and averaged", partial(run_flower_baseline, method="fedavg")))
-register(Method("fedprox", "FedProx: FedAvg with a proximal term (baselines.proximal_mu)", partial(run_flower_baseline, method="fedprox")))
+def check_strategy(config: FederationConfig, *, method: str) -> None:
+    """The strategy's parameters (baselines.strategy_args) are ones its constructor takes."""
+    from server.baseline_app import build_strategy
+
+    build_strategy(config, method, 1)
+
+
+SUMMARIES = {
+    "fedavg": "FedAvg: the whole edge model fine-tuned at each customer and averaged",
+    "fedprox": "FedProx: FedAvg with a proximal term (baselines.proximal_mu)",
+    "fedavgm": "FedAvgM: FedAvg with server momentum",
+    "fedadam": "FedAdam: Adam on the server over the averaged update",
+    "fedyogi": "FedYogi: Yogi on the server over the averaged update",
+    "fedadagrad": "FedAdagrad: Adagrad on the server over the averaged update",
+    "fedmedian": "FedMedian: the coordinate-wise median of the customers' models",
+    "fedtrimmedavg": "FedTrimmedAvg: the coordinate-wise trimmed mean (beta)",
+    "krum": "Krum: the one model closest to its n - f - 2 neighbours",
+    "multikrum": "MultiKrum: the mean of the models Krum selects",
+    "bulyan": "Bulyan: MultiKrum selection, then a trimmed mean",
+}
+for _name, _summary in SUMMARIES.items():  # Flower's strategies by name (server/baseline_app.py STRATEGIES)
+    register(Method(_name, _summary, partial(run_flower_baseline, method=_name), check=partial(check_strategy, method=_name)))
