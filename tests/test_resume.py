@@ -1,8 +1,11 @@
 """Crash and resume. A federation run on Flower's simulation engine is killed for real (SIGKILL
-to its process group and every process below it, Ray's included) in the middle of round 2;
-``diredi-sim resume`` then finishes it, and its results equal those of an uninterrupted run with
-the same seed. Fast tests: a torn metrics line is never read as a row, a folder that is not a
-federation run is refused with an error naming the file, the interrupted round is cleared."""
+to its process group and every process below it, Ray's included) at three points: in the middle
+of round 2 (while the merged tutor's checkpoint is being written), during the write of the state
+file that would close round 2, and after the last round (while summary.json is being written);
+each time ``diredi-sim resume`` goes on from what the kill left, and the results in the end equal
+those of an uninterrupted run with the same seed. Fast tests: a torn metrics line is never read as
+a row, a folder that is not a federation run is refused with an error naming the file, the
+interrupted round is cleared."""
 
 from __future__ import annotations
 
@@ -73,12 +76,53 @@ max_f1_drop = 1.0
     return path
 
 
+# A kill at an exact point of a write: every process of a run started with DIREDI_TEST_PAUSE_AT =
+# "NAME|TEXT|MARKER" (and the hook's folder on PYTHONPATH) holds the thread that is about to rename
+# a finished temporary file onto NAME whose content holds TEXT: the temporary file cut to half its
+# size first, as a kill in mid-write leaves it, MARKER written, then the thread sleeps for good
+# (not SIGSTOP: a run that stopped itself was seen to go on and finish the rename; a SIGCONT that
+# the kernel sends when a stopped process's group becomes orphaned is the likely cause). The test
+# then kills the whole run. Production code has no hook:
+# this wraps os.replace, which every write of a run folder ends with
+# (diredi_sim.runs.atomic_write_bytes).
+PAUSE_HOOK = """
+import os, time
+_at = os.environ.get("DIREDI_TEST_PAUSE_AT")
+if _at:
+    _name, _text, _marker = _at.split("|")
+    _replace = os.replace
+
+    def _pausing_replace(src, dst, *args, **kwargs):
+        if os.path.basename(os.fspath(dst)) == _name and _text.encode() in open(src, "rb").read():
+            with open(src, "r+b") as f:
+                f.truncate(os.path.getsize(src) // 2)
+            with open(_marker, "w") as f:
+                f.write(str(os.getpid()))
+            while True:
+                time.sleep(60)
+        return _replace(src, dst, *args, **kwargs)
+
+    os.replace = _pausing_replace
+"""
+
+
+def pausing_env(tmp: Path, name: str, text: str = "") -> tuple[dict, Path]:
+    """The environment of a run that freezes on its write of ``name`` (content holding ``text``)."""
+    hook = tmp / "pause-hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(PAUSE_HOOK)
+    marker = tmp / f"paused-at-{name}"
+    marker.unlink(missing_ok=True)
+    path = os.pathsep.join(p for p in (str(hook), ENV.get("PYTHONPATH", "")) if p)
+    return {**ENV, "PYTHONPATH": path, "DIREDI_TEST_PAUSE_AT": f"{name}|{text}|{marker}"}, marker
+
+
 class Tracked:
     """A `diredi-sim` command in its own session, with every process it ever had below it."""
 
-    def __init__(self, args: list[str], log: Path):
+    def __init__(self, args: list[str], log: Path, env: dict | None = None):
         self.log = log
-        self.process = subprocess.Popen([sys.executable, "-m", "experiments.cli", *args], cwd=ROOT, env=ENV,
+        self.process = subprocess.Popen([sys.executable, "-m", "experiments.cli", *args], cwd=ROOT, env=env or ENV,
                                         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
         self.seen: set[tuple[int, str]] = set()
         self.thread = threading.Thread(target=self._watch, daemon=True)
@@ -131,6 +175,15 @@ class Tracked:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def kill_when_paused(self, marker: Path, timeout: float = 600) -> None:
+        """Wait until a process of the run has frozen itself at its pause point, then kill the run."""
+        deadline = time.monotonic() + timeout
+        while not marker.exists() and self.process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), f"the run never reached its pause point {marker.name}:\n{self.output()[-3000:]}"
+        self.kill()
+        assert not self.leftovers(5), f"processes of the killed run still alive: {self.leftovers()}"
+
 
 # ------------------------------------------------------------------------------------ results
 
@@ -165,7 +218,7 @@ def only_run(runs: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_a_run_killed_mid_round_and_resumed_equals_an_uninterrupted_run(tmp_path):
+def test_a_run_killed_at_three_points_and_resumed_each_time_equals_an_uninterrupted_run(tmp_path):
     config = tiny_config(tmp_path)
     start = time.monotonic()
 
@@ -178,39 +231,53 @@ def test_a_run_killed_mid_round_and_resumed_equals_an_uninterrupted_run(tmp_path
     assert [row["verdict"] for row in expected["customers"]] == ["accepted"] * 4
     print(f"uninterrupted run: {time.monotonic() - start:.0f} s")
 
-    # 2. the same run, killed (SIGKILL, the whole process tree) once round 2 has written its first files
-    killed = Tracked(["simulate", str(config), "--set", f'runs_dir="{tmp_path / "killed"}"'], tmp_path / "killed.log")
-    deadline, folder = time.monotonic() + 600, None
-    while time.monotonic() < deadline and killed.process.poll() is None:
-        folder = folder or only_run(tmp_path / "killed")
-        if folder is not None and (folder / "round2").is_dir():
-            break
-        time.sleep(0.02)
-    assert killed.process.poll() is None, f"the run ended before it could be killed:\n{killed.output()[-3000:]}"
-    assert folder is not None and (folder / "round2").is_dir(), "round 2 never started"
-    killed.kill()
-    assert not killed.leftovers(5), f"processes of the killed run still alive: {killed.leftovers()}"
+    # 2. the same run, killed in the middle of round 2: while the merged tutor's checkpoint is written
+    env, marker = pausing_env(tmp_path, "tutor_round2.pt")
+    killed = Tracked(["simulate", str(config), "--set", f'runs_dir="{tmp_path / "killed"}"'], tmp_path / "killed.log", env)
+    killed.kill_when_paused(marker)
+    folder = only_run(tmp_path / "killed")
+    checkpoints = folder / "checkpoints"
     assert read_state(folder)["last_round"] == 1, "killed too late: round 2 had completed"
+    assert not (checkpoints / "tutor_round2.pt").exists() and list(checkpoints.glob(".tutor_round2.pt.*.tmp"))
     assert not (folder / "summary.json").exists()
     rows = read_jsonl(folder / "metrics.jsonl")
     assert any(r.get("event") == "round_started" and r["round"] == 2 for r in rows)
     with open(folder / "metrics.jsonl", "a") as f:  # and a torn last line, as a kill in mid-append leaves
         f.write('{"time": 1.0, "event": "customer", "round": 2, "partition_id": 0, "gain": 0.')
-    print(f"killed: {time.monotonic() - start:.0f} s; round 2 had written {sorted(p.name for p in (folder / 'round2').iterdir())}")
+    print(f"killed in round 2: {time.monotonic() - start:.0f} s")
 
-    # 3. resume: the remaining round in the same folder; the results are the uninterrupted run's
-    resumed = Tracked(["resume", str(folder)], tmp_path / "resume.log")
-    assert resumed.wait(600) == 0, resumed.output()[-3000:]
-    assert not resumed.leftovers(), f"processes left running after resume: {resumed.leftovers()}"
+    # 3. resumed, and killed while it writes the state file that closes round 2: everything else of
+    # round 2 is on disk, the state still says round 1, so the next resume runs round 2 again
+    env, marker = pausing_env(tmp_path, "state.json", '"last_round": 2')
+    resumed = Tracked(["resume", str(folder)], tmp_path / "resume1.log", env)
+    resumed.kill_when_paused(marker)
     assert "resuming" in resumed.output() and "after round 1 of 2" in resumed.output()
     assert "2 of 2 customers with a deployed edge model found" in resumed.output()  # new node ids: asked who they are
+    assert read_state(folder)["last_round"] == 1 and list(folder.glob(".state.json.*.tmp"))
+    assert (checkpoints / "tutor_round2.pt").is_file() and sorted(p.name for p in (folder / "round2").iterdir()) == \
+        ["customer0.json", "customer1.json"]
+    print(f"killed during the state write: {time.monotonic() - start:.0f} s")
+
+    # 4. resumed, and killed after the last round: state.json says 2 of 2, summary.json is being written
+    env, marker = pausing_env(tmp_path, "summary.json")
+    resumed = Tracked(["resume", str(folder)], tmp_path / "resume2.log", env)
+    resumed.kill_when_paused(marker)
+    assert read_state(folder)["last_round"] == 2 and not (folder / "summary.json").exists()
+    print(f"killed after the last round: {time.monotonic() - start:.0f} s")
+
+    # 5. the last resume writes the summary; the results are the uninterrupted run's
+    resumed = Tracked(["resume", str(folder)], tmp_path / "resume3.log")
+    assert resumed.wait(600) == 0, resumed.output()[-3000:]
+    assert not resumed.leftovers(), f"processes left running after resume: {resumed.leftovers()}"
+    assert "all 2 rounds were complete; summary written" in resumed.output()
     got = results(folder)
     assert got["customers"] == expected["customers"]
     assert got["rounds"] == expected["rounds"] and got["summary_rounds"] == expected["summary_rounds"]
     assert got["details"] == expected["details"]
     for name in ("tutor_round1", "tutor_round2", "edge_customer0", "edge_customer1", "edge_customer0_round2"):
-        mine, theirs = weights(folder / "checkpoints" / f"{name}.pt"), weights(expected_folder / "checkpoints" / f"{name}.pt")
+        mine, theirs = weights(checkpoints / f"{name}.pt"), weights(expected_folder / "checkpoints" / f"{name}.pt")
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), name
+    assert not list(folder.rglob("*.tmp")), "a torn temporary file was left in the run folder"
     rows = read_jsonl(folder / "metrics.jsonl")  # every line whole again, each round's rows once
     assert (folder / "metrics.jsonl").read_text().endswith("}\n")
     assert [r["round"] for r in rows if r.get("event") == "round"] == [1, 2]
