@@ -188,13 +188,14 @@ def prepare_manufacturer(pipeline: PipelineConfig, data: DataConfig, *, preset: 
     datasets = datasets or DataSets.manufacturer(data)
     common = dict(run=run, config=config, progress=progress)
     with Tracker("manufacturer", plan_manufacturer(pipeline), enabled=progress):  # its stages finish its units
-        return _train_manufacturer(pipeline, datasets, description, key, folder, preset=preset, seed=seed, recorder=recorder,
-                                   **common)
+        return _train_manufacturer(pipeline, datasets, description, preset=preset, seed=seed, recorder=recorder, **common)
 
 
-def _train_manufacturer(pipeline: PipelineConfig, datasets: DataSets, description: dict, key: str, folder: Path, *, preset: str,
-                        seed: int, recorder: StageRecorder, **common) -> Manufacturer:
+def _train_manufacturer(pipeline: PipelineConfig, datasets: DataSets, description: dict, *, preset: str, seed: int,
+                        recorder: StageRecorder, **common) -> Manufacturer:
     """Teacher (from its own cache when there), Distill A and Distill B, then the cache written."""
+    key = compute_manufacturer_key(description)
+    folder = resolve_cache_dir(pipeline) / f"manufacturer-{key}"
     teacher, entry = _prepare_teacher(pipeline, datasets, describe_teacher(description), preset=preset, seed=seed,
                                       recorder=recorder, **common)
     trained = [entry]
