@@ -236,46 +236,49 @@ def decompress_delta(payload: Mapping[str, Tensor], reference_shapes: Mapping[st
     missing = sorted(set(shapes) - set(parts))
     if missing:
         raise ValueError(f"payload key {missing[0]}: missing ({len(missing)} parameters missing)")
-    delta = {}
-    for name, shape in shapes.items():
-        entries, numel = parts[name], math.prod(shape)
+    return {name: _decode_parameter(name, parts[name], shape) for name, shape in shapes.items()}
 
-        def dequantize(key: str, value: Tensor) -> Tensor:
-            if value.dtype in (torch.float32, torch.float16):
-                if "scale" in entries:
-                    raise ValueError(f"payload key {name}::scale: a scale next to float values")
-                return value.float()
-            if value.dtype != torch.int8:
-                raise ValueError(f"payload key {key}: dtype {value.dtype}, expected float32, float16 or int8")
-            scale = entries.get("scale")
-            if scale is None:
-                raise ValueError(f"payload key {name}::scale: missing (needed by the int8 {key})")
-            if scale.numel() != 1 or not scale.is_floating_point() or not torch.isfinite(scale).all():
-                raise ValueError(f"payload key {name}::scale: expected one finite float, got {tuple(scale.shape)} {scale.dtype}")
-            return value.float() * scale.float().reshape(())
 
-        if "dense" in entries:
-            if "index" in entries or "value" in entries:
-                raise ValueError(f"payload key {name}: both dense and sparse entries")
-            value = entries["dense"]
-            if tuple(value.shape) != shape:
-                raise ValueError(f"payload key {name}: shape {tuple(value.shape)}, expected {shape}")
-            delta[name] = dequantize(name, value).contiguous()
-            continue
-        index, value = entries.get("index"), entries.get("value")
-        if index is None and value is None:
-            raise ValueError(f"payload key {name}: missing (neither {name} nor {name}::index / ::value)")
-        if index is None or value is None:
-            raise ValueError(f"payload key {name}::{'index' if index is None else 'value'}: missing")
-        if index.dtype not in (torch.int32, torch.int64) or index.dim() != 1:
-            raise ValueError(f"payload key {name}::index: expected a 1-d int32 tensor, got {tuple(index.shape)} {index.dtype}")
-        if value.shape != index.shape:
-            raise ValueError(f"payload key {name}::value: shape {tuple(value.shape)}, expected {tuple(index.shape)} like its index")
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= numel):
-            raise ValueError(f"payload key {name}::index: indices outside [0, {numel})")
-        if index.unique().numel() != index.numel():
-            raise ValueError(f"payload key {name}::index: repeated indices")
-        flat = torch.zeros(numel, dtype=torch.float32)
-        flat[index.long()] = dequantize(f"{name}::value", value)
-        delta[name] = flat.reshape(shape)
-    return delta
+def _dequantize(name: str, key: str, value: Tensor, entries: Mapping[str, Tensor]) -> Tensor:
+    """``value`` (float32/float16, or int8 times ``name::scale``) as float32."""
+    if value.dtype in (torch.float32, torch.float16):
+        if "scale" in entries:
+            raise ValueError(f"payload key {name}::scale: a scale next to float values")
+        return value.float()
+    if value.dtype != torch.int8:
+        raise ValueError(f"payload key {key}: dtype {value.dtype}, expected float32, float16 or int8")
+    scale = entries.get("scale")
+    if scale is None:
+        raise ValueError(f"payload key {name}::scale: missing (needed by the int8 {key})")
+    if scale.numel() != 1 or not scale.is_floating_point() or not torch.isfinite(scale).all():
+        raise ValueError(f"payload key {name}::scale: expected one finite float, got {tuple(scale.shape)} {scale.dtype}")
+    return value.float() * scale.float().reshape(())
+
+
+def _decode_parameter(name: str, entries: Mapping[str, Tensor], shape: tuple[int, ...]) -> Tensor:
+    """One parameter's delta from its payload entries: dense (``name``) or sparse (``::index``
+    and ``::value``), each possibly int8 with a ``::scale``."""
+    if "dense" in entries:
+        if "index" in entries or "value" in entries:
+            raise ValueError(f"payload key {name}: both dense and sparse entries")
+        value = entries["dense"]
+        if tuple(value.shape) != shape:
+            raise ValueError(f"payload key {name}: shape {tuple(value.shape)}, expected {shape}")
+        return _dequantize(name, name, value, entries).contiguous()
+    numel = math.prod(shape)
+    index, value = entries.get("index"), entries.get("value")
+    if index is None and value is None:
+        raise ValueError(f"payload key {name}: missing (neither {name} nor {name}::index / ::value)")
+    if index is None or value is None:
+        raise ValueError(f"payload key {name}::{'index' if index is None else 'value'}: missing")
+    if index.dtype not in (torch.int32, torch.int64) or index.dim() != 1:
+        raise ValueError(f"payload key {name}::index: expected a 1-d int32 tensor, got {tuple(index.shape)} {index.dtype}")
+    if value.shape != index.shape:
+        raise ValueError(f"payload key {name}::value: shape {tuple(value.shape)}, expected {tuple(index.shape)} like its index")
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= numel):
+        raise ValueError(f"payload key {name}::index: indices outside [0, {numel})")
+    if index.unique().numel() != index.numel():
+        raise ValueError(f"payload key {name}::index: repeated indices")
+    flat = torch.zeros(numel, dtype=torch.float32)
+    flat[index.long()] = _dequantize(name, f"{name}::value", value, entries)
+    return flat.reshape(shape)

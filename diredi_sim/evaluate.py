@@ -317,37 +317,8 @@ def compute_coco_ap(
     evaluated = set(indices)
 
     image_numbers = {image_id: n for n, image_id in enumerate(gt, start=1)}
-    images = [{"id": n, "width": 0, "height": 0} for n in image_numbers.values()]
-    categories = [{"id": k + 1, "name": class_names[k]} for k in indices]
-    gt_annotations = []
-    for image_id, entry in gt.items():
-        for box, label, difficult in zip(entry["boxes"], entry["labels"], entry["difficult"]):
-            if int(label) not in evaluated:
-                continue
-            w, h = float(box[2] - box[0]), float(box[3] - box[1])
-            gt_annotations.append({
-                "id": len(gt_annotations) + 1,  # ids must be > 0: pycocotools uses 0 for "unmatched"
-                "image_id": image_numbers[image_id],
-                "category_id": int(label) + 1,
-                "bbox": [float(box[0]), float(box[1]), w, h],
-                "area": w * h,
-                "iscrowd": int(bool(difficult)),
-            })
-    dt_annotations = []
-    for image_id, entry in dets.items():
-        for box, score, label in zip(entry["boxes"], entry["scores"], entry["labels"]):
-            if int(label) not in evaluated:
-                continue
-            w, h = float(box[2] - box[0]), float(box[3] - box[1])
-            dt_annotations.append({
-                "id": len(dt_annotations) + 1,
-                "image_id": image_numbers[image_id],
-                "category_id": int(label) + 1,
-                "bbox": [float(box[0]), float(box[1]), w, h],
-                "area": w * h,
-                "score": float(score),
-                "iscrowd": 0,
-            })
+    gt_annotations = _coco_annotations(gt, image_numbers, evaluated, ground_truth=True)
+    dt_annotations = _coco_annotations(dets, image_numbers, evaluated, ground_truth=False)
 
     has_gt = {class_names[k]: _count_positives(gt, k) > 0 for k in indices}
     if not any(has_gt.values()):
@@ -357,30 +328,11 @@ def compute_coco_ap(
         return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0,
                 "per_class": {name: (0.0 if present else math.nan) for name, present in has_gt.items()}}
 
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+    images = [{"id": n, "width": 0, "height": 0} for n in image_numbers.values()]
+    categories = [{"id": k + 1, "name": class_names[k]} for k in indices]
+    params, precision = _run_cocoeval(images, categories, gt_annotations, dt_annotations)
 
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
-        coco_gt.dataset = {"images": images, "categories": categories, "annotations": gt_annotations}
-        coco_gt.createIndex()
-        coco_dt = COCO()
-        coco_dt.dataset = {"images": images, "categories": categories, "annotations": dt_annotations}
-        coco_dt.createIndex()
-        coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
-        params = coco_eval.params
-        params.imgIds = list(image_numbers.values())
-        params.catIds = [k + 1 for k in indices]
-        # Only what is reported: area "all" and 100 detections (3-4x faster than all four ranges).
-        params.areaRng, params.areaRngLbl, params.maxDets = [[0.0, 1e10]], ["all"], [100]
-        coco_eval.evaluate()
-        coco_eval.accumulate()
-
-    # precision: [T IoU thresholds, R recall points, K classes, 1 area, 1 max dets]; -1 = no GT.
-    # Averages as COCOeval.summarize: over the entries > -1.
-    precision = coco_eval.eval["precision"][:, :, :, 0, 0]
-
-    def average(values: np.ndarray) -> float:
+    def average(values: np.ndarray) -> float:  # as COCOeval.summarize: over the entries > -1
         values = values[values > -1]
         return float(np.mean(values)) if values.size else math.nan
 
@@ -393,6 +345,49 @@ def compute_coco_ap(
         "AP75": average(precision[np.isclose(iou_thresholds, 0.75)]),
         "per_class": per_class,
     }
+
+
+def _coco_annotations(entries: Mapping[str, Mapping[str, Any]], image_numbers: Mapping[str, int], evaluated: set[int], *,
+                      ground_truth: bool) -> list[dict]:
+    """COCO annotations of the evaluated classes: ``[x, y, w, h]`` boxes, category = class + 1,
+    ids from 1 (pycocotools uses 0 for "unmatched"); ground truth's difficult boxes as
+    ``iscrowd``, detections with their score."""
+    annotations = []
+    for image_id, entry in entries.items():
+        extra = entry["difficult"] if ground_truth else entry["scores"]
+        for box, label, value in zip(entry["boxes"], entry["labels"], extra):
+            if int(label) not in evaluated:
+                continue
+            w, h = float(box[2] - box[0]), float(box[3] - box[1])
+            annotation = {"id": len(annotations) + 1, "image_id": image_numbers[image_id], "category_id": int(label) + 1,
+                          "bbox": [float(box[0]), float(box[1]), w, h], "area": w * h}
+            annotation.update({"iscrowd": int(bool(value))} if ground_truth else {"score": float(value), "iscrowd": 0})
+            annotations.append(annotation)
+    return annotations
+
+
+def _run_cocoeval(images: list[dict], categories: list[dict], gt_annotations: list[dict], dt_annotations: list[dict]):
+    """COCOeval's evaluate + accumulate, silenced; returns its params and the precision array
+    ``[T IoU thresholds, R recall points, K classes]`` (-1 = no ground truth)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = {"images": images, "categories": categories, "annotations": gt_annotations}
+        coco_gt.createIndex()
+        coco_dt = COCO()
+        coco_dt.dataset = {"images": images, "categories": categories, "annotations": dt_annotations}
+        coco_dt.createIndex()
+        coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        params = coco_eval.params
+        params.imgIds = [image["id"] for image in images]
+        params.catIds = [category["id"] for category in categories]
+        # Only what is reported: area "all" and 100 detections (3-4x faster than all four ranges).
+        params.areaRng, params.areaRngLbl, params.maxDets = [[0.0, 1e10]], ["all"], [100]
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+    return params, coco_eval.eval["precision"][:, :, :, 0, 0]
 
 
 def compute_prf(

@@ -454,7 +454,17 @@ def _parse_object(
         sink.report(xml_path, f"{where}: <difficult> is not 0 or 1: {obj.get('difficult')!r}")
         return None
 
-    bndbox = obj.get("bndbox")
+    box = _parse_box(obj.get("bndbox"), where, xml_path, sink)
+    if box is None:
+        return None
+    if width > 0 and height > 0:  # else the size is unknown (image missing, problems being collected)
+        box = _clip_box(box, where, xml_path, width, height, sink)
+    return None if box is None else (box, class_index[name], difficult)
+
+
+def _parse_box(bndbox: Any, where: str, xml_path: Path, sink: _ProblemSink) -> list[float] | None:
+    """``<bndbox>`` as ``[x1, y1, x2, y2]`` in continuous coordinates (VOC's 1-based pixel
+    corners: ``xmin - 1``), or None when reported as a problem."""
     if not isinstance(bndbox, dict):
         problem = "has more than one <bndbox>" if isinstance(bndbox, list) else "has no <bndbox>"
         sink.report(xml_path, f"{where} {problem}")
@@ -474,35 +484,30 @@ def _parse_object(
     if xmin > xmax or ymin > ymax:
         sink.report(xml_path, f"{where}: inverted box (xmin={xmin:g}, ymin={ymin:g}, xmax={xmax:g}, ymax={ymax:g})")
         return None
+    return [xmin - 1.0, ymin - 1.0, xmax, ymax]
 
-    box = [xmin - 1.0, ymin - 1.0, xmax, ymax]
-    if width <= 0 or height <= 0:  # size unknown (image missing, problems being collected)
-        return box, class_index[name], difficult
+
+def _clip_box(box: list[float], where: str, xml_path: Path, width: int, height: int, sink: _ProblemSink) -> list[float] | None:
+    """A box that sticks out of its image by at most the clipping tolerance, clipped (and noticed);
+    one outside it or further out, reported (None)."""
     overflow_x = max(0.0 - box[0], box[2] - width, 0.0)
     overflow_y = max(0.0 - box[1], box[3] - height, 0.0)
-    if overflow_x > 0 or overflow_y > 0:
-        clipped = [
-            min(max(box[0], 0.0), width),
-            min(max(box[1], 0.0), height),
-            min(max(box[2], 0.0), width),
-            min(max(box[3], 0.0), height),
-        ]
-        xml_text = f"(xmin={xmin:g}, ymin={ymin:g}, xmax={xmax:g}, ymax={ymax:g})"
-        tolerance_x = max(_MIN_CLIP_PX, CLIP_TOLERANCE * width)
-        tolerance_y = max(_MIN_CLIP_PX, CLIP_TOLERANCE * height)
-        if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
-            sink.report(xml_path, f"{where}: box {xml_text} lies outside the {width}x{height} image")
-            return None
-        if overflow_x > tolerance_x or overflow_y > tolerance_y:
-            sink.report(
-                xml_path,
-                f"{where}: box {xml_text} sticks out of the {width}x{height} image by "
-                f"{max(overflow_x, overflow_y):g} px (more than the clipping tolerance)",
-            )
-            return None
-        sink.notice(xml_path, f"{where}: box {xml_text} sticks out of the {width}x{height} image; clipped")
-        box = clipped
-    return box, class_index[name], difficult
+    if overflow_x <= 0 and overflow_y <= 0:
+        return box
+    clipped = [min(max(box[0], 0.0), width), min(max(box[1], 0.0), height),
+               min(max(box[2], 0.0), width), min(max(box[3], 0.0), height)]
+    xml_text = f"(xmin={box[0] + 1:g}, ymin={box[1] + 1:g}, xmax={box[2]:g}, ymax={box[3]:g})"
+    tolerance_x = max(_MIN_CLIP_PX, CLIP_TOLERANCE * width)
+    tolerance_y = max(_MIN_CLIP_PX, CLIP_TOLERANCE * height)
+    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+        sink.report(xml_path, f"{where}: box {xml_text} lies outside the {width}x{height} image")
+        return None
+    if overflow_x > tolerance_x or overflow_y > tolerance_y:
+        sink.report(xml_path, f"{where}: box {xml_text} sticks out of the {width}x{height} image by "
+                              f"{max(overflow_x, overflow_y):g} px (more than the clipping tolerance)")
+        return None
+    sink.notice(xml_path, f"{where}: box {xml_text} sticks out of the {width}x{height} image; clipped")
+    return clipped
 
 
 def _parse_flag(value: Any) -> bool | None:
