@@ -173,6 +173,55 @@ class BaselineConfig:
 
 
 @dataclass(frozen=True)
+class CEMAConfig:
+    """CEMA (experiments/methods/cema.py, diredi_sim/cema.py): test-time adaptation of the deployed
+    edge under shift, from the customer's uploaded images. Defaults: CEMA's conf/cema.conf."""
+
+    corruptions: tuple[str, ...] = ("gaussian_noise", "gaussian_blur", "contrast", "jpeg")  # customer i: corruptions[i % n]
+    severity: int = 3  # 1-5
+    top_k: int = 10  # locations per image whose class scores define its entropy (diredi_sim/cema.py)
+    ent_low: float = 0.0  # E_min = ent_low * ln C (CEMA: none)
+    ent_high: float = 0.4  # E_max = ent_high * ln C
+    warm_up_images: int = 0  # after this many stream images E_max follows the mean entropy (0: fixed, as CEMA's conf)
+    ent_high_coeff: float = 0.6  # the dynamic E_max's factor
+    d_margin: float = 0.05  # drop an image whose class profile has cosine >= 1 - d_margin with the EMA of kept ones
+    batch_size: int = 32  # stream batch at the customer, new images per manufacturer step
+    replay_per_step: int = 96  # replayed images added to each step's new ones (0: no replay)
+    replay_start: int = 256  # replay once the buffer holds this many images
+    replay_capacity: int = 10_000
+    alpha: float = 3.0  # entropy
+    beta: float = 3.0  # T^2 KL(tutor || edge)
+    gamma: float = 1.0  # CE against the tutor's argmax
+    temperature: float = 1.0
+    edge_lr: float = 0.0025  # SGD, momentum 0.9, on the edge's norm-affine parameters
+    tutor_lr: float = 0.00025  # the same on the tutor's
+    max_stream_images: int = 0  # the customer's train images streamed (0: all)
+
+    def __post_init__(self):
+        from diredi_sim.cema import CORRUPTIONS
+
+        _check(bool(self.corruptions) and all(c in CORRUPTIONS for c in self.corruptions), "cema.corruptions",
+               self.corruptions, f"must be one or more of {sorted(CORRUPTIONS)}")
+        _check(1 <= self.severity <= 5, "cema.severity", self.severity, "must be 1-5")
+        _check(self.top_k >= 1, "cema.top_k", self.top_k, "must be >= 1")
+        _check(0 <= self.ent_low < self.ent_high, "cema.ent_low", self.ent_low, "must be >= 0 and below cema.ent_high")
+        _check(self.ent_high <= 1, "cema.ent_high", self.ent_high, "must be in (cema.ent_low, 1] (ln C is the largest entropy)")
+        _check(self.warm_up_images >= 0, "cema.warm_up_images", self.warm_up_images, "must be >= 0")
+        _check(self.ent_high_coeff > 0, "cema.ent_high_coeff", self.ent_high_coeff, "must be > 0")
+        _check(0 <= self.d_margin <= 1, "cema.d_margin", self.d_margin, "must be in [0, 1]")
+        _check(self.batch_size >= 1, "cema.batch_size", self.batch_size, "must be >= 1")
+        _check(self.replay_per_step >= 0, "cema.replay_per_step", self.replay_per_step, "must be >= 0")
+        _check(self.replay_start >= 0, "cema.replay_start", self.replay_start, "must be >= 0")
+        _check(self.replay_capacity >= 1, "cema.replay_capacity", self.replay_capacity, "must be >= 1")
+        for key in ("alpha", "beta", "gamma"):
+            _check(getattr(self, key) >= 0, f"cema.{key}", getattr(self, key), "must be >= 0")
+        _check(self.temperature > 0, "cema.temperature", self.temperature, "must be > 0")
+        _check(self.edge_lr > 0, "cema.edge_lr", self.edge_lr, "must be > 0")
+        _check(self.tutor_lr > 0, "cema.tutor_lr", self.tutor_lr, "must be > 0")
+        _check(self.max_stream_images >= 0, "cema.max_stream_images", self.max_stream_images, "must be >= 0")
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     """One experiment of the Flower simulation (``diredi-sim simulate CONFIG``, ``flwr run .``)."""
 
@@ -187,6 +236,7 @@ class FederationConfig:
     population: PopulationConfig = field(default_factory=PopulationConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    cema: CEMAConfig = field(default_factory=CEMAConfig)
     replicate: int = 0  # the customers' seeds of replicate k differ; the manufacturer's models stay (compare --seeds)
     tensorboard: bool = False  # also write the run's metrics rows as TensorBoard scalars to <run>/tensorboard/ (needs tensorboard)
 

@@ -19,6 +19,7 @@ import pytest
 
 from experiments.offline import OFFLINE_ENV
 from experiments.processes import descendants, process_table
+from tiny_configs import SYNTHETIC_TOML
 
 pytestmark = pytest.mark.slow
 
@@ -68,15 +69,7 @@ name = "deployment-test"
 runs_dir = "{runs}"
 [data]
 cache_dir = "{cache}"
-[data.synthetic]
-seed = 3
-num_train = 24
-num_val = 8
-num_test = 16
-min_objects = 3
-max_objects = 5
-min_object_size = 24
-[pipeline]
+""" + SYNTHETIC_TOML + """[pipeline]
 cache_dir = "{cache}"
 max_eval_images = 0
 eval_batch_size = 16

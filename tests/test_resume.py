@@ -26,6 +26,7 @@ from experiments.cli import main as cli_main
 from experiments.offline import OFFLINE_ENV
 from experiments.processes import alive, identified_descendants
 from experiments.resume import clear_interrupted_round, read_state
+from tiny_configs import SYNTHETIC_TOML
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
@@ -39,15 +40,7 @@ def tiny_config(tmp: Path) -> Path:
 runs_dir = "{tmp / 'runs'}"
 [data]
 cache_dir = "{tmp / 'data'}"
-[data.synthetic]
-seed = 3
-num_train = 24
-num_val = 8
-num_test = 16
-min_objects = 3
-max_objects = 5
-min_object_size = 24
-clutter = 2.0
+{SYNTHETIC_TOML}clutter = 2.0
 [population]
 customers = ["exp1", "exp2"]
 generated = 0
