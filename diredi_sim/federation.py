@@ -173,6 +173,38 @@ class BaselineConfig:
 
 
 @dataclass(frozen=True)
+class SDDistConfig:
+    """SD-Dist (experiments/methods/sddist.py, diredi_sim/sddist.py): SQMD's messenger distillation
+    on the manufacturer's public reference images, for ``baselines.rounds`` rounds."""
+
+    q: int = 3  # the customers of lowest loss on the labelled reference set that may be peers (Q)
+    k: int = 2  # peers averaged for each customer, the nearest among the top q by KL (K); k < q
+    temperature: float = 3.0  # T of the KL between reference outputs
+    rho: float = 0.9  # the customer's loss: (1 - rho) * task + rho * KL(peer mean || own)
+    reference_images: int = 32  # the public reference set: the first this many public images of data.val_set
+    # MobileNetV2 width of each customer's edge model, comma-separated, dealt out by partition id
+    # ("0.5,0.75": even ids 0.5, odd 0.75); "" = the deployed edge's width for every customer
+    edge_widths: str = ""
+
+    def __post_init__(self):
+        _check(self.q >= 2, "sddist.q", self.q, "must be >= 2 (a customer needs a peer other than itself among the top q)")
+        _check(1 <= self.k < self.q, "sddist.k", self.k, f"must be in [1, sddist.q - 1] = [1, {self.q - 1}]")
+        _check(self.temperature > 0, "sddist.temperature", self.temperature, "must be > 0")
+        _check(0 <= self.rho <= 1, "sddist.rho", self.rho, "must be in [0, 1]")
+        _check(self.reference_images >= 1, "sddist.reference_images", self.reference_images, "must be >= 1")
+        try:
+            widths = self.widths
+        except ValueError:
+            widths = (0.0,)
+        _check(all(0 < w < float("inf") for w in widths), "sddist.edge_widths", self.edge_widths,
+               "must be positive numbers separated by commas (e.g. \"0.5,0.75\"), or \"\"")
+
+    @property
+    def widths(self) -> tuple[float, ...]:
+        return tuple(float(w) for w in self.edge_widths.split(",") if w.strip())
+
+
+@dataclass(frozen=True)
 class CEMAConfig:
     """CEMA (experiments/methods/cema.py, diredi_sim/cema.py): test-time adaptation of the deployed
     edge under shift, from the customer's uploaded images. Defaults: CEMA's conf/cema.conf."""
@@ -237,6 +269,7 @@ class FederationConfig:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     cema: CEMAConfig = field(default_factory=CEMAConfig)
+    sddist: SDDistConfig = field(default_factory=SDDistConfig)
     replicate: int = 0  # the customers' seeds of replicate k differ; the manufacturer's models stay (compare --seeds)
     tensorboard: bool = False  # also write the run's metrics rows as TensorBoard scalars to <run>/tensorboard/ (needs tensorboard)
 

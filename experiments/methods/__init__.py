@@ -45,6 +45,6 @@ def resolve(names) -> list[Method]:
 
 
 # the built-in methods register themselves on import
-from experiments.methods import cema, diredi, fedavg, local  # noqa: E402
+from experiments.methods import cema, diredi, fedavg, local, sddist  # noqa: E402
 
-__all__ = ["Method", "REGISTRY", "register", "resolve", "cema", "diredi", "fedavg", "local"]
+__all__ = ["Method", "REGISTRY", "register", "resolve", "cema", "diredi", "fedavg", "local", "sddist"]
