@@ -13,7 +13,7 @@ import math
 import tomllib
 import types
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -205,13 +205,30 @@ def config_from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown key {prefix}{unknown[0]} (known keys in this section: {', '.join(sorted(known))})")
-    kwargs = {name: _convert(value, hints[name], prefix + name) for name, value in data.items()}
+    defaults = {f.name: f for f in fields(cls)}
+    kwargs = {name: _convert(_with_section_defaults(value, defaults[name]), hints[name], prefix + name) for name, value in data.items()}
     try:
         return cls(**kwargs)
     except ConfigError as exc:
         if prefix and not str(exc).startswith(prefix):
             raise ConfigError(prefix + str(exc)) from None
         raise
+
+
+def _with_section_defaults(value: Any, spec: Any) -> Any:
+    """A section given in part (a table) completed from the field's own default section, not from
+    its class's defaults: ``[baselines.local] max_train_images = 7`` keeps the other values of
+    BaselineConfig's ``local`` (1 epoch at lr 0.001), not TrainConfig's (12 epochs at 0.003)."""
+    if not isinstance(value, dict):
+        return value
+    if spec.default_factory is not MISSING:
+        default = spec.default_factory()
+    else:
+        default = spec.default
+    if not is_dataclass(default):
+        return value
+    return {**{k: v for k, v in asdict(default).items() if k not in value and k in {f.name for f in fields(default) if f.init}},
+            **value}
 
 
 def read_toml(path: str | Path) -> dict:

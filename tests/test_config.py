@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 
 from diredi_sim.config import ConfigError, ExperimentConfig, from_flat, load_config, to_flat, with_overrides
@@ -75,3 +77,19 @@ def test_every_number_of_a_config_must_be_finite():
         for value in (float("nan"), float("inf"), float("-inf")):
             with pytest.raises(ConfigError, match=f"{key.replace('-', '_')} = {value!r}: must be a finite number"):
                 federation_from_flat({key: value})
+
+
+def test_a_section_given_in_part_keeps_its_own_defaults_for_the_rest(tmp_path):
+    """``[baselines.local]`` has defaults of its own (1 epoch at lr 0.001, not TrainConfig's 12
+    at 0.003): setting one of its keys, in a file or with --set, keeps the others."""
+    from diredi_sim.federation import BaselineConfig, FederationConfig, load_federation_config
+
+    own = BaselineConfig().local
+    path = tmp_path / "partial.toml"
+    path.write_text("[baselines.local]\nmax_train_images = 7\n[pipeline.rd]\nepochs = 3\n")
+    config = load_federation_config(path)
+    assert config.baselines.local == replace(own, max_train_images=7)
+    assert config.pipeline.rd == replace(FederationConfig().pipeline.rd, epochs=3)
+    overridden = load_federation_config(CONFIGS / "federation.toml", {"baselines.local.epochs": 2})
+    assert overridden.baselines.local == replace(load_federation_config(CONFIGS / "federation.toml").baselines.local, epochs=2)
+    assert (overridden.baselines.local.lr, overridden.baselines.local.warmup_steps) == (own.lr, own.warmup_steps) == (0.001, 10)
