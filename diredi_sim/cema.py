@@ -356,75 +356,107 @@ def run_cema(tutor: nn.Module, edge: nn.Module, stream: Sequence[ImageRecord], c
     batch, one replay-only step of ``batch_size + replay_per_step`` when the buffer is past
     ``replay_start`` (CEMA's rule). What is still queued when the stream ends makes one last
     step. After each batch with a step, the downlink."""
-    cloud_edge = copy.deepcopy(edge)
-    edge.eval()
-    num_classes = edge.head.classification_head.num_classes
-    e_min, e_max = entropy_margins(num_classes, cfg.ent_low, cfg.ent_high)
-    entropy_filter = EntropyFilter(e_min, e_max, warm_up=cfg.warm_up_images, coeff=cfg.ent_high_coeff)
-    similarity_filter = SimilarityFilter(cfg.d_margin)
-    buffer = ReplayBuffer(cfg.replay_capacity, seed)
-    outcome = CEMAOutcome(len(stream), [], 0, 0, 0, 0, 0)
-    queue: list[Tensor] = []
-    records = {r.image_id: r for r in stream}
-    loss_settings = dict(e_max=e_max, top_k=cfg.top_k, alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma, temperature=cfg.temperature)
-
-    with on_device([tutor, cloud_edge, edge]) as device:
-        tutor_optimizer = torch.optim.SGD(prepare_norm_adaptation(tutor), lr=cfg.tutor_lr, momentum=0.9)
-        edge_optimizer = torch.optim.SGD(prepare_norm_adaptation(cloud_edge), lr=cfg.edge_lr, momentum=0.9)
-
-        def distill_step(images: list[Tensor], terms: dict[str, float]) -> None:
-            images = to_device(images, device=device)[0]
-            with torch.no_grad():
-                tutor_logits = extract_features(tutor, images).head["cls_logits"]
-            edge_logits = extract_features(cloud_edge, images).head["cls_logits"]
-            terms.update(_step(edge_optimizer, compute_distillation_losses(edge_logits, tutor_logits, **loss_settings), outcome.cloud_steps))
-            outcome.losses.append(terms)
-            outcome.cloud_steps += 1
-            outcome.edge_train_images += len(images)
-
-        def cloud_step(new: list[Tensor]) -> None:
-            logits = extract_features(tutor, to_device(new, device=device)[0]).head["cls_logits"]
-            terms = _step(tutor_optimizer, compute_tutor_losses(logits, e_max=e_max, top_k=cfg.top_k), outcome.cloud_steps)
-            replay = buffer.sample(cfg.replay_per_step) if len(buffer) >= cfg.replay_start and cfg.replay_per_step else []
-            distill_step(new + replay, terms)
-
-        def downlink() -> None:
-            outcome.last_downlink = extract_norm_affine(cloud_edge)
-            apply_norm_affine(edge, outcome.last_downlink)
-            outcome.downlinks += 1
-            outcome.downlink_bytes += sum(v.numel() * v.element_size() for v in outcome.last_downlink.values())
-
+    run = _CEMARun(tutor, edge, stream, cfg, seed)
+    with on_device([tutor, run.cloud_edge, edge]) as device:
+        run.start(device)
         for images, targets in build_loader(stream, batch_size=cfg.batch_size, train=False):
-            ids = [t["image_id"] for t in targets]
-            with torch.no_grad():  # at the customer
-                logits = extract_features(edge, to_device(images, device=device)[0]).head["cls_logits"]
-                entropies = compute_detection_entropy(logits, cfg.top_k).cpu()
-                by_entropy = entropy_filter.keep(entropies)
-                candidates = by_entropy.nonzero().flatten()
-                similar_ok = similarity_filter.keep(compute_class_profile(logits[candidates.to(logits.device)], cfg.top_k).cpu())
-            kept = set(candidates[similar_ok].tolist())
-            for i, image_id in enumerate(ids):
-                reason = "uploaded" if i in kept else ("entropy" if not by_entropy[i] else "similar")
-                outcome.decisions.append(Decision(image_id, float(entropies[i]), e_min, entropy_filter.threshold, i in kept, reason))
-            uploaded = [images[i] for i in sorted(kept)]
-            outcome.uploaded += [ids[i] for i in sorted(kept)]
-            outcome.uplink_bytes += sum(records[ids[i]].image_path.stat().st_size for i in kept)
-            queue += uploaded
-            buffer.add(uploaded)
-            stepped = False
-            while len(queue) >= cfg.batch_size:  # at the manufacturer
-                new, queue = queue[:cfg.batch_size], queue[cfg.batch_size:]
-                cloud_step(new)
-                stepped = True
-            if not stepped and cfg.replay_per_step and len(buffer) > cfg.replay_start:
-                distill_step(buffer.sample(cfg.batch_size + cfg.replay_per_step), {})
-                stepped = True
-            if stepped:
-                downlink()
-        if queue:
-            cloud_step(queue)
-            downlink()
-    return outcome
+            uploaded = run.upload(images, [t["image_id"] for t in targets])  # at the customer
+            if run.manufacturer_steps(uploaded):  # at the manufacturer
+                run.downlink()
+        if run.queue:
+            run.cloud_step(run.queue)
+            run.downlink()
+    return run.outcome
+
+
+class _CEMARun:
+    """The state of one customer's CEMA run: the customer's filters and edge, the manufacturer's
+    tutor, its copy of the edge, optimizers, queue and replay buffer; :func:`run_cema` drives it."""
+
+    def __init__(self, tutor: nn.Module, edge: nn.Module, stream: Sequence[ImageRecord], cfg: CEMAConfig, seed: int):
+        self.tutor, self.edge, self.cfg = tutor, edge, cfg
+        self.cloud_edge = copy.deepcopy(edge)
+        edge.eval()
+        self.e_min, e_max = entropy_margins(edge.head.classification_head.num_classes, cfg.ent_low, cfg.ent_high)
+        self.entropy_filter = EntropyFilter(self.e_min, e_max, warm_up=cfg.warm_up_images, coeff=cfg.ent_high_coeff)
+        self.similarity_filter = SimilarityFilter(cfg.d_margin)
+        self.buffer = ReplayBuffer(cfg.replay_capacity, seed)
+        self.outcome = CEMAOutcome(len(stream), [], 0, 0, 0, 0, 0)
+        self.queue: list[Tensor] = []
+        self.records = {r.image_id: r for r in stream}
+        self.loss_settings = dict(e_max=e_max, top_k=cfg.top_k, alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma,
+                                  temperature=cfg.temperature)
+        self.device = None
+
+    def start(self, device) -> None:
+        """Optimizers over the norm-affine parameters, once the models are on ``device``."""
+        self.device = device
+        self.tutor_optimizer = torch.optim.SGD(prepare_norm_adaptation(self.tutor), lr=self.cfg.tutor_lr, momentum=0.9)
+        self.edge_optimizer = torch.optim.SGD(prepare_norm_adaptation(self.cloud_edge), lr=self.cfg.edge_lr, momentum=0.9)
+
+    def upload(self, images: list[Tensor], ids: list[str]) -> list[Tensor]:
+        """The customer's edge filters a stream batch (entropy, then similarity); every decision
+        recorded; the kept images go up (their encoded bytes counted) and into the buffer."""
+        cfg, outcome = self.cfg, self.outcome
+        with torch.no_grad():
+            logits = extract_features(self.edge, to_device(images, device=self.device)[0]).head["cls_logits"]
+            entropies = compute_detection_entropy(logits, cfg.top_k).cpu()
+            by_entropy = self.entropy_filter.keep(entropies)
+            candidates = by_entropy.nonzero().flatten()
+            similar_ok = self.similarity_filter.keep(compute_class_profile(logits[candidates.to(logits.device)], cfg.top_k).cpu())
+        kept = set(candidates[similar_ok].tolist())
+        for i, image_id in enumerate(ids):
+            reason = "uploaded" if i in kept else ("entropy" if not by_entropy[i] else "similar")
+            outcome.decisions.append(Decision(image_id, float(entropies[i]), self.e_min, self.entropy_filter.threshold, i in kept, reason))
+        uploaded = [images[i] for i in sorted(kept)]
+        outcome.uploaded += [ids[i] for i in sorted(kept)]
+        outcome.uplink_bytes += sum(self.records[ids[i]].image_path.stat().st_size for i in kept)
+        self.buffer.add(uploaded)
+        return uploaded
+
+    def manufacturer_steps(self, uploaded: list[Tensor]) -> bool:
+        """One cloud step per full batch in the queue; with none, a replay-only step once the
+        buffer is past ``replay_start``. True when a step was taken (a downlink follows)."""
+        cfg = self.cfg
+        self.queue += uploaded
+        stepped = False
+        while len(self.queue) >= cfg.batch_size:
+            new, self.queue = self.queue[:cfg.batch_size], self.queue[cfg.batch_size:]
+            self.cloud_step(new)
+            stepped = True
+        if not stepped and cfg.replay_per_step and len(self.buffer) > cfg.replay_start:
+            self.distill_step(self.buffer.sample(cfg.batch_size + cfg.replay_per_step), {})
+            stepped = True
+        return stepped
+
+    def cloud_step(self, new: list[Tensor]) -> None:
+        """The tutor's weighted entropy step on the new images, then the edge's distillation step
+        on them plus the replayed ones."""
+        cfg = self.cfg
+        logits = extract_features(self.tutor, to_device(new, device=self.device)[0]).head["cls_logits"]
+        terms = _step(self.tutor_optimizer, compute_tutor_losses(logits, e_max=self.loss_settings["e_max"], top_k=cfg.top_k),
+                      self.outcome.cloud_steps)
+        replay = self.buffer.sample(cfg.replay_per_step) if len(self.buffer) >= cfg.replay_start and cfg.replay_per_step else []
+        self.distill_step(new + replay, terms)
+
+    def distill_step(self, images: list[Tensor], terms: dict[str, float]) -> None:
+        images = to_device(images, device=self.device)[0]
+        with torch.no_grad():
+            tutor_logits = extract_features(self.tutor, images).head["cls_logits"]
+        edge_logits = extract_features(self.cloud_edge, images).head["cls_logits"]
+        losses = compute_distillation_losses(edge_logits, tutor_logits, **self.loss_settings)
+        terms.update(_step(self.edge_optimizer, losses, self.outcome.cloud_steps))
+        self.outcome.losses.append(terms)
+        self.outcome.cloud_steps += 1
+        self.outcome.edge_train_images += len(images)
+
+    def downlink(self) -> None:
+        """The manufacturer's edge's norm-affine parameters, into the customer's edge."""
+        outcome = self.outcome
+        outcome.last_downlink = extract_norm_affine(self.cloud_edge)
+        apply_norm_affine(self.edge, outcome.last_downlink)
+        outcome.downlinks += 1
+        outcome.downlink_bytes += sum(v.numel() * v.element_size() for v in outcome.last_downlink.values())
 
 
 __all__ = [
