@@ -37,10 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
-from diredi_sim.config import TrainConfig
 from diredi_sim.data.voc import DetectionDataset, ImageRecord
 from diredi_sim.models import STRIDES, build_detector, extract_features, split_head_by_level
-from diredi_sim.train import LossFn, fit
+from diredi_sim.train import LossFn
 
 UPLOAD_KEYS = ("outputs",)
 DOWNLOAD_KEYS = ("peer_mean",)
@@ -215,19 +214,9 @@ def compute_peer_losses(edge: nn.Module, reference_images: list[Tensor], peer_me
     return losses
 
 
-def train_customer_round(edge: nn.Module, train: Sequence[ImageRecord], val: Sequence[ImageRecord], cfg: TrainConfig, *,
-                         reference_images: list[Tensor], peer_mean: Tensor | None, rho: float, temperature: float,
-                         grid: Sequence[int], class_indices: Sequence[int], seed: int, name: str = "edge_sddist") -> dict:
-    """One round of a customer: ``cfg``'s epochs over its own data with :func:`compute_peer_losses`."""
-    torch.manual_seed(seed)
-    losses = compute_peer_losses(edge, reference_images, peer_mean, rho=rho, temperature=temperature, grid=grid,
-                                 batch_size=cfg.batch_size, seed=seed)
-    return fit(edge, losses, train, val, cfg, class_indices=class_indices, seed=seed, name=name, progress=False)
-
-
 __all__ = [
     "UPLOAD_KEYS", "DOWNLOAD_KEYS", "reference_grid", "pool_head_output", "compute_reference_logits", "load_reference_images",
     "build_upload", "count_message_bytes", "build_reference_targets", "compute_quality_loss", "compute_bernoulli_kl",
     "compute_distance", "select_peers", "average_peer_outputs", "run_server_round", "build_customer_edge",
-    "compute_peer_losses", "train_customer_round",
+    "compute_peer_losses",
 ]

@@ -10,6 +10,8 @@ manufacturer sends back each customer's peer mean. Its training equals local fin
 
 from __future__ import annotations
 
+import torch
+
 from diredi_sim.config import ConfigError
 from diredi_sim.data import VOC_CLASSES
 from diredi_sim.data.splits import resolve_split
@@ -17,8 +19,9 @@ from diredi_sim.datasets import DataSets, select_customer_data
 from diredi_sim.federation import (Customer, FederationConfig, build_population, evaluate_for_customer, pick_share)
 from diredi_sim.manufacturer import prepare_manufacturer
 from diredi_sim.settings import ClassSets
-from diredi_sim.sddist import (build_customer_edge, build_reference_targets, build_upload, count_message_bytes,
-                               load_reference_images, reference_grid, run_server_round, train_customer_round)
+from diredi_sim.sddist import (build_customer_edge, build_reference_targets, build_upload, compute_peer_losses, count_message_bytes,
+                               load_reference_images, reference_grid, run_server_round)
+from diredi_sim.train import fit
 from experiments.methods import Method, register
 
 ROW_KEYS = ("mAP", "precision", "recall", "f1", "gain", "forgetting", "per_class", "change")
@@ -73,11 +76,12 @@ def run_sddist(config: FederationConfig, shared: dict | None = None) -> tuple[li
     rounds = config.baselines.rounds
     for round_ in range(1, rounds + 1):
         for pid, state in customers.items():
-            result = train_customer_round(state["edge"], state["data"].combined, state["data"].own_val, cfg,
-                                          reference_images=images, peer_mean=state["peer_mean"], rho=settings.rho,
-                                          temperature=settings.temperature, grid=grid,
-                                          class_indices=ClassSets.indices(state["customer"].classes),
-                                          seed=config.seeds(pid)("local"), name=f"edge_sddist{pid}")
+            seed = config.seeds(pid)("local")
+            torch.manual_seed(seed)
+            losses = compute_peer_losses(state["edge"], images, state["peer_mean"], rho=settings.rho, temperature=settings.temperature,
+                                         grid=grid, batch_size=cfg.batch_size, seed=seed)
+            result = fit(state["edge"], losses, state["data"].combined, state["data"].own_val, cfg,
+                         class_indices=ClassSets.indices(state["customer"].classes), seed=seed, name=f"edge_sddist{pid}", progress=False)
             state["images"] += result["train_images"]
         if round_ == rounds:
             break
