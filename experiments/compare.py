@@ -46,7 +46,8 @@ def summarize(results: list[dict]) -> list[dict]:
         groups.setdefault((row["method"], "all"), []).append(row)
     out = []
     for (method, customer), rows in groups.items():
-        entry = {"method": method, "customer": customer, "n": len(rows)}
+        # whether the method sends a customer's raw images or labels away (CEMA's uploads): no unless a row says so
+        entry = {"method": method, "customer": customer, "n": len(rows), "raw_data_leaves": any(r.get("raw_data_leaves") for r in rows)}
         for measure in MEASURES:
             values = [float(r[measure]) for r in rows if r.get(measure) is not None and math.isfinite(float(r[measure]))]
             entry[measure] = statistics.fmean(values) if values else math.nan
@@ -106,13 +107,14 @@ def format_comparison(summary: list[dict], seeds: int) -> str:
         text = fmt.format(mean * scale)
         return text + (f" ± {fmt.format(std * scale)}" if seeds > 1 else "")
 
-    lines = ["| method | customer | mAP | P | R | F1 | gain | forgetting | uplink MiB | downlink MiB | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | customer | mAP | P | R | F1 | gain | forgetting | uplink MiB | downlink MiB | raw data leaves | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for entry in sorted(summary, key=lambda e: (e["customer"] != "all", e["customer"], e["method"])):
         lines.append("| " + " | ".join([entry["method"], entry["customer"], cell(entry, "mAP"), cell(entry, "precision"),
                                          cell(entry, "recall"), cell(entry, "f1"), cell(entry, "gain"), cell(entry, "forgetting"),
                                          cell(entry, "uplink_bytes", 2**-20, "{:.2f}"),
-                                         cell(entry, "downlink_bytes", 2**-20, "{:.2f}"), cell(entry, "seconds", 1, "{:.0f}")]) + " |")
+                                         cell(entry, "downlink_bytes", 2**-20, "{:.2f}"),
+                                         "**yes**" if entry.get("raw_data_leaves") else "no", cell(entry, "seconds", 1, "{:.0f}")]) + " |")
     return "\n".join(lines)
 
 

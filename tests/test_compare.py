@@ -46,6 +46,11 @@ def test_summary_over_seeds_gives_mean_and_standard_deviation():
     assert math.isnan(entry["f1"])  # never measured
     assert summary[("fedavg", "all")]["n"] == 3
     assert "0.300 ± 0.100" in format_comparison(summarize(results), seeds=3)
+    cema = [{"method": "cema", "customer": "exp1", "replicate": 0, "mAP": 0.1, "raw_data_leaves": True}]
+    table = format_comparison(summarize(results + cema), seeds=3).splitlines()
+    assert "raw data leaves" in table[0]
+    assert "| **yes** |" in next(line for line in table if line.startswith("| cema | all |"))
+    assert "| no |" in next(line for line in table if line.startswith("| fedavg | all |"))
 
 
 def test_differences_pair_diredi_with_each_method_by_seed_and_customer():
