@@ -1,5 +1,6 @@
-"""The FedAvg / FedProx customer: the handlers that the one ClientApp (``clients.client_app.app``)
-calls for a message whose config says ``method`` = ``fedavg`` or ``fedprox``. ``train``
+"""The customer of Flower's strategies (FedAvg, FedProx, FedAdam, Krum...): the handlers that the
+one ClientApp (``clients.client_app.app``) calls for a message whose config's ``method`` is not
+``diredi``. ``train``
 fine-tunes the received edge model on this customer's data and sends the whole model back
 (``arrays``) with ``num-examples``; FedProx's ``proximal-mu`` arrives in the round's config
 (Flower's FedProx puts it there). ``evaluate`` evaluates the received edge model on this

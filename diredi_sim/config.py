@@ -10,6 +10,7 @@ config into the flat, dotted, kebab-case key/value map that Flower's run_config 
 from __future__ import annotations
 
 import math
+import shlex
 import tomllib
 import types
 import typing
@@ -296,6 +297,16 @@ def parse_overrides(pairs: Sequence[str] | None, source: str = "--set") -> dict[
             value = raw
         overrides[key.strip()] = value
     return overrides
+
+
+def parse_pairs(text: str, source: str) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs in one string, separated by spaces, quoted as a shell quotes
+    (Flower's run_config ``set``, ``baselines.strategy_args``), read as :func:`parse_overrides` reads them."""
+    try:
+        pairs = shlex.split(text)
+    except ValueError as exc:
+        raise ConfigError(f"{source} = {text!r}: {exc}") from None
+    return parse_overrides(pairs, source=source)
 
 
 def with_overrides(config: Any, **changes: Any) -> Any:

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import inspect
 import logging
-import shlex
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp import strategy as flower
 
-from diredi_sim.config import ConfigError, parse_overrides
+from diredi_sim.config import ConfigError, parse_pairs
 
 from diredi_sim.federation import (FederationConfig, build_population, count_state_bytes, federation_to_flat,
                                    rows_from_metrics)
@@ -44,10 +43,7 @@ def strategy_arguments(config: FederationConfig, method: str) -> dict:
     """``method``'s parameters from ``baselines.strategy_args`` (``STRATEGY.PARAMETER=VALUE``
     pairs, as ``--set`` reads values), checked against its constructor; ConfigError names the pair."""
     source = "baselines.strategy_args"
-    try:
-        pairs = parse_overrides(shlex.split(config.baselines.strategy_args), source=source)
-    except ValueError as exc:
-        raise ConfigError(f"{source} = {config.baselines.strategy_args!r}: {exc}") from None
+    pairs = parse_pairs(config.baselines.strategy_args, source=source)
     cls = STRATEGIES[method]
     params = inspect.signature(cls.__init__).parameters
     settable = [n for n, p in params.items() if n != "self" and n not in RUN_SETS

@@ -4,8 +4,8 @@
 overridden with ``--run-config``): ``config-file``, the same federation TOML file that
 ``diredi-sim simulate CONFIG`` takes; ``set``, overrides in the same ``KEY=VALUE`` form as
 ``--set``; ``method``, ``diredi`` or a Flower strategy (``fedavg``, ``fedprox``, ``fedadam``...:
-``server.baseline_app.STRATEGIES``). Both paths read
-the file and the overrides with the same function, so every key means the same under both.
+``server.baseline_app.STRATEGIES``). Both paths read the file and the overrides with the same
+function, so every key means the same under both.
 ``make_server_app`` binds a typed config directly (``diredi-sim simulate``, ``resume``). DiReDi
 runs :func:`run_federation`: the manufacturer's models (cached), the population, the DiReDi
 strategy for the configured rounds, and the per-customer summary in the run folder. Given a
@@ -16,7 +16,6 @@ completed round.
 from __future__ import annotations
 
 import logging
-import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -25,7 +24,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from diredi_sim.compute import configure_process
-from diredi_sim.config import ConfigError, parse_overrides
+from diredi_sim.config import ConfigError, parse_pairs
 from diredi_sim.federation import (FederationConfig, SimulationConfig, build_population, federation_to_flat,
                                    load_federation_config)
 from diredi_sim.logs import ensure_logging
@@ -133,11 +132,8 @@ def read_run_config(run_config: Mapping) -> tuple[FederationConfig, str]:
     if not path.is_file():
         raise ConfigError(f"run_config config-file = {name!r}: {path} is not a file (a relative path is read "
                           f"from the app's folder, {APP_ROOT})")
-    try:
-        pairs = shlex.split(str(run_config.get("set", "")))
-    except ValueError as exc:
-        raise ConfigError(f"run_config set = {run_config.get('set')!r}: {exc}") from None
-    return load_federation_config(path, parse_overrides(pairs, source="run_config set"), overrides_source="run_config set"), method
+    overrides = parse_pairs(str(run_config.get("set", "")), source="run_config set")
+    return load_federation_config(path, overrides, overrides_source="run_config set"), method
 
 
 def warn_ray_only_settings(config: FederationConfig) -> list[str]:
