@@ -56,14 +56,27 @@ def summarize(results: list[dict]) -> list[dict]:
     return out
 
 
+def test_images(row: dict) -> str:
+    """What a row was measured on: the customer's own test images (``clean``) unless the method
+    says otherwise (CEMA: its shifted copies). Rows measured on different images are not paired."""
+    return row.get("test_images", "clean")
+
+
+def unpaired_methods(results: list[dict], reference: str = REFERENCE_METHOD) -> list[str]:
+    """The methods whose rows were measured on other test images than ``reference``'s."""
+    ours = {test_images(r) for r in results if r["method"] == reference}
+    return sorted({r["method"] for r in results if r["method"] != reference and test_images(r) not in ours})
+
+
 def compare_differences(results: list[dict], reference: str = REFERENCE_METHOD) -> dict:
     """Paired differences ``reference - method`` for every other method in ``results``, on
     ``DIFFERENCE_MEASURES``, over seeds x customers: a pair is the two methods' rows of the same
     replicate and customer (``experiments.stats.paired_difference``: mean, std, n, Student-t 95%
     interval of the mean difference, and whether it excludes 0). Returns
     ``{"diredi - fedavg": {"mAP": {...}, "f1": {...}, "gain": {...}, "forgetting": {...}}, ...}``;
-    empty when ``reference`` is not among the methods. Positive mAP, F1 and gain differences
-    favour ``reference``; for forgetting a negative difference does."""
+    empty when ``reference`` is not among the methods. Only rows measured on the same test images
+    pair (:func:`test_images`). Positive mAP, F1 and gain differences favour ``reference``; for
+    forgetting a negative difference does."""
     by_method: dict[str, dict[tuple, dict]] = {}
     for row in results:
         by_method.setdefault(row["method"], {})[(row.get("replicate", 0), row["customer"])] = row
@@ -74,7 +87,8 @@ def compare_differences(results: list[dict], reference: str = REFERENCE_METHOD) 
     for method, theirs in by_method.items():
         if method == reference:
             continue
-        keys = sorted(set(ours) & set(theirs), key=lambda k: (k[0], str(k[1])))
+        keys = sorted((k for k in set(ours) & set(theirs) if test_images(ours[k]) == test_images(theirs[k])),
+                      key=lambda k: (k[0], str(k[1])))
         if not keys:
             continue
         out[f"{reference} - {method}"] = {measure: paired_difference([ours[k].get(measure) for k in keys],
@@ -159,6 +173,11 @@ def _compare(config: FederationConfig, seeds: int, methods: list, run: Run) -> P
                  "customer in the same seed): mean, std, Student-t 95% interval of the mean, n pairs; significant: the "
                  "interval excludes 0 (needs 2 or more pairs). mAP, F1 and gain: positive favours DiReDi; forgetting: "
                  "negative favours DiReDi.\n\n" + format_differences(differences) + "\n")
+    unpaired = unpaired_methods(results)
+    if unpaired:
+        text += (f"\nNot paired with DiReDi: {', '.join(unpaired)}, measured on other test images ("
+                 + "; ".join(sorted({f"{r['method']}: {test_images(r)}" for r in results if r["method"] in unpaired}))
+                 + "); their rows above are not comparable with DiReDi's either.\n")
     atomic_write_text(run.folder / "compare.md", text)
     print(text)
     print(f"comparison in {run.folder} (compare.md, compare.json, results.csv)")

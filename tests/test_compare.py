@@ -16,7 +16,7 @@ from diredi_sim.federation import BaselineConfig, FederationConfig, PopulationCo
 from diredi_sim.models import build_detector
 from diredi_sim.settings import PipelineConfig
 from diredi_sim.train import compute_proximal_losses
-from experiments.compare import compare_differences, format_comparison, format_differences, run_compare, summarize
+from experiments.compare import compare_differences, format_comparison, format_differences, run_compare, summarize, unpaired_methods
 
 TINY = SyntheticConfig(seed=3, num_train=24, num_val=8, num_test=16, min_objects=3, max_objects=5, min_object_size=24, clutter=2.0)
 STAGE = TrainConfig(epochs=1, batch_size=8, lr=0.01, warmup_steps=1)
@@ -86,6 +86,10 @@ def test_differences_pair_diredi_with_each_method_by_seed_and_customer():
     assert "| diredi - fedavg | mAP | +0.083 |" in table and "| diredi - fedavg | forgetting | -0.050 |" in table
     assert "**yes**" in table and "| no |" in table
     assert compare_differences([r for r in results if r["method"] != "diredi"]) == {}
+    # a method measured on other test images (CEMA: the customer's shifted copies) is never paired
+    shifted = [{**result("cema", 0, c, 0.1), "test_images": "shifted by contrast at severity 3"} for c in ("exp1", "exp2")]
+    assert "diredi - cema" not in compare_differences(results + shifted)
+    assert unpaired_methods(results + shifted) == ["cema"] and unpaired_methods(results) == []
 
 
 @pytest.mark.slow
