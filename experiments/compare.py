@@ -56,16 +56,17 @@ def summarize(results: list[dict]) -> list[dict]:
     return out
 
 
-def test_images(row: dict) -> str:
+def evaluated_on(row: dict) -> str:
     """What a row was measured on: the customer's own test images (``clean``) unless the method
-    says otherwise (CEMA: its shifted copies). Rows measured on different images are not paired."""
-    return row.get("test_images", "clean")
+    says otherwise in ``evaluated_on`` (CEMA: its shifted copies). Rows measured on different
+    images are not paired."""
+    return row.get("evaluated_on", "clean")
 
 
 def unpaired_methods(results: list[dict], reference: str = REFERENCE_METHOD) -> list[str]:
     """The methods whose rows were measured on other test images than ``reference``'s."""
-    ours = {test_images(r) for r in results if r["method"] == reference}
-    return sorted({r["method"] for r in results if r["method"] != reference and test_images(r) not in ours})
+    ours = {evaluated_on(r) for r in results if r["method"] == reference}
+    return sorted({r["method"] for r in results if r["method"] != reference and evaluated_on(r) not in ours})
 
 
 def compare_differences(results: list[dict], reference: str = REFERENCE_METHOD) -> dict:
@@ -75,7 +76,7 @@ def compare_differences(results: list[dict], reference: str = REFERENCE_METHOD) 
     interval of the mean difference, and whether it excludes 0). Returns
     ``{"diredi - fedavg": {"mAP": {...}, "f1": {...}, "gain": {...}, "forgetting": {...}}, ...}``;
     empty when ``reference`` is not among the methods. Only rows measured on the same test images
-    pair (:func:`test_images`). Positive mAP, F1 and gain differences favour ``reference``; for
+    pair (:func:`evaluated_on`). Positive mAP, F1 and gain differences favour ``reference``; for
     forgetting a negative difference does."""
     by_method: dict[str, dict[tuple, dict]] = {}
     for row in results:
@@ -87,7 +88,7 @@ def compare_differences(results: list[dict], reference: str = REFERENCE_METHOD) 
     for method, theirs in by_method.items():
         if method == reference:
             continue
-        keys = sorted((k for k in set(ours) & set(theirs) if test_images(ours[k]) == test_images(theirs[k])),
+        keys = sorted((k for k in set(ours) & set(theirs) if evaluated_on(ours[k]) == evaluated_on(theirs[k])),
                       key=lambda k: (k[0], str(k[1])))
         if not keys:
             continue
@@ -176,7 +177,7 @@ def _compare(config: FederationConfig, seeds: int, methods: list, run: Run) -> P
     unpaired = unpaired_methods(results)
     if unpaired:
         text += (f"\nNot paired with DiReDi: {', '.join(unpaired)}, measured on other test images ("
-                 + "; ".join(sorted({f"{r['method']}: {test_images(r)}" for r in results if r["method"] in unpaired}))
+                 + "; ".join(sorted({f"{r['method']}: {evaluated_on(r)}" for r in results if r["method"] in unpaired}))
                  + "); their rows above are not comparable with DiReDi's either.\n")
     atomic_write_text(run.folder / "compare.md", text)
     print(text)

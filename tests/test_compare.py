@@ -87,7 +87,7 @@ def test_differences_pair_diredi_with_each_method_by_seed_and_customer():
     assert "**yes**" in table and "| no |" in table
     assert compare_differences([r for r in results if r["method"] != "diredi"]) == {}
     # a method measured on other test images (CEMA: the customer's shifted copies) is never paired
-    shifted = [{**result("cema", 0, c, 0.1), "test_images": "shifted by contrast at severity 3"} for c in ("exp1", "exp2")]
+    shifted = [{**result("cema", 0, c, 0.1), "evaluated_on": "shifted by contrast at severity 3"} for c in ("exp1", "exp2")]
     assert "diredi - cema" not in compare_differences(results + shifted)
     assert unpaired_methods(results + shifted) == ["cema"] and unpaired_methods(results) == []
 

@@ -69,7 +69,7 @@ def cema_customer_work(config: FederationConfig, partition_id: int, tutor_state:
         **{k: after.get(k) for k in ("mAP", "precision", "recall", "f1", "gain", "forgetting", "per_class", "change")},
         "mAP_shift_before": before["mAP"], "mAP_clean_before": clean["mAP"],
         "corruption": corruption, "severity": cfg.severity,
-        "test_images": f"shifted by {corruption} at severity {cfg.severity}",  # compare pairs it with no clean row
+        "evaluated_on": f"shifted by {corruption} at severity {cfg.severity}",  # compare pairs it with no clean row
         "uplink_bytes": outcome.uplink_bytes, "downlink_bytes": outcome.downlink_bytes,
         "stream_images": outcome.stream_images, "uploaded_images": len(outcome.uploaded),
         "uploaded_fraction": len(outcome.uploaded) / max(1, outcome.stream_images),
