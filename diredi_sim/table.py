@@ -107,13 +107,18 @@ def measure_on_customer(model: nn.Module, test: Sequence[ImageRecord], classes: 
 
 
 def measure_on_manufacturer(key: str, model: nn.Module, classes: ClassSets, datasets: DataSets, pipeline: PipelineConfig) -> dict:
-    """A row's numbers on the manufacturer's test images (its side, public pool): ``presumed_map``
-    over the presumed classes (the same images for every row); the teacher's row also ``own``,
-    its classes on those images."""
+    """A row's numbers on the manufacturer's test images of the presumed classes (its side, public
+    pool; the same images for every row): ``presumed_map`` over the presumed classes the customer
+    keeps (``classes.kept``: a dropped class is reported apart, as forgetting it is wanted, and
+    as verification leaves it out) and ``presumed_all_map`` over every presumed class, dropped ones
+    included (equal when the customer drops none), ``presumed_per_class`` their AP per class; the
+    teacher's row also ``own``, its classes on
+    those images."""
     settings = dict(batch_size=pipeline.eval_batch_size, score_threshold=pipeline.score_threshold)
     maker_test = datasets.records(datasets.data.test_set, classes.presumed, pipeline.max_eval_images, pool="public")
-    row = {"presumed_map": evaluate_row(model, maker_test, classes.presumed, classes.presumed, **settings)["mAP"],
-           "presumed_test_images": len(maker_test)}
+    presumed = evaluate_row(model, maker_test, classes.presumed, classes.presumed, **settings)
+    row = {"presumed_map": _mean_ap(presumed["per_class"], classes.kept), "presumed_all_map": presumed["mAP"],
+           "presumed_per_class": presumed["per_class"], "presumed_test_images": len(maker_test)}
     whose = {r[0]: r[4] for r in ROWS}.get(key)
     if whose is not None:
         names = {"teacher": classes.teacher, "presumed": classes.presumed}[whose]

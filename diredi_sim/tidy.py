@@ -32,7 +32,7 @@ from typing import Any
 
 COLUMNS = ("method", "seed", "round", "customer", "partition_id", "class", "metric", "value")
 # Per-class mappings of a result row and the metric each becomes.
-PER_CLASS = {"per_class": "AP", "change": "AP_change", "num_gt": "num_gt"}
+PER_CLASS = {"per_class": "AP", "change": "AP_change", "num_gt": "num_gt", "presumed_per_class": "presumed_AP"}
 # Labels turned into 1/0 metrics: key -> (metric, value of 1).
 FLAGS = {"verdict": ("accepted", "accepted"), "edge": ("edge_deployed", "deployed")}
 # Keys that say where a row belongs (they are columns, or bookkeeping), not what was measured.
@@ -58,7 +58,8 @@ def tidy_rows(record: Mapping[str, Any], *, method: str, seed: int | None, round
     """The tidy rows of one result ``record`` (a dict of measures) of ``customer`` in ``round``.
 
     Every finite number becomes a row with an empty class (``prefix + key``); a per-class
-    mapping (:data:`PER_CLASS`: ``per_class`` -> AP, ``change`` -> AP_change, ``num_gt``) a
+    mapping (:data:`PER_CLASS`: ``per_class`` -> AP, ``change`` -> AP_change, ``num_gt``,
+    ``presumed_per_class`` -> presumed_AP, on the manufacturer's test images) a
     row per class; a verdict / edge label (:data:`FLAGS`) a 1/0 row; any other mapping its
     numbers under ``prefix + key + "/"``. Strings, lists, None and NaN make no row;
     :data:`IDENTIFIERS` are skipped (they are the columns)."""

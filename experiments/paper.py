@@ -263,7 +263,8 @@ PAPER_ROW_NAMES = {"teacher": "teacher", "tutor_original": "tutor", "edge_origin
 PAPER_ROW_ORDER = ("teacher", "tutor", "edge", "tutor1", "tutor2", "tutor_updated", "tutor_deployed", "edge_direct", "edge_local",
                    "edge_distill_c_public", "edge_distill_c_public_private")
 # (measure in the summary, key in the pipeline's row, Markdown column)
-PAPER_MEASURES = (("presumed_map", "presumed_map", "presumed mAP"), ("private_ap", "private_ap", "private AP"),
+PAPER_MEASURES = (("presumed_map", "presumed_map", "presumed mAP"), ("presumed_all_map", "presumed_all_map", "presumed mAP (all)"),
+                  ("private_ap", "private_ap", "private AP"),
                   ("dropped_ap", "dropped_ap", "dropped AP"), ("map", "mAP", "mAP"), ("precision", "precision", "P"),
                   ("recall", "recall", "R"), ("f1", "f1", "F1"))
 # (row, row it is compared with, measures): the paired differences over seeds.
@@ -273,7 +274,8 @@ PAPER_DIFFERENCES = (
     ("edge_distill_c_public_private", "edge", ("map", "f1", "private_ap", "presumed_map")),
     ("edge_distill_c_public", "edge", ("map", "f1", "private_ap", "presumed_map")),
     ("tutor_updated", "tutor", ("map", "f1", "private_ap", "presumed_map")),
-    ("tutor1", "edge", ("presumed_map",)),
+    ("tutor1", "edge", ("presumed_map", "map")),
+    ("tutor1", "tutor", ("presumed_map", "map")),
 )
 
 
@@ -292,7 +294,8 @@ def aggregate_paper_tables(experiment: str, preset: str, data: str, seeds: list[
     ``seeds[i]``. Returns ``{"experiment", "preset", "data", "seeds", "rows", "differences",
     "per_seed"}``:
 
-    - ``rows``: ``{row: {measure: {"mean", "std"}}}``, measures ``presumed_map``, ``private_ap``,
+    - ``rows``: ``{row: {measure: {"mean", "std"}}}``, measures ``presumed_map`` (the presumed
+      classes the customer keeps), ``presumed_all_map`` (every presumed class), ``private_ap``,
       ``dropped_ap``, ``map``, ``precision``, ``recall``, ``f1`` (fractions, not %); mean and
       sample std (ddof=1, 0.0 for one seed) over the seeds where the value exists, both None where
       it never does (e.g. ``dropped_ap`` of a customer that drops no class). Row names: the
@@ -362,13 +365,14 @@ def format_paper_summary(summary: dict, *, manufacturer_seed: int | None = None)
     differences with their 95% intervals."""
     seeds = summary["seeds"]
     measures_text = {"map": "mAP", "f1": "F1", "private_ap": "private AP", "presumed_map": "presumed mAP",
-                     "dropped_ap": "dropped AP", "precision": "P", "recall": "R"}
+                     "presumed_all_map": "presumed mAP (all)", "dropped_ap": "dropped AP", "precision": "P", "recall": "R"}
     lines = [
         f"## {summary['experiment']}: {len(seeds)} seed(s), {summary['preset']} preset, {summary['data']} data",
         "",
         f"Customer seeds {', '.join(map(str, seeds))}"
         + (f"; the manufacturer's seed stays {manufacturer_seed}" if manufacturer_seed is not None else "")
-        + ". Mean ± sample standard deviation over the seeds, in %. presumed mAP: mAP on the presumed classes; "
+        + ". Mean ± sample standard deviation over the seeds, in %. presumed mAP: mAP on the manufacturer's test images "
+        "over the presumed classes the customer keeps; presumed mAP (all): over every presumed class, dropped ones included; "
         "private AP: AP on the customer's private classes; dropped AP: AP on the presumed classes the customer dropped; "
         "mAP, P, R, F1: over the customer's classes. The manufacturer's models (teacher, tutor, edge) are trained once "
         "and reused, so their std is 0; the replicates vary the customer's side.",

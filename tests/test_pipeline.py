@@ -118,6 +118,13 @@ def test_table_has_every_row_with_finite_numbers(first):
                 assert _finite(row[measure]), (row["key"], measure)
         # rows on their own classes: presumed mAP on the manufacturer's test images, private and dropped AP apart
         assert _finite(row["presumed_map"]) and row["presumed_test_images"] > 0
+        # presumed mAP over the presumed classes the customer keeps (horse, dropped, apart), and over all of them
+        maker_ap = row["presumed_per_class"]  # NaN: no such object among these few test images
+        assert set(maker_ap) == set(classes.presumed) and _finite(maker_ap["horse"])  # the dropped class is measured
+        kept = [maker_ap[n] for n in classes.kept if _finite(maker_ap[n])]
+        every = [ap for ap in maker_ap.values() if _finite(ap)]
+        assert row["presumed_map"] == pytest.approx(sum(kept) / len(kept))
+        assert row["presumed_all_map"] == pytest.approx(sum(every) / len(every))
         assert row["private_ap"] == pytest.approx(row["per_class"]["dog"])
         assert row["dropped_ap"] == pytest.approx(row["per_class"]["horse"])
     own = {row["key"]: row["own"] for row in result.rows if "own" in row}

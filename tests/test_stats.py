@@ -94,7 +94,7 @@ def test_paper_summary_over_seeds_has_the_documented_shape():
     assert list(summary["rows"]) == ["teacher", "tutor", "edge", "tutor1", "tutor_updated", "tutor_deployed", "edge_direct",
                                      "edge_distill_c_public_private", "tutor_distill_a", "edge_distill_b",
                                      "edge_distill_c_public_score"]
-    measures = ["presumed_map", "private_ap", "dropped_ap", "map", "precision", "recall", "f1"]
+    measures = ["presumed_map", "presumed_all_map", "private_ap", "dropped_ap", "map", "precision", "recall", "f1"]
     for name, entry in summary["rows"].items():
         assert list(entry) == measures, name
         assert all(set(v) == {"mean", "std"} for v in entry.values()), name
@@ -110,7 +110,7 @@ def test_paper_summary_over_seeds_has_the_documented_shape():
 
     diffs = summary["differences"]
     assert list(diffs) == ["edge_distill_c_public_private - edge_direct", "edge_distill_c_public_private - edge",
-                           "tutor_updated - tutor", "tutor1 - edge"]  # no edge_local, no edge_distill_c_public rows
+                           "tutor_updated - tutor", "tutor1 - edge", "tutor1 - tutor"]  # no edge_local, no edge_distill_c_public rows
     versus_direct = diffs["edge_distill_c_public_private - edge_direct"]
     assert list(versus_direct) == ["map", "f1", "private_ap", "presumed_map"]
     # mAP differences 0.07, 0.07, 0.13: mean 0.09, std sqrt(0.0012)
@@ -121,8 +121,10 @@ def test_paper_summary_over_seeds_has_the_documented_shape():
 
     assert versus_direct["private_ap"]["mean"] == pytest.approx(-0.13)
     assert versus_direct["f1"]["mean"] == 0.0 and versus_direct["f1"]["significant"] is False
-    assert list(diffs["tutor1 - edge"]) == ["presumed_map"]
+    assert list(diffs["tutor1 - edge"]) == ["presumed_map", "map"]
     assert diffs["tutor1 - edge"]["presumed_map"]["mean"] == pytest.approx(0.10)
+    assert diffs["tutor1 - edge"]["map"]["mean"] == pytest.approx(0.13)  # on the customer's classes: 0.33 vs 0.20
+    assert diffs["tutor1 - tutor"]["presumed_map"]["mean"] == pytest.approx(0.0)
     assert "dropped_ap" not in diffs["tutor_updated - tutor"]
 
     assert [entry["seed"] for entry in summary["per_seed"]] == [5, 6, 7]
@@ -131,8 +133,8 @@ def test_paper_summary_over_seeds_has_the_documented_shape():
     assert "edge_distill_c_public_score" not in summary["per_seed"][2]["rows"]
 
     text = format_paper_summary(summary, manufacturer_seed=5)
-    assert "| model | presumed mAP | private AP | dropped AP | mAP | P | R | F1 |" in text
-    assert "| edge_direct | 15.0 ± 0.0 | 25.0 ± 0.0 | - | 18.0 ± 2.0 | 50.0 ± 0.0 | 40.0 ± 0.0 | 45.0 ± 0.0 |" in text
+    assert "| model | presumed mAP | presumed mAP (all) | private AP | dropped AP | mAP | P | R | F1 |" in text
+    assert "| edge_direct | 15.0 ± 0.0 | - | 25.0 ± 0.0 | - | 18.0 ± 2.0 | 50.0 ± 0.0 | 40.0 ± 0.0 | 45.0 ± 0.0 |" in text
     assert "| edge_distill_c_public_private - edge_direct | mAP | +9.0 |" in text and "**yes**" in text
 
 

@@ -1,0 +1,85 @@
+"""How far reverse distillation moves Tutor1 towards the edge, and what the delta keeps, per RD setting.
+
+    python bench/rd_emulation.py [--experiment exp1] [--set pipeline.rd.epochs=10 --set pipeline.alpha=1000 ...]
+
+Runs one customer's RD B and RD A (``run_customer``, the paper flow's own call) with the
+experiment's config and the ``--set`` overrides, substitutes tutor' = tutor + delta, and prints,
+on the manufacturer's test images of the presumed classes and on the customer's test images:
+the tutor's, the edge's, Tutor1's, Tutor2's and tutor''s presumed mAP, the mAP over the customer's
+classes, and the private-class AP; then where Tutor1 sits between the edge (0) and the tutor (1) on
+both scales, and the share of Tutor2's private AP that tutor' keeps. The manufacturer comes from
+the cache (trained first if missing, not timed). Figures go to stdout, one line per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--experiment", default="exp1")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--seed", type=int, default=0, help="the customer's seed (Seeds(seed))")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from diredi_sim.compute import configure_process
+    from diredi_sim.config import parse_overrides
+    from diredi_sim.datasets import DataSets
+    from diredi_sim.deltas import apply_delta
+    from diredi_sim.flow import Step, run_customer
+    from diredi_sim.manufacturer import prepare_manufacturer
+    from diredi_sim.seeds import Seeds
+    from diredi_sim.settings import ClassSets
+    from diredi_sim.table import evaluate_row
+    from experiments.paper import find_paper_config, load_paper_config
+
+    config, pipeline = load_paper_config(find_paper_config(args.experiment), parse_overrides(args.set))
+    configure_process(threads=config.threads)
+    classes = ClassSets.of(pipeline.customer, pipeline.presumed_split, pipeline.teacher_split)
+    datasets = DataSets(config.data)
+    maker = prepare_manufacturer(pipeline, config.data, preset=config.preset, seed=config.seed, datasets=datasets,
+                                 progress=False)
+    start = time.perf_counter()
+    update = run_customer(maker.tutor, maker.edge, Step(pipeline, datasets, pipeline.customer, Seeds(args.seed), progress=False))
+    rd_seconds = time.perf_counter() - start
+    updated = copy.deepcopy(maker.tutor)
+    updated.load_state_dict(apply_delta(maker.tutor.state_dict(), update.delta, pipeline.delta_weight))
+
+    settings = dict(batch_size=pipeline.eval_batch_size, score_threshold=pipeline.score_threshold)
+    kept = [c for c in classes.presumed if c not in classes.dropped]
+    maker_test = datasets.records(datasets.data.test_set, classes.presumed, pipeline.max_eval_images, pool="public")
+    customer_test = datasets.records(datasets.data.test_set, classes.union, pipeline.max_eval_images, pool="customer")
+    models = {"tutor": maker.tutor, "edge": maker.edge, "tutor1": update.tutor1, "tutor2": update.tutor2, "tutor'": updated}
+    figures = {}
+    print(f"# {args.experiment} seed {args.seed}; overrides {' '.join(args.set) or '-'}; RD B + RD A {rd_seconds:.0f} s; "
+          f"delta norm {update.delta_info['norm']:.3f}")
+    for name, model in models.items():
+        model.eval()
+        with torch.no_grad():
+            maker_row = evaluate_row(model, maker_test, kept, classes.presumed, **settings)
+            customer_row = evaluate_row(model, customer_test, classes.customer, classes.union, **settings)
+        private = [customer_row["per_class"][c] for c in classes.private]
+        figures[name] = (maker_row["mAP"], customer_row["mAP"], sum(private) / len(private) if private else 0.0)
+        print(f"{name:8} presumed mAP (kept classes, maker test) {figures[name][0]:.3f}  customer mAP {figures[name][1]:.3f}  "
+              f"private AP {figures[name][2]:.3f}  P {customer_row['precision']:.3f}  R {customer_row['recall']:.3f}")
+    for scale, index in (("presumed", 0), ("customer", 1)):
+        edge, tutor, tutor1 = figures["edge"][index], figures["tutor"][index], figures["tutor1"][index]
+        print(f"tutor1 on the {scale} scale: {(tutor1 - edge) / (tutor - edge):.2f} of the way from the edge (0) to the tutor (1)")
+    kept_share = figures["tutor'"][2] / figures["tutor2"][2] if figures["tutor2"][2] else float("nan")
+    updated_presumed = figures["tutor'"][0]
+    print(f"tutor' keeps {kept_share:.0%} of tutor2's private AP; presumed mAP tutor {figures['tutor'][0]:.3f} -> tutor' "
+          f"{updated_presumed:.3f}")
+
+
+if __name__ == "__main__":
+    main()
