@@ -25,7 +25,7 @@ from diredi_sim.seeds import Seeds
 from diredi_sim.settings import ClassSets, PipelineConfig
 from diredi_sim.stages import StageRecorder
 from diredi_sim.table import distill_c_row
-from diredi_sim.train import distill, evaluate_detector, finetune, reverse_distill, train_detector
+from diredi_sim.train import CustomerMix, distill, evaluate_detector, finetune, reverse_distill, train_detector
 from diredi_sim.verify import Verdict, verify_update
 
 
@@ -106,7 +106,8 @@ def run_customer(tutor: nn.Module, edge: nn.Module, step: Step) -> CustomerUpdat
             torch.manual_seed(seeds("rd"))
             student = copy_for_training(tutor)
             result = reverse_distill(edge, student, presumed, val, cfg, class_indices=classes, seed=seeds("rd"),
-                                     extra_records=own, extra_per_batch=per_batch, name=f"{key}_{stage}", **rd_settings, **step.common)
+                                     mix=CustomerMix(own, per_batch, pipeline.rd_customer_loss), name=f"{key}_{stage}",
+                                     **rd_settings, **step.common)
             entry.update(train_images=result["train_images"], train_steps=result["train_steps"])
         counts[stage] = result["train_images"]
         trained[key] = student

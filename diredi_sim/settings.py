@@ -17,6 +17,7 @@ from diredi_sim.verify import VerifyConfig
 
 DISTILL_C_MODES = ("public", "public+private")
 DISTILL_C_LOSSES = ("fgd", "fgd+score")
+RD_CUSTOMER_LOSSES = ("joint", "separate")
 
 @dataclass(frozen=True)
 class PipelineConfig:
@@ -50,6 +51,10 @@ class PipelineConfig:
     rd_customer_per_batch: int = 8  # RD A: the customer's images added to each of Tutor1's presumed batches
     rd_score_weight: float = 0.0  # RD: class-score distillation from the edge (ablation; 0: FGD only, as the paper)
     rd_align_init: str = "lstsq"  # RD: FGD's align convs fitted by least squares on the first batch, or "random"
+    # RD A's loss over a batch extended by the customer's images: "joint", one loss over the whole batch
+    # (FCOS normalises by the batch's positives, so the presumed part weighs less than in Tutor1's batch);
+    # "separate", the presumed part's loss (Tutor1's, term for term) plus the customer part's.
+    rd_customer_loss: str = "joint"
     freeze_backbone: bool = True  # RD: freeze the tutor copies' backbone (only neck + head travel)
     gamma: float = 1.0  # delta = gamma * (Tutor2 - Tutor1) (paper: 1)
     delta_weight: float = 1.0  # tutor' = tutor + delta_weight * delta (paper: 1)
@@ -84,6 +89,7 @@ class PipelineConfig:
             check(math.isfinite(getattr(self, key)) and getattr(self, key) >= 0, key, "must be finite and >= 0")
         check(self.rd_customer_per_batch >= 0, "rd_customer_per_batch", "must be >= 0")
         check(self.rd_align_init in ("lstsq", "random"), "rd_align_init", "must be 'lstsq' or 'random'")
+        check(self.rd_customer_loss in RD_CUSTOMER_LOSSES, "rd_customer_loss", f"must be one of {list(RD_CUSTOMER_LOSSES)}")
         check(all(loss in DISTILL_C_LOSSES for loss in self.distill_c_losses) and len(set(self.distill_c_losses)) == len(self.distill_c_losses)
               and len(self.distill_c_losses) > 0, "distill_c_losses", f"must be distinct values among {list(DISTILL_C_LOSSES)}")
         for key in ("distill_temperature", "distill_c_temperature"):

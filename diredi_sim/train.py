@@ -503,33 +503,64 @@ def distill(teacher: nn.Module, student: nn.Module, train_records, val_records, 
                parameters=distiller.trainable_parameters(), **kwargs)
 
 
+@dataclass(frozen=True)
+class CustomerMix:
+    """The customer's images in reverse distillation's batches: ``per_batch`` of ``records``
+    added to each presumed batch (:class:`MixedLoader`), and how the loss treats them: ``"joint"``,
+    one loss over the extended batch; ``"separate"``, the presumed part's loss plus the customer
+    part's, each normalised by its own positives as FCOS normalises, so that the presumed part
+    weighs in Tutor2's loss exactly as Tutor1's whole batch does in Tutor1's."""
+
+    records: Sequence[ImageRecord] = ()
+    per_batch: int = 0
+    loss: str = "joint"
+
+
+def split_losses(compute_losses: LossFn, extra_per_batch: int) -> LossFn:
+    """``compute_losses`` over a batch's first part and its last ``extra_per_batch`` images apart,
+    summed term by term (:class:`CustomerMix`'s ``"separate"``)."""
+
+    def losses(images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        split = len(images) - extra_per_batch
+        out = compute_losses(images[:split], targets[:split])
+        for k, v in compute_losses(images[split:], targets[split:]).items():
+            out[k] = out[k] + v if k in out else v
+        return out
+
+    return losses
+
+
 def reverse_distill(edge: nn.Module, tutor_copy: nn.Module, train_records, val_records, cfg: TrainConfig, *,
                     alpha: float = 1.0, beta: float = 1.0, freeze_backbone: bool = True, fgd: FGDConfig = FGDConfig(),
                     score_weight: float = 0.0, temperature: float = 1.5, align_init: str = "lstsq",
-                    extra_records: Sequence[ImageRecord] = (), extra_per_batch: int = 0, seed: int = 0, **kwargs) -> dict:
+                    mix: CustomerMix = CustomerMix(), seed: int = 0, **kwargs) -> dict:
     """Reverse distillation: the edge model is the frozen teacher, a copy of the tutor the
     student; loss ``alpha * L_RD + beta * L_task`` with L_RD the FGD loss on neck features
     (plus, when ``score_weight > 0``, class-score distillation from the edge: an ablation).
     With ``freeze_backbone`` (the default) only the tutor's neck and head move, so the delta
     that travels matches the manufacturer's backbone exactly.
 
-    Batches are ``train_records``' in a seeded order, each extended by ``extra_per_batch`` of
-    ``extra_records`` (:class:`MixedLoader`): Tutor1 gets none, Tutor2 the customer's images.
+    Batches are ``train_records``' in a seeded order, each extended by ``mix``'s customer images
+    (:class:`CustomerMix`): Tutor1 gets none, Tutor2 the customer's images.
     ``align_init="lstsq"`` fits FGD's align convs on the first batch of ``train_records`` (the
     same batch for Tutor1 and Tutor2); ``"random"`` keeps their random initialisation."""
     if align_init not in ("lstsq", "random"):
         raise ValueError(f"align_init {align_init!r}: must be 'lstsq' or 'random'")
+    if mix.loss not in ("joint", "separate"):
+        raise ValueError(f"customer loss {mix.loss!r}: must be 'joint' or 'separate'")
     distiller = Distiller(edge, tutor_copy, feature_weight=alpha, task_weight=beta, score_weight=score_weight,
                           temperature=temperature, fgd=fgd, freeze_student_backbone=freeze_backbone)
     primary = build_loader(train_records, batch_size=cfg.batch_size, train=True, seed=seed, hflip_prob=cfg.hflip_prob,
                            num_workers=cfg.num_workers)
-    loader = MixedLoader(primary, extra_records, extra_per_batch=extra_per_batch, seed=seed, hflip_prob=cfg.hflip_prob)
+    loader = MixedLoader(primary, mix.records, extra_per_batch=mix.per_batch, seed=seed, hflip_prob=cfg.hflip_prob)
     if align_init == "lstsq":
         first = build_loader(list(train_records)[:cfg.batch_size], batch_size=cfg.batch_size, train=False)
         images, _ = next(iter(first))
         with on_device(distiller):
             distiller.fit_align(to_device(images)[0])
-    return fit(tutor_copy, distiller, train_records, val_records, cfg, modules=distiller,
+    separate = mix.loss == "separate" and loader.extra_per_batch > 0
+    losses = split_losses(distiller, loader.extra_per_batch) if separate else distiller
+    return fit(tutor_copy, losses, train_records, val_records, cfg, modules=distiller,
                parameters=distiller.trainable_parameters(), loader=loader, seed=seed, **kwargs)
 
 

@@ -93,3 +93,11 @@ def test_a_section_given_in_part_keeps_its_own_defaults_for_the_rest(tmp_path):
     overridden = load_federation_config(CONFIGS / "federation.toml", {"baselines.local.epochs": 2})
     assert overridden.baselines.local == replace(load_federation_config(CONFIGS / "federation.toml").baselines.local, epochs=2)
     assert (overridden.baselines.local.lr, overridden.baselines.local.warmup_steps) == (own.lr, own.warmup_steps) == (0.001, 10)
+
+
+def test_an_unknown_rd_customer_loss_is_rejected_by_name():
+    from diredi_sim.settings import PipelineConfig
+
+    assert PipelineConfig(rd_customer_loss="separate").rd_customer_loss == "separate"
+    with pytest.raises(ConfigError, match=r"rd_customer_loss = 'split': must be one of \['joint', 'separate'\]"):
+        PipelineConfig(rd_customer_loss="split")

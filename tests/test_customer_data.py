@@ -77,3 +77,30 @@ def test_tutor2_batches_are_tutor1_batches_plus_the_customers_images(datasets):
         assert all(torch.equal(a, b) for a, b in zip(images_a, images_b))  # same pixels: same flips
         assert {t["image_id"] for t in targets_b[len(images_a):]} <= own_ids
     assert images2 == images1 + extra * len(tutor2)
+
+
+def test_separate_customer_loss_gives_tutor2_tutor1s_presumed_loss_plus_the_customers():
+    """RD A's "separate" loss: the presumed part of Tutor2's batch is weighed as Tutor1's whole
+    batch (FCOS normalises by the batch's positives), the customer's images apart. "joint"
+    (one loss over the extended batch) weighs the presumed part differently."""
+    from diredi_sim.models import build_detector
+    from diredi_sim.train import Distiller, split_losses
+
+    torch.manual_seed(0)
+    tutor, edge = build_detector("tutor", "cpu"), build_detector("edge", "cpu")
+    distiller = Distiller(edge, tutor, feature_weight=1.0, task_weight=1.0).eval()
+    data = select_customer_data(DataSets(DataConfig(synthetic=SMALL)), PipelineConfig(customer="exp1"), "exp1", TrainConfig())
+    presumed = build_loader(data.presumed, batch_size=4, train=True, seed=3)
+    images1, targets1 = next(iter(presumed))
+    images2, targets2 = next(iter(MixedLoader(build_loader(data.presumed, batch_size=4, train=True, seed=3), data.own,
+                                              extra_per_batch=2, seed=3)))
+    with torch.no_grad():
+        tutor1 = distiller(list(images1), list(targets1))
+        separate = split_losses(distiller, 2)(list(images2), list(targets2))
+        own_alone = distiller(list(images2[4:]), list(targets2[4:]))
+        joint = distiller(list(images2), list(targets2))
+    assert list(separate) == list(tutor1)
+    for term, value in tutor1.items():
+        assert torch.allclose(separate[term] - own_alone[term], value, rtol=1e-5, atol=1e-6), term
+    task = [k for k in tutor1 if k.startswith("task.")]
+    assert any(not torch.allclose(joint[k], separate[k], rtol=1e-3) for k in task)
