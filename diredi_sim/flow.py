@@ -25,7 +25,7 @@ from diredi_sim.seeds import Seeds
 from diredi_sim.settings import ClassSets, PipelineConfig
 from diredi_sim.stages import StageRecorder
 from diredi_sim.table import distill_c_row
-from diredi_sim.train import CustomerMix, distill, evaluate_detector, finetune, reverse_distill, train_detector
+from diredi_sim.train import CustomerMix, KDLoss, RDSettings, distill, evaluate_detector, finetune, reverse_distill, train_detector
 from diredi_sim.verify import Verdict, verify_update
 
 
@@ -94,8 +94,7 @@ def run_customer(tutor: nn.Module, edge: nn.Module, step: Step) -> CustomerUpdat
     pipeline, recorder, seeds = step.pipeline, step.recorder, step.seeds
     cfg = pipeline.rd
     data = select_customer_data(step.datasets, pipeline, step.customer, cfg, step.share)
-    rd_settings = dict(alpha=pipeline.alpha, beta=pipeline.beta, freeze_backbone=pipeline.freeze_backbone, fgd=pipeline.fgd,
-                       score_weight=pipeline.rd_score_weight, align_init=pipeline.rd_align_init)
+    rd_loss = KDLoss(feature_weight=pipeline.alpha, task_weight=pipeline.beta, score_weight=pipeline.rd_score_weight, fgd=pipeline.fgd)
     presumed_classes = ClassSets.indices(resolve_split(pipeline.presumed_split))
     plans = (("tutor1", "rd_b", data.presumed, (), 0, data.presumed_val, presumed_classes),
              ("tutor2", "rd_a", data.presumed_kept, data.own, pipeline.rd_customer_per_batch, data.own_val,
@@ -105,9 +104,10 @@ def run_customer(tutor: nn.Module, edge: nn.Module, step: Step) -> CustomerUpdat
         with recorder.measure(stage, presumed_images=len(presumed), own_images=len(own), epochs=cfg.epochs) as entry:
             torch.manual_seed(seeds("rd"))
             student = copy_for_training(tutor)
-            result = reverse_distill(edge, student, presumed, val, cfg, class_indices=classes, seed=seeds("rd"),
-                                     mix=CustomerMix(own, per_batch, pipeline.rd_customer_loss), name=f"{key}_{stage}",
-                                     **rd_settings, **step.common)
+            settings = RDSettings(rd_loss, pipeline.freeze_backbone, pipeline.rd_align_init,
+                                  CustomerMix(own, per_batch, pipeline.rd_customer_loss))
+            result = reverse_distill(edge, student, presumed, val, cfg, settings, class_indices=classes, seed=seeds("rd"),
+                                     name=f"{key}_{stage}", **step.common)
             entry.update(train_images=result["train_images"], train_steps=result["train_steps"])
         counts[stage] = result["train_images"]
         trained[key] = student
@@ -174,9 +174,8 @@ def redistill(tutor_prime: nn.Module, edge: nn.Module, train: list[ImageRecord],
     with step.recorder.measure(stage, epochs=cfg.epochs, score_weight=score_weight, temperature=pipeline.distill_c_temperature) as entry:
         torch.manual_seed(seed)
         student = copy_for_training(edge)
-        result = distill(copy.deepcopy(tutor_prime), student, train, val, cfg, class_indices=ClassSets.indices(step.classes(mode)),
-                         feature_weight=pipeline.distill_c_feature_weight, task_weight=pipeline.distill_c_task_weight,
-                         score_weight=score_weight, temperature=pipeline.distill_c_temperature, fgd=fgd,
+        kd = KDLoss(pipeline.distill_c_feature_weight, pipeline.distill_c_task_weight, score_weight, pipeline.distill_c_temperature, fgd)
+        result = distill(copy.deepcopy(tutor_prime), student, train, val, cfg, loss=kd, class_indices=ClassSets.indices(step.classes(mode)),
                          seed=seed, name=key, **step.common)
         entry.update(train_images=result["train_images"], train_steps=result["train_steps"])
     return student, result["train_images"]

@@ -24,11 +24,11 @@ from diredi_sim.datasets import DataSets
 from diredi_sim.compute import current_device
 from diredi_sim.models import build_detector, describe_weights
 from diredi_sim.progress import Tracker, Unit, skip_stage
-from diredi_sim.runs import CheckpointError, Run, atomic_write_json, load_detector_weights, save_checkpoint, to_jsonable
+from diredi_sim.runs import CheckpointError, atomic_write_json, load_detector_weights, save_checkpoint, to_jsonable
 from diredi_sim.seeds import derive_seed
 from diredi_sim.settings import ClassSets, PipelineConfig
 from diredi_sim.stages import StageRecorder
-from diredi_sim.train import distill, train_detector
+from diredi_sim.train import KDLoss, distill, train_detector
 
 logger = logging.getLogger(__name__)
 
@@ -156,10 +156,11 @@ def plan_manufacturer(pipeline: PipelineConfig) -> list[Unit]:
 
 
 def prepare_manufacturer(pipeline: PipelineConfig, data: DataConfig, *, preset: str = "cpu", seed: int = 0,
-                         datasets: DataSets | None = None, recorder: StageRecorder | None = None, run: Run | None = None,
-                         config: Any = None, progress: bool = True) -> Manufacturer:
+                         datasets: DataSets | None = None, recorder: StageRecorder | None = None, config: Any = None,
+                         progress: bool = True) -> Manufacturer:
     """Teacher, Distill A (tutor) and Distill B (edge): loaded from the cache when a previous run
-    with the same description saved them, trained (and cached) otherwise.
+    with the same description saved them, trained (and cached) otherwise. ``recorder`` times the
+    stages; its run (if any) also gets the metrics rows and checkpoints of what is trained.
 
     The cache is ``<cache_dir>/manufacturer-<key>/{teacher,tutor,edge}.pt`` plus
     ``manifest.json`` (the description and the training times), written last: a folder without
@@ -167,7 +168,7 @@ def prepare_manufacturer(pipeline: PipelineConfig, data: DataConfig, *, preset: 
     ``<cache_dir>/teacher-<key>/``, keyed by the settings that determine it, so that new
     distillation settings reuse it.
     """
-    recorder = recorder or StageRecorder(run)
+    recorder = recorder or StageRecorder()
     description = describe_manufacturer(pipeline, data, preset=preset, seed=seed)
     key = compute_manufacturer_key(description)
     folder = resolve_cache_dir(pipeline) / f"manufacturer-{key}"
@@ -186,7 +187,7 @@ def prepare_manufacturer(pipeline: PipelineConfig, data: DataConfig, *, preset: 
         if getattr(pipeline.weights, role):
             build_detector(role, preset, num_classes=len(VOC_CLASSES), weights=getattr(pipeline.weights, role))
     datasets = datasets or DataSets.manufacturer(data)
-    common = dict(run=run, config=config, progress=progress)
+    common = dict(run=recorder.run, config=config, progress=progress)
     with Tracker("manufacturer", plan_manufacturer(pipeline), enabled=progress):  # its stages finish its units
         return _train_manufacturer(pipeline, datasets, description, preset=preset, seed=seed, recorder=recorder, **common)
 
@@ -199,8 +200,8 @@ def _train_manufacturer(pipeline: PipelineConfig, datasets: DataSets, descriptio
     teacher, entry = _prepare_teacher(pipeline, datasets, describe_teacher(description), preset=preset, seed=seed,
                                       recorder=recorder, **common)
     trained = [entry]
-    distill_settings = dict(feature_weight=pipeline.distill_feature_weight, task_weight=pipeline.distill_task_weight,
-                            score_weight=pipeline.distill_score_weight, temperature=pipeline.distill_temperature, fgd=pipeline.fgd)
+    kd = KDLoss(pipeline.distill_feature_weight, pipeline.distill_task_weight, pipeline.distill_score_weight,
+                pipeline.distill_temperature, pipeline.fgd)
     presumed = pipeline.presumed_split
     students = {}
     # Distill A: teacher -> tutor; Distill B: tutor -> edge (the tutor is the edge's teacher, paper
@@ -214,7 +215,7 @@ def _train_manufacturer(pipeline: PipelineConfig, datasets: DataSets, descriptio
             student = build_detector(role, preset, num_classes=len(VOC_CLASSES), weights=getattr(pipeline.weights, role))
             distill(source_model, student, train, datasets.val(presumed, cfg, pool="public"), cfg,
                     class_indices=ClassSets.indices(resolve_split(presumed)), seed=derive_seed(seed, stage), name=f"{role}_{stage}",
-                    **distill_settings, **common)
+                    loss=kd, **common)
         trained.append(entry)
         students[role] = student
 

@@ -112,8 +112,8 @@ def run_pipeline(pipeline: PipelineConfig, data: DataConfig, *, preset: str = "c
     say(f"data: {datasets.folder}; customer classes {', '.join(classes.customer)} (private: {', '.join(classes.private) or '-'}, "
         f"dropped: {', '.join(classes.dropped) or '-'}); {len(test)} of the customer's test images")
 
-    maker = prepare_manufacturer(pipeline, data, preset=preset, seed=seed, datasets=datasets, recorder=recorder,
-                                 progress=progress, **{k: v for k, v in common.items() if k != "progress"})
+    maker = prepare_manufacturer(pipeline, data, preset=preset, seed=seed, datasets=datasets, recorder=recorder, config=config,
+                                 progress=progress)
     tutor, edge = maker.tutor, maker.edge
     models: dict[str, nn.Module] = {"teacher": maker.teacher, "tutor_original": tutor, "edge_original": edge}
 

@@ -18,6 +18,7 @@ import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -66,11 +67,24 @@ def freeze_backbone(detector: nn.Module) -> None:
     detector.backbone.body.eval()
 
 
+@dataclass(frozen=True)
+class KDLoss:
+    """The loss of a distillation (:class:`Distiller`): the weights of its terms, the class-score
+    term's temperature and FGD's settings. In reverse distillation ``feature_weight`` is alpha
+    (L_RD) and ``task_weight`` beta (L_task)."""
+
+    feature_weight: float = 1.0  # FGD on the neck features
+    task_weight: float = 1.0  # the student's FCOS losses
+    score_weight: float = 0.0  # class-score distillation (0: off)
+    temperature: float = 1.5  # of the class-score distillation
+    fgd: FGDConfig = FGDConfig()
+
+
 class Distiller(nn.Module):
     """One object owns teacher, student and the loss (mmrazor style).
 
-    Losses: ``task.*`` (the student's FCOS losses, times ``task_weight``), ``distill.fg/bg/mask/
-    global`` (FGD on the neck features, times ``feature_weight``) and, when
+    Losses (:class:`KDLoss`): ``task.*`` (the student's FCOS losses, times ``task_weight``),
+    ``distill.fg/bg/mask/global`` (FGD on the neck features, times ``feature_weight``) and, when
     ``score_weight > 0``, ``distill.score`` (class-score distillation at ``temperature``, summed
     over locations and divided by the student's positive locations, as FCOS's own losses).
     The teacher is frozen here and runs under ``no_grad``. Used for Distill A/B/C (teacher ->
@@ -78,13 +92,13 @@ class Distiller(nn.Module):
     ``feature_weight = alpha``, ``task_weight = beta``).
     """
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, *, feature_weight: float = 1.0, task_weight: float = 1.0,
-                 score_weight: float = 0.0, temperature: float = 1.5, fgd: FGDConfig = FGDConfig(), freeze_student_backbone: bool = False):
+    def __init__(self, teacher: nn.Module, student: nn.Module, loss: KDLoss = KDLoss(), *, freeze_student_backbone: bool = False):
         super().__init__()
         self.teacher = freeze(teacher)
         self.student = student
-        self.fgd = FGDLoss(student.backbone.out_channels, teacher.backbone.out_channels, num_levels=3, cfg=fgd)
-        self.feature_weight, self.task_weight, self.score_weight, self.temperature = feature_weight, task_weight, score_weight, temperature
+        self.fgd = FGDLoss(student.backbone.out_channels, teacher.backbone.out_channels, num_levels=3, cfg=loss.fgd)
+        self.feature_weight, self.task_weight = loss.feature_weight, loss.task_weight
+        self.score_weight, self.temperature = loss.score_weight, loss.temperature
         self.freeze_student_backbone = freeze_student_backbone
 
     def train(self, mode: bool = True):
@@ -227,22 +241,33 @@ class EpochStats:
         return self.images / max(self.seconds, 1e-9)
 
 
+@dataclass
+class Optimization:
+    """What follows each backward pass: gradients clipped to ``grad_clip`` (0: not clipped) over
+    the optimizer's parameters, the optimizer's step, then the scheduler's (if any)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any = None
+    grad_clip: float = 0.0
+
+
 def train_one_epoch(
     modules: nn.Module | Sequence[nn.Module],
     compute_losses: LossFn,
-    optimizer: torch.optim.Optimizer,
+    optimization: Optimization | torch.optim.Optimizer,
     loader: DataLoader,
     *,
     epoch: int,
-    scheduler=None,
-    grad_clip: float = 0.0,
     desc: str = "train",
     progress: bool = True,
     max_steps: int | None = None,
 ) -> EpochStats:
     """One pass over ``loader`` (its first ``max_steps`` batches, when given). ``modules`` are set
-    to train mode (frozen teachers stay as the caller left them); gradients are clipped over the
-    optimizer's parameters."""
+    to train mode (frozen teachers stay as the caller left them); a bare optimizer is an
+    :class:`Optimization` without scheduler or clipping."""
+    if isinstance(optimization, torch.optim.Optimizer):
+        optimization = Optimization(optimization)
+    optimizer, scheduler, grad_clip = optimization.optimizer, optimization.scheduler, optimization.grad_clip
     for module in [modules] if isinstance(modules, nn.Module) else modules:
         module.train()
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -415,6 +440,16 @@ def summarize_eval(result: dict) -> dict[str, float]:
     }
 
 
+def epoch_row(name: str, epoch: int, stats: EpochStats, lr: float) -> dict:
+    """One epoch's metrics row: every loss term, and their sums by kind as weighted in the loss:
+    ``task`` (the student's FCOS losses: beta * L_task in reverse distillation) and ``distill``
+    (alpha * L_RD; the KD terms of Distill A/B/C)."""
+    kinds = {kind: sum(v for k, v in stats.losses.items() if k.startswith(kind + ".")) for kind in ("task", "distill")}
+    return {"stage": name, "epoch": epoch, "images_per_s": round(stats.images_per_second, 2), "seconds": round(stats.seconds, 2),
+            "lr": lr, **{f"loss.{k}": v for k, v in stats.losses.items()},
+            **{f"loss_sum.{k}": v for k, v in kinds.items() if any(t.startswith(k + ".") for t in stats.losses)}}
+
+
 def fit(
     detector: nn.Module,
     compute_losses: LossFn,
@@ -424,7 +459,6 @@ def fit(
     *,
     class_indices: Sequence[int],
     modules: nn.Module | Sequence[nn.Module] | None = None,
-    parameters: Sequence[nn.Parameter] | None = None,
     seed: int = 0,
     run: Run | None = None,
     name: str = "model",
@@ -440,46 +474,37 @@ def fit(
     of ``cfg.epochs`` epochs (the last epoch cut short), for baselines at a given compute. The
     result carries ``train_images`` and ``train_steps``: the images and steps actually trained.
 
-    ``modules`` are put in train mode each epoch (default: the detector; a Distiller keeps its
-    teacher frozen); ``parameters`` are optimised (default: the detector's trainable ones).
+    ``modules`` are put in train mode each epoch and their trainable parameters optimised
+    (default: the detector; a Distiller: its student and its FGD align convs, its teacher frozen).
     Each epoch appends a row (every loss term, images/s, and the validation metrics when
     evaluated) to ``run``'s metrics.jsonl; the final weights go to ``checkpoints/<name>.pt``
     with ``config`` embedded.
     """
-    if loader is None:
-        loader = build_loader(train_records, batch_size=cfg.batch_size, train=True, seed=seed, hflip_prob=cfg.hflip_prob,
-                              num_workers=cfg.num_workers)
+    loader = loader if loader is not None else build_loader(train_records, batch_size=cfg.batch_size, train=True, seed=seed,
+                                                            hflip_prob=cfg.hflip_prob, num_workers=cfg.num_workers)
     steps_per_epoch = max(len(loader), 1)
     total = total_steps if total_steps is not None else cfg.epochs * steps_per_epoch
     epochs = max(math.ceil(total / steps_per_epoch), 1)
-    with on_device(modules if modules is not None else detector, channels_last=cfg.channels_last):
-        optimizer = build_optimizer(parameters if parameters is not None else detector.parameters(), cfg)
+    modules = modules if modules is not None else detector
+    with on_device(modules, channels_last=cfg.channels_last):
+        optimizer = build_optimizer([p for m in ([modules] if isinstance(modules, nn.Module) else modules) for p in m.parameters()], cfg)
         scheduler = build_scheduler(optimizer, cfg, total)
-        result: dict = {}
-        done, images = 0, 0
+        result, done, images = {}, 0, 0
         for epoch in range(1, epochs + 1):
             if hasattr(loader.dataset, "set_epoch"):  # a MixedLoader's dataset is its presumed part's
                 loader.dataset.set_epoch(epoch)
             with backbone_precision(cfg.precision):
-                stats = train_one_epoch(modules if modules is not None else detector, compute_losses, optimizer, loader, epoch=epoch,
-                                        scheduler=scheduler, grad_clip=cfg.grad_clip, desc=name, progress=progress,
-                                        max_steps=total - done)
+                stats = train_one_epoch(modules, compute_losses, Optimization(optimizer, scheduler, cfg.grad_clip), loader,
+                                        epoch=epoch, desc=name, progress=progress, max_steps=total - done)
             done += min(total - done, steps_per_epoch)
             images += stats.images
-            # Every term, and their sums by kind, as weighted in the loss: task (the student's FCOS
-            # losses: beta * L_task in reverse distillation) and distill (alpha * L_RD; the KD terms of
-            # Distill A/B/C).
-            kinds = {kind: sum(v for k, v in stats.losses.items() if k.startswith(kind + ".")) for kind in ("task", "distill")}
-            row = {"stage": name, "epoch": epoch, "images_per_s": round(stats.images_per_second, 2), "seconds": round(stats.seconds, 2),
-                   "lr": scheduler.get_last_lr()[0], **{f"loss.{k}": v for k, v in stats.losses.items()},
-                   **{f"loss_sum.{k}": v for k, v in kinds.items() if any(t.startswith(k + ".") for t in stats.losses)}}
+            row = epoch_row(name, epoch, stats, scheduler.get_last_lr()[0])
             if epoch % cfg.eval_every == 0 or epoch == epochs:
                 result = evaluate_detector(detector, val_records, class_indices, batch_size=cfg.batch_size * 2,
                                            score_threshold=cfg.score_threshold, num_workers=cfg.num_workers)
                 row.update({f"val.{k}": v for k, v in summarize_eval(result).items()})
-                (logger.info if progress else logger.debug)(
-                    "%s epoch %d: val mAP50 %.3f COCO AP %.3f F1 %.3f", name, epoch, result["voc"]["mAP"], result["coco"]["AP"],
-                    result["prf"]["f1"])
+                (logger.info if progress else logger.debug)("%s epoch %d: val mAP50 %.3f COCO AP %.3f F1 %.3f", name, epoch,
+                                                            result["voc"]["mAP"], result["coco"]["AP"], result["prf"]["f1"])
             if run is not None:
                 run.log(row)
     if run is not None:
@@ -493,14 +518,11 @@ def train_detector(detector: nn.Module, train_records, val_records, cfg: TrainCo
 
 
 def distill(teacher: nn.Module, student: nn.Module, train_records, val_records, cfg: TrainConfig, *,
-            feature_weight: float = 1.0, task_weight: float = 1.0, score_weight: float = 0.0, temperature: float = 1.5,
-            fgd: FGDConfig = FGDConfig(), **kwargs) -> dict:
+            loss: KDLoss = KDLoss(), **kwargs) -> dict:
     """Distill A / B / C: FGD on neck features (+ optional class-score distillation) + the
-    student's task loss. The teacher is frozen. Evaluates the student."""
-    distiller = Distiller(teacher, student, feature_weight=feature_weight, task_weight=task_weight,
-                          score_weight=score_weight, temperature=temperature, fgd=fgd)
-    return fit(student, distiller, train_records, val_records, cfg, modules=distiller,
-               parameters=distiller.trainable_parameters(), **kwargs)
+    student's task loss (:class:`KDLoss`). The teacher is frozen. Evaluates the student."""
+    distiller = Distiller(teacher, student, loss)
+    return fit(student, distiller, train_records, val_records, cfg, modules=distiller, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -530,26 +552,34 @@ def split_losses(compute_losses: LossFn, extra_per_batch: int) -> LossFn:
     return losses
 
 
-def reverse_distill(edge: nn.Module, tutor_copy: nn.Module, train_records, val_records, cfg: TrainConfig, *,
-                    alpha: float = 1.0, beta: float = 1.0, freeze_backbone: bool = True, fgd: FGDConfig = FGDConfig(),
-                    score_weight: float = 0.0, temperature: float = 1.5, align_init: str = "lstsq",
-                    mix: CustomerMix = CustomerMix(), seed: int = 0, **kwargs) -> dict:
+@dataclass(frozen=True)
+class RDSettings:
+    """How reverse distillation trains a tutor copy (:func:`reverse_distill`)."""
+
+    loss: KDLoss = KDLoss()  # alpha * L_RD + beta * L_task: feature_weight = alpha, task_weight = beta
+    freeze_backbone: bool = True  # only neck and head move: all that travels
+    align_init: str = "lstsq"  # FGD's align convs fitted by least squares on the first batch, or "random"
+    mix: CustomerMix = CustomerMix()  # the customer's images in the batches (Tutor2) or none (Tutor1)
+
+
+def reverse_distill(edge: nn.Module, tutor_copy: nn.Module, train_records, val_records, cfg: TrainConfig,
+                    settings: RDSettings = RDSettings(), *, seed: int = 0, **kwargs) -> dict:
     """Reverse distillation: the edge model is the frozen teacher, a copy of the tutor the
     student; loss ``alpha * L_RD + beta * L_task`` with L_RD the FGD loss on neck features
-    (plus, when ``score_weight > 0``, class-score distillation from the edge: an ablation).
-    With ``freeze_backbone`` (the default) only the tutor's neck and head move, so the delta
-    that travels matches the manufacturer's backbone exactly.
+    (plus, when the loss's ``score_weight > 0``, class-score distillation from the edge: an
+    ablation). With ``freeze_backbone`` (the default) only the tutor's neck and head move, so the
+    delta that travels matches the manufacturer's backbone exactly.
 
-    Batches are ``train_records``' in a seeded order, each extended by ``mix``'s customer images
-    (:class:`CustomerMix`): Tutor1 gets none, Tutor2 the customer's images.
+    Batches are ``train_records``' in a seeded order, each extended by ``settings.mix``'s
+    customer images (:class:`CustomerMix`): Tutor1 gets none, Tutor2 the customer's images.
     ``align_init="lstsq"`` fits FGD's align convs on the first batch of ``train_records`` (the
     same batch for Tutor1 and Tutor2); ``"random"`` keeps their random initialisation."""
+    align_init, mix = settings.align_init, settings.mix
     if align_init not in ("lstsq", "random"):
         raise ValueError(f"align_init {align_init!r}: must be 'lstsq' or 'random'")
     if mix.loss not in ("joint", "separate"):
         raise ValueError(f"customer loss {mix.loss!r}: must be 'joint' or 'separate'")
-    distiller = Distiller(edge, tutor_copy, feature_weight=alpha, task_weight=beta, score_weight=score_weight,
-                          temperature=temperature, fgd=fgd, freeze_student_backbone=freeze_backbone)
+    distiller = Distiller(edge, tutor_copy, settings.loss, freeze_student_backbone=settings.freeze_backbone)
     primary = build_loader(train_records, batch_size=cfg.batch_size, train=True, seed=seed, hflip_prob=cfg.hflip_prob,
                            num_workers=cfg.num_workers)
     loader = MixedLoader(primary, mix.records, extra_per_batch=mix.per_batch, seed=seed, hflip_prob=cfg.hflip_prob)
@@ -560,8 +590,7 @@ def reverse_distill(edge: nn.Module, tutor_copy: nn.Module, train_records, val_r
             distiller.fit_align(to_device(images)[0])
     separate = mix.loss == "separate" and loader.extra_per_batch > 0
     losses = split_losses(distiller, loader.extra_per_batch) if separate else distiller
-    return fit(tutor_copy, losses, train_records, val_records, cfg, modules=distiller,
-               parameters=distiller.trainable_parameters(), loader=loader, seed=seed, **kwargs)
+    return fit(tutor_copy, losses, train_records, val_records, cfg, modules=distiller, loader=loader, seed=seed, **kwargs)
 
 
 def compute_proximal_losses(detector: nn.Module, reference: dict[str, Tensor], mu: float) -> LossFn:

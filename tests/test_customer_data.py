@@ -84,11 +84,11 @@ def test_separate_customer_loss_gives_tutor2_tutor1s_presumed_loss_plus_the_cust
     batch (FCOS normalises by the batch's positives), the customer's images apart. "joint"
     (one loss over the extended batch) weighs the presumed part differently."""
     from diredi_sim.models import build_detector
-    from diredi_sim.train import Distiller, split_losses
+    from diredi_sim.train import Distiller, KDLoss, split_losses
 
     torch.manual_seed(0)
     tutor, edge = build_detector("tutor", "cpu"), build_detector("edge", "cpu")
-    distiller = Distiller(edge, tutor, feature_weight=1.0, task_weight=1.0).eval()
+    distiller = Distiller(edge, tutor, KDLoss(feature_weight=1.0, task_weight=1.0)).eval()
     data = select_customer_data(DataSets(DataConfig(synthetic=SMALL)), PipelineConfig(customer="exp1"), "exp1", TrainConfig())
     presumed = build_loader(data.presumed, batch_size=4, train=True, seed=3)
     images1, targets1 = next(iter(presumed))

@@ -135,11 +135,11 @@ def test_score_distillation_is_not_divided_by_the_number_of_locations():
 
 def test_distiller_divides_the_score_loss_by_the_students_positive_locations():
     from diredi_sim.models import build_detector, extract_features
-    from diredi_sim.train import Distiller
+    from diredi_sim.train import Distiller, KDLoss
 
     torch.manual_seed(0)
     teacher, student = build_detector("edge", "cpu"), build_detector("edge", "cpu")
-    distiller = Distiller(teacher, student, score_weight=0.5, temperature=2.0).train()
+    distiller = Distiller(teacher, student, KDLoss(score_weight=0.5, temperature=2.0)).train()
     images = [torch.rand(3, 128, 128), torch.rand(3, 96, 128)]
     targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 50.0], [70.0, 70.0, 120.0, 126.0]]), "labels": torch.tensor([3, 14])},
                {"boxes": torch.tensor([[5.0, 5.0, 90.0, 80.0]]), "labels": torch.tensor([7])}]

@@ -11,7 +11,7 @@ from diredi_sim.data.voc import load_annotations
 from diredi_sim.deltas import compute_delta
 from diredi_sim.models import build_detector, part_of
 from diredi_sim.runs import Run, load_detector_weights
-from diredi_sim.train import (Distiller, NonFiniteLossError, build_loader, compute_task_losses, evaluate_detector,
+from diredi_sim.train import (Distiller, KDLoss, NonFiniteLossError, build_loader, compute_task_losses, evaluate_detector,
                               train_detector, train_one_epoch)
 from diredi_sim.verify import VerifyConfig, verify_update
 
@@ -75,7 +75,7 @@ def test_distiller_freezes_teacher_and_optionally_student_backbone(tiny_records)
     teacher, student = build_detector("edge", "cpu"), build_detector("tutor", "cpu")
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student_before = {k: v.clone() for k, v in student.state_dict().items()}
-    distiller = Distiller(teacher, student, feature_weight=2.0, task_weight=1.0, score_weight=1.0, freeze_student_backbone=True)
+    distiller = Distiller(teacher, student, KDLoss(feature_weight=2.0, task_weight=1.0, score_weight=1.0), freeze_student_backbone=True)
     optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.01, momentum=0.9)
     loader = build_loader(tiny_records["train"][:8], batch_size=4, train=True)
     stats = train_one_epoch(distiller, distiller, optimizer, loader, epoch=1, progress=False)
