@@ -12,12 +12,12 @@ from diredi_sim.config import ConfigError, TrainConfig, WeightsConfig, config_fr
 from diredi_sim.data import VOC_CLASSES
 from diredi_sim.data.splits import resolve_split
 from diredi_sim.losses import FGDConfig
+from diredi_sim.train import RD_CUSTOMER_LOSSES
 from diredi_sim.verify import VerifyConfig
 
 
 DISTILL_C_MODES = ("public", "public+private")
 DISTILL_C_LOSSES = ("fgd", "fgd+score")
-RD_CUSTOMER_LOSSES = ("joint", "separate")
 
 @dataclass(frozen=True)
 class PipelineConfig:

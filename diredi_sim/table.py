@@ -112,8 +112,7 @@ def measure_on_manufacturer(key: str, model: nn.Module, classes: ClassSets, data
     keeps (``classes.kept``: a dropped class is reported apart, as forgetting it is wanted, and
     as verification leaves it out) and ``presumed_all_map`` over every presumed class, dropped ones
     included (equal when the customer drops none), ``presumed_per_class`` their AP per class; the
-    teacher's row also ``own``, its classes on
-    those images."""
+    teacher's row also ``own``, its classes on those images."""
     settings = dict(batch_size=pipeline.eval_batch_size, score_threshold=pipeline.score_threshold)
     maker_test = datasets.records(datasets.data.test_set, classes.presumed, pipeline.max_eval_images, pool="public")
     presumed = evaluate_row(model, maker_test, classes.presumed, classes.presumed, **settings)

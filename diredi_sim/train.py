@@ -525,6 +525,9 @@ def distill(teacher: nn.Module, student: nn.Module, train_records, val_records, 
     return fit(student, distiller, train_records, val_records, cfg, modules=distiller, **kwargs)
 
 
+RD_CUSTOMER_LOSSES = ("joint", "separate")  # CustomerMix.loss
+
+
 @dataclass(frozen=True)
 class CustomerMix:
     """The customer's images in reverse distillation's batches: ``per_batch`` of ``records``
@@ -577,8 +580,8 @@ def reverse_distill(edge: nn.Module, tutor_copy: nn.Module, train_records, val_r
     align_init, mix = settings.align_init, settings.mix
     if align_init not in ("lstsq", "random"):
         raise ValueError(f"align_init {align_init!r}: must be 'lstsq' or 'random'")
-    if mix.loss not in ("joint", "separate"):
-        raise ValueError(f"customer loss {mix.loss!r}: must be 'joint' or 'separate'")
+    if mix.loss not in RD_CUSTOMER_LOSSES:
+        raise ValueError(f"customer loss {mix.loss!r}: must be one of {list(RD_CUSTOMER_LOSSES)}")
     distiller = Distiller(edge, tutor_copy, settings.loss, freeze_student_backbone=settings.freeze_backbone)
     primary = build_loader(train_records, batch_size=cfg.batch_size, train=True, seed=seed, hflip_prob=cfg.hflip_prob,
                            num_workers=cfg.num_workers)
