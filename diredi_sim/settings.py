@@ -12,7 +12,7 @@ from diredi_sim.config import ConfigError, TrainConfig, WeightsConfig, config_fr
 from diredi_sim.data import VOC_CLASSES
 from diredi_sim.data.splits import resolve_split
 from diredi_sim.losses import FGDConfig
-from diredi_sim.train import RD_CUSTOMER_LOSSES
+from diredi_sim.train import ALIGN_INITS, RD_CUSTOMER_LOSSES
 from diredi_sim.verify import VerifyConfig
 
 
@@ -88,7 +88,7 @@ class PipelineConfig:
                     "distill_c_feature_weight", "distill_c_task_weight", "distill_c_score_weight", "rd_score_weight"):
             check(math.isfinite(getattr(self, key)) and getattr(self, key) >= 0, key, "must be finite and >= 0")
         check(self.rd_customer_per_batch >= 0, "rd_customer_per_batch", "must be >= 0")
-        check(self.rd_align_init in ("lstsq", "random"), "rd_align_init", "must be 'lstsq' or 'random'")
+        check(self.rd_align_init in ALIGN_INITS, "rd_align_init", "must be 'lstsq' or 'random'")
         check(self.rd_customer_loss in RD_CUSTOMER_LOSSES, "rd_customer_loss", f"must be one of {list(RD_CUSTOMER_LOSSES)}")
         check(all(loss in DISTILL_C_LOSSES for loss in self.distill_c_losses) and len(set(self.distill_c_losses)) == len(self.distill_c_losses)
               and len(self.distill_c_losses) > 0, "distill_c_losses", f"must be distinct values among {list(DISTILL_C_LOSSES)}")

@@ -526,6 +526,7 @@ def distill(teacher: nn.Module, student: nn.Module, train_records, val_records, 
 
 
 RD_CUSTOMER_LOSSES = ("joint", "separate")  # CustomerMix.loss
+ALIGN_INITS = ("lstsq", "random")  # RDSettings.align_init
 
 
 @dataclass(frozen=True)
@@ -578,7 +579,7 @@ def reverse_distill(edge: nn.Module, tutor_copy: nn.Module, train_records, val_r
     ``align_init="lstsq"`` fits FGD's align convs on the first batch of ``train_records`` (the
     same batch for Tutor1 and Tutor2); ``"random"`` keeps their random initialisation."""
     align_init, mix = settings.align_init, settings.mix
-    if align_init not in ("lstsq", "random"):
+    if align_init not in ALIGN_INITS:
         raise ValueError(f"align_init {align_init!r}: must be 'lstsq' or 'random'")
     if mix.loss not in RD_CUSTOMER_LOSSES:
         raise ValueError(f"customer loss {mix.loss!r}: must be one of {list(RD_CUSTOMER_LOSSES)}")
