@@ -94,8 +94,10 @@ def run_customer(tutor: nn.Module, edge: nn.Module, step: Step) -> CustomerUpdat
     pipeline, recorder, seeds = step.pipeline, step.recorder, step.seeds
     cfg = pipeline.rd
     data = select_customer_data(step.datasets, pipeline, step.customer, cfg, step.share)
-    rd_loss = KDLoss(feature_weight=pipeline.alpha, task_weight=pipeline.beta, score_weight=pipeline.rd_score_weight, fgd=pipeline.fgd)
     presumed_classes = ClassSets.indices(resolve_split(pipeline.presumed_split))
+    # the score and response terms over the classes the edge was trained on: it scores the rest as background
+    rd_loss = KDLoss(feature_weight=pipeline.alpha, task_weight=pipeline.beta, score_weight=pipeline.rd_score_weight,
+                     fgd=pipeline.fgd, response_weight=pipeline.rd_response_weight, classes=tuple(presumed_classes))
     plans = (("tutor1", "rd_b", data.presumed, (), 0, data.presumed_val, presumed_classes),
              ("tutor2", "rd_a", data.presumed_kept, data.own, pipeline.rd_customer_per_batch, data.own_val,
               ClassSets.indices(resolve_split(step.customer))))

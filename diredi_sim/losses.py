@@ -26,6 +26,7 @@ lambda 8e-6.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -163,8 +164,14 @@ class FGDLoss(nn.Module):
         return terms
 
 
+def _positives(num_foreground: int | Tensor, dtype: torch.dtype) -> Tensor | int:
+    if isinstance(num_foreground, Tensor):
+        return num_foreground.clamp(min=1).to(dtype)
+    return max(1, int(num_foreground))
+
+
 def compute_score_distillation(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.5, *,
-                               num_foreground: int | Tensor) -> Tensor:
+                               num_foreground: int | Tensor, classes: Sequence[int] = ()) -> Tensor:
     """Class-score distillation for sigmoid classifiers (FCOS), normalised as FCOS normalises
     its own losses: summed over every location and class of the batch, divided by the number
     of positive locations.
@@ -179,14 +186,36 @@ def compute_score_distillation(student_logits: Tensor, teacher_logits: Tensor, t
     :class:`~diredi_sim.models.DetectorOutputs`; torchvision's ``FCOSHead.compute_loss`` divides
     its focal loss (summed over locations and classes) by the same ``max(1, num_foreground)``.
     Zero when the student's logits equal the teacher's; the teacher's logits are detached.
+    ``classes`` (label indices) limits the sum to those columns (reverse distillation: the
+    classes the edge was trained on); empty: every class.
     """
     t = temperature
+    if classes:
+        index = torch.as_tensor(list(classes), device=student_logits.device)
+        student_logits, teacher_logits = student_logits.index_select(-1, index), teacher_logits.index_select(-1, index)
     teacher_logits = teacher_logits.detach() / t
     target = torch.sigmoid(teacher_logits)
     cross = F.binary_cross_entropy_with_logits(student_logits / t, target, reduction="none")
     entropy = F.binary_cross_entropy_with_logits(teacher_logits, target, reduction="none")
-    if isinstance(num_foreground, Tensor):
-        normaliser = num_foreground.clamp(min=1).to(cross.dtype)
-    else:
-        normaliser = max(1, int(num_foreground))
-    return (cross - entropy).sum() / normaliser * t * t
+    return (cross - entropy).sum() / _positives(num_foreground, cross.dtype) * t * t
+
+
+def compute_response_distillation(student_head: dict[str, Tensor], teacher_head: dict[str, Tensor], *,
+                                  num_foreground: int | Tensor, classes: Sequence[int] = ()) -> Tensor:
+    """Box and centre-ness distillation (the rest of FCOS's head response beside the class
+    scores): at every location, the L1 distance between the student's and the teacher's
+    box regression (torchvision's size-normalised ltrb offsets, comparable between two FCOS
+    models with the same strides) plus the Bernoulli KL of their centre-ness, weighted by the
+    teacher's highest class probability there (over ``classes``; empty: every class), summed
+    and divided by the student's positive locations as FCOS's losses are. Zero when the
+    student's outputs equal the teacher's; the teacher's are detached."""
+    scores = torch.sigmoid(teacher_head["cls_logits"].detach().float())
+    if classes:
+        scores = scores.index_select(-1, torch.as_tensor(list(classes), device=scores.device))
+    weight = scores.max(dim=-1).values  # (N, A)
+    box = (student_head["bbox_regression"] - teacher_head["bbox_regression"].detach()).abs().sum(dim=-1)
+    teacher_ctr = teacher_head["bbox_ctrness"].detach().squeeze(-1)
+    target = torch.sigmoid(teacher_ctr)
+    ctr = (F.binary_cross_entropy_with_logits(student_head["bbox_ctrness"].squeeze(-1), target, reduction="none")
+           - F.binary_cross_entropy_with_logits(teacher_ctr, target, reduction="none"))
+    return ((box + ctr) * weight).sum() / _positives(num_foreground, box.dtype)

@@ -49,7 +49,8 @@ class PipelineConfig:
     alpha: float = 1.0  # RD: weight of L_RD (FGD on neck features, edge as the frozen teacher)
     beta: float = 1.0  # RD: weight of the tutor copy's task loss
     rd_customer_per_batch: int = 8  # RD A: the customer's images added to each of Tutor1's presumed batches
-    rd_score_weight: float = 0.0  # RD: class-score distillation from the edge (ablation; 0: FGD only, as the paper)
+    rd_score_weight: float = 0.0  # RD: class-score distillation from the edge on the presumed classes (ablation; 0: FGD only, as the paper)
+    rd_response_weight: float = 0.0  # RD: box + centre-ness distillation from the edge, weighted by its presumed-class scores (ablation)
     rd_align_init: str = "lstsq"  # RD: FGD's align convs fitted by least squares on the first batch, or "random"
     # RD A's loss over a batch extended by the customer's images: "joint", one loss over the whole batch
     # (FCOS normalises by the batch's positives, so the presumed part weighs less than in Tutor1's batch);
@@ -85,7 +86,8 @@ class PipelineConfig:
             except ValueError as exc:
                 raise ConfigError(f"pipeline.{key} = {value!r}: {exc}") from None
         for key in ("alpha", "beta", "distill_feature_weight", "distill_task_weight", "distill_score_weight",
-                    "distill_c_feature_weight", "distill_c_task_weight", "distill_c_score_weight", "rd_score_weight"):
+                    "distill_c_feature_weight", "distill_c_task_weight", "distill_c_score_weight", "rd_score_weight",
+                    "rd_response_weight"):
             check(math.isfinite(getattr(self, key)) and getattr(self, key) >= 0, key, "must be finite and >= 0")
         check(self.rd_customer_per_batch >= 0, "rd_customer_per_batch", "must be >= 0")
         check(self.rd_align_init in ALIGN_INITS, "rd_align_init", "must be 'lstsq' or 'random'")

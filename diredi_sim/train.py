@@ -29,7 +29,7 @@ from diredi_sim.config import TrainConfig
 from diredi_sim.data import VOC_CLASSES
 from diredi_sim.data.voc import DetectionDataset, ImageRecord, collate_detection
 from diredi_sim.evaluate import collect_detections, evaluate_detections
-from diredi_sim.losses import FGDConfig, FGDLoss, compute_score_distillation
+from diredi_sim.losses import FGDConfig, FGDLoss, compute_response_distillation, compute_score_distillation
 from diredi_sim.models import backbone_precision, extract_features
 from diredi_sim.progress import format_duration, open_epoch_bar
 from diredi_sim.runs import Run, save_checkpoint
@@ -78,6 +78,8 @@ class KDLoss:
     score_weight: float = 0.0  # class-score distillation (0: off)
     temperature: float = 1.5  # of the class-score distillation
     fgd: FGDConfig = FGDConfig()
+    response_weight: float = 0.0  # box + centre-ness distillation, weighted by the teacher's scores (0: off)
+    classes: tuple[int, ...] = ()  # label indices the score and response terms cover (): every class
 
 
 class Distiller(nn.Module):
@@ -86,7 +88,9 @@ class Distiller(nn.Module):
     Losses (:class:`KDLoss`): ``task.*`` (the student's FCOS losses, times ``task_weight``),
     ``distill.fg/bg/mask/global`` (FGD on the neck features, times ``feature_weight``) and, when
     ``score_weight > 0``, ``distill.score`` (class-score distillation at ``temperature``, summed
-    over locations and divided by the student's positive locations, as FCOS's own losses).
+    over locations and divided by the student's positive locations, as FCOS's own losses) and,
+    when ``response_weight > 0``, ``distill.response`` (box + centre-ness distillation weighted
+    by the teacher's scores); both over the loss's ``classes`` (every class when empty).
     The teacher is frozen here and runs under ``no_grad``. Used for Distill A/B/C (teacher ->
     student) and for reverse distillation (edge as the teacher, a tutor copy as the student:
     ``feature_weight = alpha``, ``task_weight = beta``).
@@ -99,6 +103,7 @@ class Distiller(nn.Module):
         self.fgd = FGDLoss(student.backbone.out_channels, teacher.backbone.out_channels, num_levels=3, cfg=loss.fgd)
         self.feature_weight, self.task_weight = loss.feature_weight, loss.task_weight
         self.score_weight, self.temperature = loss.score_weight, loss.temperature
+        self.response_weight, self.classes = loss.response_weight, loss.classes
         self.freeze_student_backbone = freeze_student_backbone
 
     def train(self, mode: bool = True):
@@ -157,7 +162,10 @@ class Distiller(nn.Module):
         if self.score_weight > 0:
             losses["distill.score"] = self.score_weight * compute_score_distillation(
                 student_out.head["cls_logits"], teacher_out.head["cls_logits"], self.temperature,
-                num_foreground=student_out.num_foreground)
+                num_foreground=student_out.num_foreground, classes=self.classes)
+        if self.response_weight > 0:
+            losses["distill.response"] = self.response_weight * compute_response_distillation(
+                student_out.head, teacher_out.head, num_foreground=student_out.num_foreground, classes=self.classes)
         return losses
 
 

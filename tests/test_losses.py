@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from diredi_sim.losses import (FGDConfig, FGDLevelLoss, FGDLoss, build_focal_masks, compute_attention,
-                               compute_score_distillation)
+                               compute_response_distillation, compute_score_distillation)
 
 
 def test_masks_on_a_non_square_map_index_rows_by_y_and_columns_by_x():
@@ -89,6 +89,37 @@ def test_score_distillation_is_zero_at_equality_and_positive_otherwise():
     loss = compute_score_distillation(student, logits, num_foreground=3)
     loss.backward()
     assert loss > 0 and student.grad.abs().sum() > 0
+
+
+def test_score_distillation_over_given_classes_ignores_the_other_columns():
+    teacher, student = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    changed = student.clone()
+    changed[..., 3] += 5.0  # a class outside the given ones
+    kept = compute_score_distillation(student, teacher, num_foreground=2, classes=[0, 2])
+    assert torch.isclose(compute_score_distillation(changed, teacher, num_foreground=2, classes=[0, 2]), kept)
+    assert torch.isclose(kept, compute_score_distillation(student[..., [0, 2]], teacher[..., [0, 2]], num_foreground=2))
+
+
+def _head(n=2, a=6, k=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"cls_logits": torch.randn(n, a, k, generator=g), "bbox_regression": torch.rand(n, a, 4, generator=g) * 3,
+            "bbox_ctrness": torch.randn(n, a, 1, generator=g)}
+
+
+def test_response_distillation_is_the_score_weighted_box_and_centreness_gap():
+    teacher, student = _head(seed=0), _head(seed=1)
+    assert compute_response_distillation({k: v.clone() for k, v in teacher.items()}, teacher, num_foreground=2).abs() < 1e-6
+    weight = torch.sigmoid(teacher["cls_logits"][..., [1, 3]]).max(-1).values
+    box = (student["bbox_regression"] - teacher["bbox_regression"]).abs().sum(-1)
+    p, q = torch.sigmoid(teacher["bbox_ctrness"][..., 0].double()), torch.sigmoid(student["bbox_ctrness"][..., 0].double())
+    ctr = p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))
+    expected = ((box.double() + ctr) * weight.double()).sum() / 5
+    loss = compute_response_distillation(student, teacher, num_foreground=5, classes=[1, 3])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    student = {k: v.clone().requires_grad_() for k, v in student.items()}
+    compute_response_distillation(student, teacher, num_foreground=5).backward()
+    assert student["bbox_regression"].grad.abs().sum() > 0 and student["bbox_ctrness"].grad.abs().sum() > 0
+    assert student["cls_logits"].grad is None  # the class scores only weigh; the score term is its own
 
 
 def _bernoulli_kl(student_logits, teacher_logits, t):
