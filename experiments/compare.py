@@ -30,7 +30,7 @@ from diredi_sim.tidy import tidy_rows, write_results_csv
 from experiments.methods import resolve
 from experiments.stats import paired_difference
 
-MEASURES = ("mAP", "precision", "recall", "f1", "gain", "forgetting", "uplink_bytes", "downlink_bytes", "seconds")
+MEASURES = ("mAP", "precision", "recall", "f1", "gain", "forgetting", "uplink_bytes", "downlink_bytes", "train_images", "seconds")
 DIFFERENCE_MEASURES = ("mAP", "f1", "gain", "forgetting")
 REFERENCE_METHOD = "diredi"
 
@@ -122,14 +122,15 @@ def format_comparison(summary: list[dict], seeds: int) -> str:
         text = fmt.format(mean * scale)
         return text + (f" ± {fmt.format(std * scale)}" if seeds > 1 else "")
 
-    lines = ["| method | customer | mAP | P | R | F1 | gain | forgetting | uplink MiB | downlink MiB | raw data leaves | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | customer | mAP | P | R | F1 | gain | forgetting | uplink MiB | downlink MiB | raw data leaves | train images | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for entry in sorted(summary, key=lambda e: (e["customer"] != "all", e["customer"], e["method"])):
         lines.append("| " + " | ".join([entry["method"], entry["customer"], cell(entry, "mAP"), cell(entry, "precision"),
                                          cell(entry, "recall"), cell(entry, "f1"), cell(entry, "gain"), cell(entry, "forgetting"),
                                          cell(entry, "uplink_bytes", 2**-20, "{:.2f}"),
                                          cell(entry, "downlink_bytes", 2**-20, "{:.2f}"),
-                                         "**yes**" if entry.get("raw_data_leaves") else "no", cell(entry, "seconds", 1, "{:.0f}")]) + " |")
+                                         "**yes**" if entry.get("raw_data_leaves") else "no", cell(entry, "train_images", 1, "{:.0f}"),
+                                         cell(entry, "seconds", 1, "{:.0f}")]) + " |")
     return "\n".join(lines)
 
 

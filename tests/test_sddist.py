@@ -176,6 +176,16 @@ def test_the_settings_are_checked_and_travel_in_the_flat_form(tiny_config):
     assert federation_from_flat(federation_to_flat(config)) == config
 
 
+def test_at_equal_compute_own_and_reference_batches_fill_the_budget():
+    from experiments.methods.sddist import steps_per_round
+
+    assert steps_per_round(None, 16, 3) is None and steps_per_round(0, 16, 3) is None
+    # 3 rounds: round 1 own batches only, rounds 2 and 3 own + reference: 5 batches of 16 per step index
+    assert steps_per_round(2960, 16, 3) == 37  # 37 * 16 * 5 = 2960
+    assert steps_per_round(2961, 16, 3) == 38 and steps_per_round(1, 16, 3) == 1
+    assert steps_per_round(160, 16, 1) == 10  # one round: no reference batch
+
+
 def test_compare_runs_sddist_with_two_widths_and_counts_what_travelled(tiny_config, tmp_path):
     import json
 
@@ -196,6 +206,8 @@ def test_compare_runs_sddist_with_two_widths_and_counts_what_travelled(tiny_conf
     for row in results:
         # one upload and one download (after round 1 of 2): 3 reference images x 336 positions x 20 classes in float16
         assert row["uplink_bytes"] == row["downlink_bytes"] == 3 * POSITIONS * 20 * 2
-        assert row["train_images"] == 2 * (8 + 8)  # two rounds of 8 presumed + 8 own images (max_train_images caps each)
+        # two rounds of 8 presumed + 8 own images (max_train_images caps each), and round 2's two
+        # steps each carry a reference batch of min(8, 3) images
+        assert row["reference_images"] == 2 * 3 and row["train_images"] == 2 * (8 + 8) + 2 * 3
         assert [entry["peers"] for entry in row["peers"]] == [[1 - row["partition_id"]]]  # the other one, its only peer
         assert 0.0 <= row["mAP"] <= 1.0 and "gain" in row and "forgetting" in row

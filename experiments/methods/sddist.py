@@ -5,10 +5,17 @@ A round: every customer trains its edge model for ``baselines.local``'s epochs o
 (the shipped presumed images without its dropped classes' boxes, and its own), the first round on
 the task loss alone (SQMD's ``train_local_model_without_ref``), later ones with the peers' mean
 it received; after every round but the last it sends up its outputs on the reference set, and the
-manufacturer sends back each customer's peer mean. Its training equals local fine-tuning's
-(``rounds`` times ``baselines.local``'s epochs); no weights travel."""
+manufacturer sends back each customer's peer mean. No weights travel.
+
+Compute: without a budget, each round trains ``baselines.local``'s epochs (as local fine-tuning,
+``rounds`` times). When DiReDi ran first in the replicate (``pipeline.equal_compute``), each
+customer trains on as many images as that DiReDi customer did, counting the reference batch
+each step of rounds 2+ carries (a forward and backward pass of the same size as the own batch):
+``s`` steps a round with ``batch * s * (1 + 2 * (rounds - 1))`` filling the budget."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -47,9 +54,18 @@ def check_sddist(config: FederationConfig) -> None:
         raise ConfigError(f"sddist.q = {config.sddist.q}: must be <= the number of customers ({customers})")
 
 
+def steps_per_round(budget_images: int | None, batch_size: int, rounds: int) -> int | None:
+    """Optimizer steps a round so that own batches plus the reference batches of rounds 2+ fill
+    ``budget_images`` (None: no budget, the configured epochs)."""
+    if not budget_images:
+        return None
+    return max(1, math.ceil(budget_images / (batch_size * (2 * rounds - 1))))
+
+
 def run_sddist(config: FederationConfig, shared: dict | None = None) -> tuple[list[dict], None]:
     check_sddist(config)
     settings, cfg = config.sddist, config.baselines.local
+    budgets = ((shared or {}).get("budgets") or {}) if config.pipeline.equal_compute else {}
     maker = prepare_manufacturer(config.pipeline, config.data, preset=config.preset, seed=config.seed, progress=False)
     population = build_population(config.population, config.pipeline.presumed_split)
     datasets = DataSets(config.data)  # the customers' side
@@ -71,7 +87,9 @@ def run_sddist(config: FederationConfig, shared: dict | None = None) -> tuple[li
         original = evaluate_for_customer(config, customer, maker.edge, datasets=datasets)["per_class"]
         edge = build_customer_edge(maker.edge, edge_width(config, customer, maker.edge.spec.width_mult), config.preset, len(VOC_CLASSES))
         customers[customer.partition_id] = {"customer": customer, "data": data, "original": original, "edge": edge,
-                                            "peer_mean": None, "uplink": 0, "downlink": 0, "images": 0, "peers": []}
+                                            "peer_mean": None, "uplink": 0, "downlink": 0, "images": 0, "reference_images": 0,
+                                            "peers": [], "steps": steps_per_round(budgets.get(customer.partition_id), cfg.batch_size,
+                                                                                   config.baselines.rounds)}
 
     rounds = config.baselines.rounds
     for round_ in range(1, rounds + 1):
@@ -81,8 +99,11 @@ def run_sddist(config: FederationConfig, shared: dict | None = None) -> tuple[li
             losses = compute_peer_losses(state["edge"], images, state["peer_mean"], rho=settings.rho, temperature=settings.temperature,
                                          grid=grid, batch_size=cfg.batch_size, seed=seed)
             result = fit(state["edge"], losses, state["data"].combined, state["data"].own_val, cfg,
-                         class_indices=ClassSets.indices(state["customer"].classes), seed=seed, name=f"edge_sddist{pid}", progress=False)
+                         class_indices=ClassSets.indices(state["customer"].classes), seed=seed, name=f"edge_sddist{pid}", progress=False,
+                         total_steps=state["steps"])
             state["images"] += result["train_images"]
+            if state["peer_mean"] is not None:  # each step's reference batch: min(batch, R) images
+                state["reference_images"] += result["train_steps"] * min(cfg.batch_size, len(images))
         if round_ == rounds:
             break
         uploads = {pid: build_upload(state["edge"], images, grid, batch_size=cfg.batch_size) for pid, state in customers.items()}
@@ -99,7 +120,8 @@ def run_sddist(config: FederationConfig, shared: dict | None = None) -> tuple[li
         customer = state["customer"]
         row = evaluate_for_customer(config, customer, state["edge"], state["original"], datasets)
         rows.append({"partition_id": pid, "customer": customer.name, "uplink_bytes": state["uplink"],
-                     "downlink_bytes": state["downlink"], "train_images": state["images"],
+                     "downlink_bytes": state["downlink"], "train_images": state["images"] + state["reference_images"],
+                     "reference_images": state["reference_images"],
                      "edge_width": state["edge"].spec.width_mult, "peers": state["peers"],
                      **{key: row.get(key) for key in ROW_KEYS}})
     return rows, None
