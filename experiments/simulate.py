@@ -32,7 +32,9 @@ def build_backend_config(config: FederationConfig) -> dict:
     if address:
         init_args = {"address": address}
     else:
-        init_args = {"num_cpus": sim.num_cpus or os.cpu_count() or 1, "_node_ip_address": "127.0.0.1",
+        # "local": always a new instance; with no address Ray would join the cluster a `ray start`
+        # on this machine left in /tmp/ray/ray_current_cluster (another run's, a test's)
+        init_args = {"address": "local", "num_cpus": sim.num_cpus or os.cpu_count() or 1, "_node_ip_address": "127.0.0.1",
                      "include_dashboard": False, "log_to_driver": True}  # customers' progress lines reach this terminal
     return {"client_resources": {"num_cpus": sim.client_cpus, "num_gpus": sim.client_gpus}, "init_args": init_args}
 

@@ -1,6 +1,21 @@
-"""Fixtures shared by several test files."""
+"""Fixtures shared by several test files, and how `make test` spreads the tests over processes.
+
+`make test` runs pytest-xdist (``-n 2 --dist loadfile``): a test file's tests run in one worker,
+so the session's Flower simulation (``simulated``), which only test_simulation.py reads, is built
+once. (``loadgroup`` would group finer, but xdist 3.8 cannot tag pytest 9's node ids.) Each
+worker gets an equal share of the cores for torch."""
+
+import os
 
 import pytest
+
+
+def pytest_configure(config):
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers > 1:  # two torch processes with all cores' threads each slow each other down badly
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture()
@@ -17,8 +32,8 @@ def flower_task_identity():
 @pytest.fixture(scope="session")
 def simulated(tmp_path_factory):
     """A real Flower simulation (Ray backend, 2 customers, 1 round) on tiny data: (config, outcome,
-    processes left running after it, tmp folder). One per session: test_simulation.py and
-    test_report.py read the same run folder."""
+    processes left running after it, tmp folder). One per session (per xdist worker): only
+    test_simulation.py's tests read it, so `make test`'s loadfile keeps them in one worker."""
     import time
 
     import torch

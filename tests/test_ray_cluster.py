@@ -31,7 +31,8 @@ def free_port() -> int:
 
 def test_ray_address_comes_from_the_setting_then_from_RAY_ADDRESS(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert build_backend_config(FederationConfig())["init_args"]["_node_ip_address"] == "127.0.0.1"
+    local = build_backend_config(FederationConfig())["init_args"]
+    assert local["_node_ip_address"] == "127.0.0.1" and local["address"] == "local"  # never a cluster found lying around
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6390")
     assert build_backend_config(FederationConfig())["init_args"] == {"address": "127.0.0.1:6390"}
     setting = FederationConfig(simulation=SimulationConfig(ray_address="127.0.0.1:7000"))

@@ -269,31 +269,3 @@ def test_the_report_renders_in_headless_chromium(kind, simulate_run, paper_run, 
     non_white = sum(histogram[:240]) / (image.width * image.height)
     assert 0.03 < non_white < 0.9, f"{non_white:.3f} of the screenshot is not white"
     assert max(histogram) < 0.97 * image.width * image.height  # not one colour
-
-
-@pytest.mark.slow
-def test_plot_and_report_read_a_real_simulation_run_folder(simulated, tmp_path):
-    """The run folder of conftest's real Flower simulation (shared with test_simulation.py), copied
-    without its checkpoints: the report's heatmap is what its results.csv says, its Table III
-    analog holds every model row of its round files, and the page renders in Chromium if one is
-    installed."""
-    from experiments.plots import plot_run
-    from experiments.report import render_report
-
-    folder = shutil.copytree(simulated[1].folder, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoints"))
-    assert detect_run_kind(folder) == "simulate"
-    view = simulate_view(folder)
-    (heatmap,) = view.heatmaps
-    outcome = {(r["customer"], r["class"]): r["value"] for r in read_results_csv(folder / "results.csv")
-               if r["metric"] == "AP_change" and r["round"] == 1}
-    assert outcome and len(heatmap.rows) == 2
-    for i, name in enumerate(heatmap.rows):
-        customer = name.split(" ")[0]
-        assert {c: v for c, v in zip(heatmap.columns, heatmap.values[i]) if v == v} == \
-            pytest.approx({c: v for (who, c), v in outcome.items() if who == customer})
-    details = [json.loads(p.read_text()) for p in sorted(folder.glob("round1/customer*.json"))]
-    models = next(t for t in view.tables if t.title.startswith("Table III analog"))
-    assert len(models.rows) == sum(len(d["rows"]) for d in details) >= 2 * 5
-    assert {Path(p).stem for p in plot_run(folder)} == {"change_deployed_edge", "rounds_gain", "rounds_forgetting",
-                                                        "rounds_mAP_after", "rounds_customers", "rounds_tutor"}
-    check_report(render_report(folder), tables=3, images=6)

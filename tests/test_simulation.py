@@ -5,9 +5,11 @@ diredi_sim/pipeline.py give the same per-customer results."""
 from __future__ import annotations
 
 import json
+import shutil
 import math
 import os
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,13 +77,14 @@ def test_a_round_completes_when_customers_raise_hang_or_reply_malformed(tmp_path
     Customer 0 is the first simulation's customer 0 (same data, seeds and settings, manufacturer
     trained again from scratch): its results must be identical (determinism on the CPU).
     One actor per customer (num_cpus=4 logical CPUs), so that customer 0 never queues behind the
-    hanging one, and 120 s of timeout: on CI's 2 loaded cores 30 s was not enough for customer 0."""
+    hanging one, and 180 s of timeout: on CI's 2 loaded cores 30 s was not enough for customer 0, and
+    under `make test` another test runs beside this one (the wait overlaps it)."""
     pipeline = PipelineConfig(teacher=STAGE, distill_a=STAGE, distill_b=STAGE, rd=STAGE, distill_c=STAGE, direct=STAGE,
                               cache_dir=str(tmp_path / "manufacturer-cache"), eval_batch_size=16)
     config = FederationConfig(name="faults", runs_dir=str(tmp_path / "runs"),
                               data=DataConfig(cache_dir=str(tmp_path / "data"), synthetic=TINY), pipeline=pipeline,
                               population=PopulationConfig(customers=("exp1", "exp2", "exp1", "exp2"), generated=0),
-                              simulation=SimulationConfig(num_rounds=1, client_threads=1, num_cpus=4, round_timeout=120))
+                              simulation=SimulationConfig(num_rounds=1, client_threads=1, num_cpus=4, round_timeout=180))
     from experiments.simulate import run_simulate
 
     torch.set_num_threads(1)
@@ -134,3 +137,34 @@ def test_the_server_runs_on_public_data_alone_with_the_same_results(tmp_path, si
         assert all(ours["bytes"][k] == theirs["bytes"][k] for k in ours["bytes"] if k.endswith(".up"))
         # downlinks differ by the settings record only (the run's name and folders), the same in every message
         assert len({ours["bytes"][k] - theirs["bytes"][k] for k in ours["bytes"] if k.endswith(".down")}) == 1
+
+
+def test_plot_and_report_read_a_real_simulation_run_folder(simulated, tmp_path):
+    """The run folder of conftest's real Flower simulation (one per session: loadfile keeps every
+    test that reads it in this file, so in one worker), copied
+    without its checkpoints: the report's heatmap is what its results.csv says, its Table III
+    analog holds every model row of its round files, and the page renders in Chromium if one is
+    installed."""
+    from experiments.plots import plot_run
+    from experiments.report import render_report
+    from experiments.run_folders import detect_run_kind, simulate_view
+    from diredi_sim.tidy import read_results_csv
+    from test_report import check_report
+
+    folder = shutil.copytree(simulated[1].folder, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoints"))
+    assert detect_run_kind(folder) == "simulate"
+    view = simulate_view(folder)
+    (heatmap,) = view.heatmaps
+    outcome = {(r["customer"], r["class"]): r["value"] for r in read_results_csv(folder / "results.csv")
+               if r["metric"] == "AP_change" and r["round"] == 1}
+    assert outcome and len(heatmap.rows) == 2
+    for i, name in enumerate(heatmap.rows):
+        customer = name.split(" ")[0]
+        assert {c: v for c, v in zip(heatmap.columns, heatmap.values[i]) if v == v} == \
+            pytest.approx({c: v for (who, c), v in outcome.items() if who == customer})
+    details = [json.loads(p.read_text()) for p in sorted(folder.glob("round1/customer*.json"))]
+    models = next(t for t in view.tables if t.title.startswith("Table III analog"))
+    assert len(models.rows) == sum(len(d["rows"]) for d in details) >= 2 * 5
+    assert {Path(p).stem for p in plot_run(folder)} == {"change_deployed_edge", "rounds_gain", "rounds_forgetting",
+                                                        "rounds_mAP_after", "rounds_customers", "rounds_tutor"}
+    check_report(render_report(folder), tables=3, images=6)
