@@ -91,6 +91,7 @@ class TrainConfig:
     channels_last: bool = False  # models in channels_last memory while they train (on every device; off: bit-exact fp32 results)
     max_train_images: int = 0  # 0 = all; a cap for quick runs
     max_eval_images: int = 0
+    max_steps: int = 0  # > 0: exactly this many optimizer steps instead of `epochs` epochs (the last epoch cut short)
 
     def __post_init__(self):
         for key in ("epochs", "batch_size"):
@@ -102,7 +103,7 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
         _check(0 <= self.hflip_prob <= 1, "train.hflip_prob", self.hflip_prob, "must be in [0, 1]")
         _check(0 <= self.score_threshold <= 1, "train.score_threshold", self.score_threshold, "must be in [0, 1]")
-        for key in ("warmup_steps", "num_workers", "max_train_images", "max_eval_images", "grad_clip"):
+        for key in ("warmup_steps", "num_workers", "max_train_images", "max_eval_images", "grad_clip", "max_steps"):
             _check(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "must be >= 0")
         _check(self.eval_every >= 1, "train.eval_every", self.eval_every, "must be >= 1")
 

@@ -49,7 +49,7 @@ from diredi_sim.seeds import Seeds
 from diredi_sim.settings import ClassSets, PipelineConfig, DISTILL_C_MODES, load_pipeline_config
 from diredi_sim.stages import StageRecorder
 from diredi_sim.table import (assemble_rows, compute_knowledge, distill_c_row, evaluate_row, measure_on_customer, measure_on_manufacturer)
-from diredi_sim.train import evaluate_detector, finetune
+from diredi_sim.train import Reporting, evaluate_detector, finetune
 from diredi_sim.verify import Verdict, verify_model, verify_update
 
 logger = logging.getLogger(__name__)
@@ -670,7 +670,7 @@ def baseline_customer_work(config: FederationConfig, customer: Customer, num_cus
     seed = config.seeds(customer.partition_id)("fedavg")
     torch.manual_seed(seed)
     finetune(edge, train, data.own_val, cfg, class_indices=ClassSets.indices(customer.classes),
-             proximal_mu=proximal_mu, seed=seed, name=f"edge_customer{customer.partition_id}", progress=False)
+             proximal_mu=proximal_mu, seed=seed, report=Reporting(f"edge_customer{customer.partition_id}", progress=False))
     state = {k: v.detach().clone() for k, v in edge.state_dict().items()}
     return {"arrays": state, "metrics": {"partition-id": customer.partition_id, "num-examples": len(train),
                                          "seconds": round(time.perf_counter() - start, 3)}}

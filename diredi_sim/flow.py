@@ -25,7 +25,8 @@ from diredi_sim.seeds import Seeds
 from diredi_sim.settings import ClassSets, PipelineConfig
 from diredi_sim.stages import StageRecorder
 from diredi_sim.table import distill_c_row
-from diredi_sim.train import CustomerMix, KDLoss, RDSettings, distill, evaluate_detector, finetune, reverse_distill, train_detector
+from diredi_sim.train import (CustomerMix, KDLoss, RDSettings, Reporting, distill, evaluate_detector, finetune, reverse_distill,
+                              train_detector)
 from diredi_sim.verify import Verdict, verify_update
 
 
@@ -71,10 +72,9 @@ class Step:
     def __post_init__(self):
         self.recorder = self.recorder or StageRecorder(self.run)
 
-    @property
-    def common(self) -> dict:
-        """The training calls' bookkeeping arguments."""
-        return dict(run=self.run, config=self.config, progress=self.progress)
+    def report(self, name: str) -> Reporting:
+        """Where a training call of this step reports, under ``name``."""
+        return Reporting(name, self.run, self.config, self.progress)
 
     def classes(self, mode: str) -> tuple[str, ...]:
         """The classes a model is validated on in Distill C data ``mode``: the presumed ones
@@ -109,7 +109,7 @@ def run_customer(tutor: nn.Module, edge: nn.Module, step: Step) -> CustomerUpdat
             settings = RDSettings(rd_loss, pipeline.freeze_backbone, pipeline.rd_align_init,
                                   CustomerMix(own, per_batch, pipeline.rd_customer_loss))
             result = reverse_distill(edge, student, presumed, val, cfg, settings, class_indices=classes, seed=seeds("rd"),
-                                     name=f"{key}_{stage}", **step.common)
+                                     report=step.report(f"{key}_{stage}"))
             entry.update(train_images=result["train_images"], train_steps=result["train_steps"])
         counts[stage] = result["train_images"]
         trained[key] = student
@@ -178,7 +178,7 @@ def redistill(tutor_prime: nn.Module, edge: nn.Module, train: list[ImageRecord],
         student = copy_for_training(edge)
         kd = KDLoss(pipeline.distill_c_feature_weight, pipeline.distill_c_task_weight, score_weight, pipeline.distill_c_temperature, fgd)
         result = distill(copy.deepcopy(tutor_prime), student, train, val, cfg, loss=kd, class_indices=ClassSets.indices(step.classes(mode)),
-                         seed=seed, name=key, **step.common)
+                         seed=seed, report=step.report(key))
         entry.update(train_images=result["train_images"], train_steps=result["train_steps"])
     return student, result["train_images"]
 
@@ -239,9 +239,10 @@ def train_baseline(kind: str, edge: nn.Module, step: Step, *, preset: str, budge
         raise ValueError(f"baseline {kind!r}: must be one of {list(BASELINES)}")
     cfg = step.pipeline.direct if kind == "direct" else step.pipeline.local
     data = select_customer_data(step.datasets, step.pipeline, step.customer, cfg, step.share)
-    steps = math.ceil(budget_images / cfg.batch_size) if budget_images else None
-    settings = dict(class_indices=ClassSets.indices(resolve_split(step.customer)), seed=step.seeds(kind), name=f"edge_{kind}",
-                    total_steps=steps, **step.common)
+    if budget_images:
+        cfg = replace(cfg, max_steps=math.ceil(budget_images / cfg.batch_size))
+    settings = dict(class_indices=ClassSets.indices(resolve_split(step.customer)), seed=step.seeds(kind),
+                    report=step.report(f"edge_{kind}"))
     with step.recorder.measure(kind, epochs=cfg.epochs, budget_images=budget_images) as entry:
         torch.manual_seed(step.seeds(kind))
         if kind == "direct":

@@ -9,7 +9,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from diredi_sim.runs import CheckpointError, atomic_write_json, load_detector_we
 from diredi_sim.seeds import derive_seed
 from diredi_sim.settings import ClassSets, PipelineConfig
 from diredi_sim.stages import StageRecorder
-from diredi_sim.train import KDLoss, distill, train_detector
+from diredi_sim.train import KDLoss, Reporting, distill, train_detector
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +58,9 @@ def describe_manufacturer(pipeline: PipelineConfig, data: DataConfig, *, preset:
 
     def train_settings(cfg: TrainConfig) -> dict:
         settings = {k: v for k, v in asdict(cfg).items() if k not in _EVAL_ONLY_FIELDS}
-        if not settings["channels_last"]:  # off, keys written before the setting existed stay valid
-            del settings["channels_last"]
+        for key in ("channels_last", "max_steps"):  # off: keys written before the setting existed stay valid
+            if not settings[key]:
+                del settings[key]
         return settings
 
     if data.source == "synthetic":
@@ -187,18 +188,18 @@ def prepare_manufacturer(pipeline: PipelineConfig, data: DataConfig, *, preset: 
         if getattr(pipeline.weights, role):
             build_detector(role, preset, num_classes=len(VOC_CLASSES), weights=getattr(pipeline.weights, role))
     datasets = datasets or DataSets.manufacturer(data)
-    common = dict(run=recorder.run, config=config, progress=progress)
+    report = Reporting(run=recorder.run, config=config, progress=progress)
     with Tracker("manufacturer", plan_manufacturer(pipeline), enabled=progress):  # its stages finish its units
-        return _train_manufacturer(pipeline, datasets, description, preset=preset, seed=seed, recorder=recorder, **common)
+        return _train_manufacturer(pipeline, datasets, description, preset=preset, seed=seed, recorder=recorder, report=report)
 
 
 def _train_manufacturer(pipeline: PipelineConfig, datasets: DataSets, description: dict, *, preset: str, seed: int,
-                        recorder: StageRecorder, **common) -> Manufacturer:
+                        recorder: StageRecorder, report: Reporting) -> Manufacturer:
     """Teacher (from its own cache when there), Distill A and Distill B, then the cache written."""
     key = compute_manufacturer_key(description)
     folder = resolve_cache_dir(pipeline) / f"manufacturer-{key}"
     teacher, entry = _prepare_teacher(pipeline, datasets, describe_teacher(description), preset=preset, seed=seed,
-                                      recorder=recorder, **common)
+                                      recorder=recorder, report=report)
     trained = [entry]
     kd = KDLoss(pipeline.distill_feature_weight, pipeline.distill_task_weight, pipeline.distill_score_weight,
                 pipeline.distill_temperature, pipeline.fgd)
@@ -214,8 +215,8 @@ def _train_manufacturer(pipeline: PipelineConfig, datasets: DataSets, descriptio
             torch.manual_seed(derive_seed(seed, stage))
             student = build_detector(role, preset, num_classes=len(VOC_CLASSES), weights=getattr(pipeline.weights, role))
             distill(source_model, student, train, datasets.val(presumed, cfg, pool="public"), cfg,
-                    class_indices=ClassSets.indices(resolve_split(presumed)), seed=derive_seed(seed, stage), name=f"{role}_{stage}",
-                    loss=kd, **common)
+                    class_indices=ClassSets.indices(resolve_split(presumed)), seed=derive_seed(seed, stage), loss=kd,
+                    report=replace(report, name=f"{role}_{stage}"))
         trained.append(entry)
         students[role] = student
 
@@ -229,7 +230,7 @@ def _train_manufacturer(pipeline: PipelineConfig, datasets: DataSets, descriptio
 
 
 def _prepare_teacher(pipeline: PipelineConfig, datasets: DataSets, description: dict, *, preset: str, seed: int,
-                     recorder: StageRecorder, **common) -> tuple[nn.Module, dict]:
+                     recorder: StageRecorder, report: Reporting) -> tuple[nn.Module, dict]:
     """The teacher, from its own cache (``<cache_dir>/teacher-<key>/``, keyed by the settings that
     determine it) or trained on the teacher split and cached there; and its stage entry."""
     key = compute_manufacturer_key(description)
@@ -239,7 +240,7 @@ def _prepare_teacher(pipeline: PipelineConfig, datasets: DataSets, description: 
         manifest = cached[1]
         recorder.stages.append({**manifest["stage"], "cached": True, "seconds_when_trained": manifest["stage"].get("seconds"),
                                 "seconds": 0.0})
-        (logger.info if common.get("progress", True) else logger.debug)("manufacturer: reusing the teacher from %s", folder)
+        (logger.info if report.progress else logger.debug)("manufacturer: reusing the teacher from %s", folder)
         skip_stage("teacher")
         return cached[0]["teacher"], recorder.stages[-1]
     cfg, split = pipeline.teacher, pipeline.teacher_split
@@ -248,7 +249,7 @@ def _prepare_teacher(pipeline: PipelineConfig, datasets: DataSets, description: 
         torch.manual_seed(derive_seed(seed, "teacher"))
         teacher = build_detector("teacher", preset, num_classes=len(VOC_CLASSES), weights=pipeline.weights.teacher)
         train_detector(teacher, train, datasets.val(split, cfg, pool="public"), cfg, class_indices=ClassSets.indices(resolve_split(split)),
-                       seed=derive_seed(seed, "teacher"), name="teacher", **common)
+                       seed=derive_seed(seed, "teacher"), report=replace(report, name="teacher"))
     save_checkpoint(folder / "teacher.pt", teacher, config=description, cache_key=key)
     atomic_write_json(folder / "manifest.json", {"key": key, "description": description, "stage": entry,
                                                  "created": time.strftime("%Y-%m-%d %H:%M:%S")})

@@ -458,44 +458,43 @@ def epoch_row(name: str, epoch: int, stats: EpochStats, lr: float) -> dict:
             **{f"loss_sum.{k}": v for k, v in kinds.items() if any(t.startswith(k + ".") for t in stats.losses)}}
 
 
-def fit(
-    detector: nn.Module,
-    compute_losses: LossFn,
-    train_records: Sequence[ImageRecord],
-    val_records: Sequence[ImageRecord],
-    cfg: TrainConfig,
-    *,
-    class_indices: Sequence[int],
-    modules: nn.Module | Sequence[nn.Module] | None = None,
-    seed: int = 0,
-    run: Run | None = None,
-    name: str = "model",
-    config=None,
-    progress: bool = True,
-    loader: DataLoader | MixedLoader | None = None,
-    total_steps: int | None = None,
-) -> dict:
+@dataclass(frozen=True)
+class Reporting:
+    """Where a training run (:func:`fit`) reports, under ``name``: its epoch bar on the display
+    (``progress``), a row per epoch in ``run``'s metrics.jsonl and its final weights in
+    ``checkpoints/<name>.pt`` with ``config`` embedded (no ``run``: neither)."""
+
+    name: str = "model"
+    run: Run | None = None
+    config: Any = None
+    progress: bool = True
+
+
+def fit(detector: nn.Module, compute_losses: LossFn, train: Sequence[ImageRecord] | DataLoader | MixedLoader,
+        val_records: Sequence[ImageRecord], cfg: TrainConfig, *, class_indices: Sequence[int], seed: int = 0,
+        report: Reporting = Reporting()) -> dict:
     """Train with ``compute_losses`` and evaluate ``detector``; returns the last evaluation.
 
-    ``loader`` replaces the loader built from ``train_records`` (reverse distillation's
-    :class:`MixedLoader`); ``total_steps`` trains for exactly that many optimizer steps instead
-    of ``cfg.epochs`` epochs (the last epoch cut short), for baselines at a given compute. The
-    result carries ``train_images`` and ``train_steps``: the images and steps actually trained.
+    ``train``: records (batched here, in a seeded order) or a ready loader (reverse
+    distillation's :class:`MixedLoader`). ``cfg.max_steps`` > 0 trains for exactly that many
+    optimizer steps instead of ``cfg.epochs`` epochs (the last epoch cut short): baselines at a
+    given compute. The result carries ``train_images`` and ``train_steps``: the images and steps
+    actually trained.
 
-    ``modules`` are put in train mode each epoch and their trainable parameters optimised
-    (default: the detector; a Distiller: its student and its FGD align convs, its teacher frozen).
-    Each epoch appends a row (every loss term, images/s, and the validation metrics when
-    evaluated) to ``run``'s metrics.jsonl; the final weights go to ``checkpoints/<name>.pt``
-    with ``config`` embedded.
+    A ``compute_losses`` that is a module (a :class:`Distiller`) is put in train mode each epoch
+    and its trainable parameters optimised (its student and FGD align convs, its teacher
+    frozen); otherwise the detector's are. Each epoch appends a row (every loss term, images/s,
+    and the validation metrics when evaluated) to the report's run (:class:`Reporting`).
     """
-    loader = loader if loader is not None else build_loader(train_records, batch_size=cfg.batch_size, train=True, seed=seed,
-                                                            hflip_prob=cfg.hflip_prob, num_workers=cfg.num_workers)
+    loader = train if isinstance(train, (DataLoader, MixedLoader)) else build_loader(
+        train, batch_size=cfg.batch_size, train=True, seed=seed, hflip_prob=cfg.hflip_prob, num_workers=cfg.num_workers)
     steps_per_epoch = max(len(loader), 1)
-    total = total_steps if total_steps is not None else cfg.epochs * steps_per_epoch
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
     epochs = max(math.ceil(total / steps_per_epoch), 1)
-    modules = modules if modules is not None else detector
+    modules = compute_losses if isinstance(compute_losses, nn.Module) else detector
+    name, run, progress = report.name, report.run, report.progress
     with on_device(modules, channels_last=cfg.channels_last):
-        optimizer = build_optimizer([p for m in ([modules] if isinstance(modules, nn.Module) else modules) for p in m.parameters()], cfg)
+        optimizer = build_optimizer(modules.parameters(), cfg)
         scheduler = build_scheduler(optimizer, cfg, total)
         result, done, images = {}, 0, 0
         for epoch in range(1, epochs + 1):
@@ -516,7 +515,7 @@ def fit(
             if run is not None:
                 run.log(row)
     if run is not None:
-        save_checkpoint(run.checkpoint_path(name), detector, config=config, epoch=epochs)
+        save_checkpoint(run.checkpoint_path(name), detector, config=report.config, epoch=epochs)
     return {**result, "train_images": images, "train_steps": done}
 
 
@@ -529,8 +528,7 @@ def distill(teacher: nn.Module, student: nn.Module, train_records, val_records, 
             loss: KDLoss = KDLoss(), **kwargs) -> dict:
     """Distill A / B / C: FGD on neck features (+ optional class-score distillation) + the
     student's task loss (:class:`KDLoss`). The teacher is frozen. Evaluates the student."""
-    distiller = Distiller(teacher, student, loss)
-    return fit(student, distiller, train_records, val_records, cfg, modules=distiller, **kwargs)
+    return fit(student, Distiller(teacher, student, loss), train_records, val_records, cfg, **kwargs)
 
 
 RD_CUSTOMER_LOSSES = ("joint", "separate")  # CustomerMix.loss
@@ -550,18 +548,21 @@ class CustomerMix:
     loss: str = "joint"
 
 
-def split_losses(compute_losses: LossFn, extra_per_batch: int) -> LossFn:
-    """``compute_losses`` over a batch's first part and its last ``extra_per_batch`` images apart,
-    summed term by term (:class:`CustomerMix`'s ``"separate"``)."""
+class SplitLosses(nn.Module):
+    """``distiller``'s losses over a batch's first part and its last ``extra_per_batch`` images
+    apart, summed term by term (:class:`CustomerMix`'s ``"separate"``). A module around the
+    distiller, so that :func:`fit` trains what the distiller trains."""
 
-    def losses(images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        split = len(images) - extra_per_batch
-        out = compute_losses(images[:split], targets[:split])
-        for k, v in compute_losses(images[split:], targets[split:]).items():
+    def __init__(self, distiller: nn.Module, extra_per_batch: int):
+        super().__init__()
+        self.distiller, self.extra_per_batch = distiller, extra_per_batch
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        split = len(images) - self.extra_per_batch
+        out = self.distiller(images[:split], targets[:split])
+        for k, v in self.distiller(images[split:], targets[split:]).items():
             out[k] = out[k] + v if k in out else v
         return out
-
-    return losses
 
 
 @dataclass(frozen=True)
@@ -601,8 +602,8 @@ def reverse_distill(edge: nn.Module, tutor_copy: nn.Module, train_records, val_r
         with on_device(distiller):
             distiller.fit_align(to_device(images)[0])
     separate = mix.loss == "separate" and loader.extra_per_batch > 0
-    losses = split_losses(distiller, loader.extra_per_batch) if separate else distiller
-    return fit(tutor_copy, losses, train_records, val_records, cfg, modules=distiller, loader=loader, seed=seed, **kwargs)
+    losses = SplitLosses(distiller, loader.extra_per_batch) if separate else distiller
+    return fit(tutor_copy, losses, loader, val_records, cfg, seed=seed, **kwargs)
 
 
 def compute_proximal_losses(detector: nn.Module, reference: dict[str, Tensor], mu: float) -> LossFn:

@@ -15,7 +15,7 @@ from diredi_sim.data.sources import load_split_records, resolve_data_folder, spl
 from diredi_sim.models import build_detector, count_parameters
 from diredi_sim.runs import Run
 from diredi_sim.runs import require_tensorboard
-from diredi_sim.train import evaluate_detector, summarize_eval, train_detector
+from diredi_sim.train import Reporting, evaluate_detector, summarize_eval, train_detector
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ def run_direct_training(config: ExperimentConfig) -> Run:
         logger.info("model: %s (%s preset, %s, %.2fM parameters); training %d epochs, batch %d; run folder %s", config.role,
                     config.preset, detector.spec.backbone, sum(params.values()) / 1e6, cfg.epochs, cfg.batch_size, run.folder)
         train_started = time.perf_counter()
-        train_detector(detector, train, val, cfg, class_indices=classes, seed=config.seed, run=run, name=config.role, config=config)
+        train_detector(detector, train, val, cfg, class_indices=classes, seed=config.seed,
+                       report=Reporting(config.role, run, config))
         train_seconds = time.perf_counter() - train_started
         result = evaluate_detector(detector, test, classes, batch_size=cfg.batch_size * 2, score_threshold=cfg.score_threshold)
         summary = {"role": config.role, "preset": config.preset, "split": config.split, "test_images": len(test),

@@ -9,7 +9,7 @@ from diredi_sim.data.synthetic import SyntheticConfig, ensure_synthetic
 from diredi_sim.data.voc import load_annotations
 from diredi_sim.models import WeightsError, backbone_precision, build_detector, load_initial_weights
 from diredi_sim.runs import save_checkpoint
-from diredi_sim.train import build_loader, compute_task_losses, train_detector
+from diredi_sim.train import Reporting, build_loader, compute_task_losses, train_detector
 from experiments.cli import main
 
 TINY = SyntheticConfig(seed=3, num_train=16, num_val=8, num_test=8, min_objects=1, max_objects=2, min_object_size=40)
@@ -70,7 +70,7 @@ def test_bf16_and_channels_last_stay_within_tolerance_of_fp32(tiny_train):
         model = build_detector("edge", "cpu")
         cfg = TrainConfig(epochs=5, batch_size=4, lr=0.004, warmup_steps=5, eval_every=5, hflip_prob=0.0,
                           precision=precision, channels_last=channels_last)
-        train_detector(model, tiny_train, tiny_train[:4], cfg, class_indices=list(range(20)), progress=False)
+        train_detector(model, tiny_train, tiny_train[:4], cfg, class_indices=list(range(20)), report=Reporting(progress=False))
         return model, sum(losses_of(model.train(), images, targets, "fp32").values())
 
     start = sum(reference.values())

@@ -84,7 +84,7 @@ def test_separate_customer_loss_gives_tutor2_tutor1s_presumed_loss_plus_the_cust
     batch (FCOS normalises by the batch's positives), the customer's images apart. "joint"
     (one loss over the extended batch) weighs the presumed part differently."""
     from diredi_sim.models import build_detector
-    from diredi_sim.train import Distiller, KDLoss, split_losses
+    from diredi_sim.train import Distiller, KDLoss, SplitLosses
 
     torch.manual_seed(0)
     tutor, edge = build_detector("tutor", "cpu"), build_detector("edge", "cpu")
@@ -96,7 +96,7 @@ def test_separate_customer_loss_gives_tutor2_tutor1s_presumed_loss_plus_the_cust
                                               extra_per_batch=2, seed=3)))
     with torch.no_grad():
         tutor1 = distiller(list(images1), list(targets1))
-        separate = split_losses(distiller, 2)(list(images2), list(targets2))
+        separate = SplitLosses(distiller, 2)(list(images2), list(targets2))
         own_alone = distiller(list(images2[4:]), list(targets2[4:]))
         joint = distiller(list(images2), list(targets2))
     assert list(separate) == list(tutor1)

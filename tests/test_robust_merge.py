@@ -22,7 +22,7 @@ from diredi_sim.models import build_detector
 from diredi_sim.datasets import DataSets
 from diredi_sim.settings import ClassSets, PipelineConfig
 from diredi_sim.runs import Run
-from diredi_sim.train import finetune, train_detector
+from diredi_sim.train import Reporting, finetune, train_detector
 from diredi_sim.verify import VerifyConfig
 
 # Few, large, clean objects: the tutor learns the presumed classes in a few epochs. Verification
@@ -48,11 +48,11 @@ def federation(tmp_path_factory):
     torch.manual_seed(0)
     tutor = build_detector("tutor", "cpu")
     train_detector(tutor, records, records[:1], TrainConfig(epochs=15, batch_size=8, lr=0.003, warmup_steps=5, eval_every=100),
-                   class_indices=presumed, progress=False)
+                   class_indices=presumed, report=Reporting(progress=False))
     honest = []
     for i in range(3):  # each honest customer fine-tunes on its own share of the images
         student = copy.deepcopy(tutor)
-        finetune(student, records[i::3], records[:1], HONEST, class_indices=presumed, seed=i, progress=False)
+        finetune(student, records[i::3], records[:1], HONEST, class_indices=presumed, seed=i, report=Reporting(progress=False))
         honest.append(compute_delta(student.state_dict(), tutor.state_dict()))
     attacker = {k: -1000.0 * v for k, v in honest[0].items()}
     yield config, tutor, honest, attacker, datasets

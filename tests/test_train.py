@@ -11,7 +11,7 @@ from diredi_sim.data.voc import load_annotations
 from diredi_sim.deltas import compute_delta
 from diredi_sim.models import build_detector, part_of
 from diredi_sim.runs import Run, load_detector_weights
-from diredi_sim.train import (Distiller, KDLoss, NonFiniteLossError, build_loader, compute_task_losses, evaluate_detector,
+from diredi_sim.train import (Distiller, Reporting, KDLoss, NonFiniteLossError, build_loader, compute_task_losses, evaluate_detector,
                               train_detector, train_one_epoch)
 from diredi_sim.verify import VerifyConfig, verify_update
 
@@ -32,8 +32,8 @@ def trained(tiny_records, tmp_path_factory):
     cfg = TrainConfig(epochs=20, batch_size=4, lr=0.004, optimizer="adamw", warmup_steps=5, eval_every=10, hflip_prob=0.0)
     run = Run.create(tmp_path_factory.mktemp("runs"), "t", {"what": "test"})
     train = tiny_records["train"]
-    result = train_detector(edge, train, train, cfg, class_indices=list(range(20)), run=run, name="edge",
-                            config={"what": "test"}, progress=False)
+    result = train_detector(edge, train, train, cfg, class_indices=list(range(20)),
+                            report=Reporting("edge", run, {"what": "test"}, progress=False))
     return edge, run, result
 
 
@@ -50,6 +50,15 @@ def test_direct_training_learns_and_writes_a_run(trained):
     assert payload["config"] == {"what": "test"} and payload["epoch"] == 20
     for k, v in edge.state_dict().items():
         assert torch.equal(v, payload["state_dict"][k]), k
+
+
+def test_max_steps_trains_exactly_that_many_steps_across_epochs(tiny_records):
+    records = tiny_records["train"][:8]  # 2 batches of 4 an epoch
+    for max_steps, images in ((3, 12), (1, 4), (0, 3 * 8)):  # 0: the configured 3 epochs
+        edge = build_detector("edge", "cpu")
+        cfg = TrainConfig(epochs=3, batch_size=4, warmup_steps=1, eval_every=100, max_steps=max_steps)
+        result = train_detector(edge, records, records[:2], cfg, class_indices=list(range(20)), report=Reporting(progress=False))
+        assert (result["train_steps"], result["train_images"]) == (max_steps or 6, images)
 
 
 def test_non_finite_loss_raises_naming_step_and_terms(tiny_records):

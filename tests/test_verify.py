@@ -15,7 +15,7 @@ from diredi_sim.data.voc import load_annotations
 from diredi_sim.deltas import compute_delta
 from diredi_sim.evaluate import compute_prf
 from diredi_sim.models import build_detector
-from diredi_sim.train import evaluate_detector, train_detector
+from diredi_sim.train import Reporting, evaluate_detector, train_detector
 from diredi_sim.verify import VerifyConfig, verify_update
 
 TINY = SyntheticConfig(seed=3, num_train=16, num_val=8, num_test=8, min_objects=1, max_objects=2, min_object_size=40)
@@ -33,7 +33,7 @@ def setting(tmp_path_factory):
     torch.manual_seed(1)
     edge = build_detector("edge", "cpu")
     cfg = TrainConfig(epochs=20, batch_size=4, lr=0.004, optimizer="adamw", warmup_steps=5, eval_every=1000, hflip_prob=0.0)
-    train_detector(edge, records, records, cfg, class_indices=list(range(20)), progress=False)
+    train_detector(edge, records, records, cfg, class_indices=list(range(20)), report=Reporting(progress=False))
     classes = sorted({int(label) for record in records for label in record.labels})
 
     def evaluate(model):

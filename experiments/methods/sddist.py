@@ -16,6 +16,7 @@ each step of rounds 2+ carries (a forward and backward pass of the same size as 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
@@ -28,7 +29,7 @@ from diredi_sim.manufacturer import prepare_manufacturer
 from diredi_sim.settings import ClassSets
 from diredi_sim.sddist import (build_customer_edge, build_reference_targets, build_upload, compute_peer_losses, count_message_bytes,
                                load_reference_images, reference_grid, run_server_round)
-from diredi_sim.train import fit
+from diredi_sim.train import Reporting, fit
 from experiments.methods import Method, register
 
 ROW_KEYS = ("mAP", "precision", "recall", "f1", "gain", "forgetting", "per_class", "change")
@@ -98,9 +99,10 @@ def run_sddist(config: FederationConfig, shared: dict | None = None) -> tuple[li
             torch.manual_seed(seed)
             losses = compute_peer_losses(state["edge"], images, state["peer_mean"], rho=settings.rho, temperature=settings.temperature,
                                          grid=grid, batch_size=cfg.batch_size, seed=seed)
-            result = fit(state["edge"], losses, state["data"].combined, state["data"].own_val, cfg,
-                         class_indices=ClassSets.indices(state["customer"].classes), seed=seed, name=f"edge_sddist{pid}", progress=False,
-                         total_steps=state["steps"])
+            result = fit(state["edge"], losses, state["data"].combined, state["data"].own_val,
+                         replace(cfg, max_steps=state["steps"] or 0),
+                         class_indices=ClassSets.indices(state["customer"].classes), seed=seed,
+                         report=Reporting(f"edge_sddist{pid}", progress=False))
             state["images"] += result["train_images"]
             if state["peer_mean"] is not None:  # each step's reference batch: min(batch, R) images
                 state["reference_images"] += result["train_steps"] * min(cfg.batch_size, len(images))
