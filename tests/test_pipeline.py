@@ -56,9 +56,10 @@ class CallCounter:
 
     def _wrap(self, real, teaches: bool):
         def wrapped(*args, **kwargs):
-            self.names.append(kwargs.get("name"))
+            name = kwargs["report"].name
+            self.names.append(name)
             if teaches:
-                self.teachers[kwargs.get("name")] = args[0].role
+                self.teachers[name] = args[0].role
             return real(*args, **kwargs)
 
         return wrapped
