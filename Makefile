@@ -35,11 +35,11 @@ $(UV):
 demo: $(STAMP)
 	$(VENV)/bin/diredi-sim demo
 
-# Two pytest-xdist workers, a test file's tests in one (tests/conftest.py); TEST_WORKERS=0 runs
-# them all in this process.
+# Two pytest-xdist workers, a test file's tests in one, the slow files first (tests/conftest.py);
+# TEST_WORKERS=0 runs them all in this process. The 15 slowest tests are listed at the end.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 # Re-resolve setup.cfg's dependencies (with the dev extra) for Python 3.11+ on every platform,
 # keeping the versions already in the lock unless setup.cfg rules them out.

@@ -1,8 +1,8 @@
 """Fixtures shared by several test files, and how `make test` spreads the tests over processes.
 
-`make test` runs pytest-xdist (``-n 2 --dist loadfile``): a test file's tests run in one worker,
-so the session's Flower simulation (``simulated``), which only test_simulation.py reads, is built
-once. (``loadgroup`` would group finer, but xdist 3.8 cannot tag pytest 9's node ids.) Each
+`make test` runs pytest-xdist (``-n 2 --dist loadfile``), slow files first: a test file's tests
+run in one worker, so the session's Flower simulation (``simulated``), which only
+test_simulation.py reads, is built once. (``loadgroup`` would group finer, but xdist 3.8 cannot tag pytest 9's node ids.) Each
 worker gets an equal share of the cores for torch."""
 
 import os
@@ -16,6 +16,13 @@ def pytest_configure(config):
         import torch
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The end-to-end tests (marked slow) first, in file order, then the rest: xdist hands out
+    files in this order, so the long ones start at once and the short ones fill the gaps, instead
+    of one worker finishing a long file alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture()
