@@ -73,14 +73,23 @@ def comparison_page(folder: Path) -> str:
     data = load_comparison(folder)
     images = plot_comparison(folder)
     summary = sorted(summarize(data["results"]), key=lambda e: (e["customer"] != "all", e["customer"], e["method"]))
-    table = Table("Methods per customer", ["method", "customer", *[m.replace("_bytes", " MiB") for m in MEASURES]],
-                  [[e["method"], e["customer"], *[_cell(e, m) for m in MEASURES]] for e in summary])
+    table = Table("Methods per customer", ["method", "customer", *[m.replace("_bytes", " MiB") for m in MEASURES], "raw data leaves"],
+                  [[e["method"], e["customer"], *[_cell(e, m) for m in MEASURES], "yes" if e.get("raw_data_leaves") else "no"]
+                   for e in summary])
+    differences = Table("Paired differences (DiReDi minus each method, over seeds x customers)",
+                        ["difference", "measure", "mean", "95% interval", "n", "significant"],
+                        [[pair, measure, f"{d['mean']:+.3f}",
+                          "-" if d.get("ci95") is None else f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]", str(d["n"]),
+                          "yes" if d["significant"] else "no"]
+                         for pair, measures in data.get("differences", {}).items() for measure, d in measures.items()])
     runs = "\n".join(f"<li>{html.escape(str(r['method']))} (seed {r['replicate']}): {html.escape(str(r['folder']))}, "
                      f"{r['seconds']} s</li>" for r in data.get("runs", []))
     intro = ("Per method and customer: mAP@0.5, precision, recall and F1 over the customer's classes; gain (mean AP change on "
              "its private classes) and forgetting (mean AP lost on its kept presumed classes) against the original edge model; "
-             "bytes moved per customer over all rounds; wall time per customer. \"all\": over every customer (and seed).")
-    return render_page(f"DiReDi and the baselines: {folder.name}", intro, [table], images,
+             "bytes moved per customer over all rounds; whether raw images or labels leave the customer; training images; "
+             "wall time per customer. \"all\": over every customer (and seed). A method measured on other test images "
+             "than DiReDi's (CEMA: shifted) has no paired difference.")
+    return render_page(f"DiReDi and the baselines: {folder.name}", intro, [table, differences], images,
                        f"<h2>Runs</h2>\n<ul>\n{runs}\n</ul>")
 
 

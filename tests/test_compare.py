@@ -133,6 +133,9 @@ def test_compare_runs_every_method_on_the_same_customers(tmp_path):
         assert {f"{stem}.png", f"{stem}.svg"} <= names, stem
     report = render_report(folder)
     check_report(report.read_text())
+    text = report.read_text()
+    assert "<th>raw data leaves</th>" in text and "<th>train_images</th>" in text and "Paired differences" in text
+    assert text.count(">diredi - fedavg</td>") == 4  # mAP, f1, gain, forgetting
 
 
 def check_report(text: str) -> None:
