@@ -170,6 +170,13 @@ def _positives(num_foreground: int | Tensor, dtype: torch.dtype) -> Tensor | int
     return max(1, int(num_foreground))
 
 
+def _columns(values: Tensor, classes: Sequence[int]) -> Tensor:
+    """``values``' last dimension restricted to ``classes`` (label indices); all of it when empty."""
+    if not classes:
+        return values
+    return values.index_select(-1, torch.as_tensor(list(classes), device=values.device))
+
+
 def compute_score_distillation(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.5, *,
                                num_foreground: int | Tensor, classes: Sequence[int] = ()) -> Tensor:
     """Class-score distillation for sigmoid classifiers (FCOS), normalised as FCOS normalises
@@ -190,9 +197,7 @@ def compute_score_distillation(student_logits: Tensor, teacher_logits: Tensor, t
     classes the edge was trained on); empty: every class.
     """
     t = temperature
-    if classes:
-        index = torch.as_tensor(list(classes), device=student_logits.device)
-        student_logits, teacher_logits = student_logits.index_select(-1, index), teacher_logits.index_select(-1, index)
+    student_logits, teacher_logits = _columns(student_logits, classes), _columns(teacher_logits, classes)
     teacher_logits = teacher_logits.detach() / t
     target = torch.sigmoid(teacher_logits)
     cross = F.binary_cross_entropy_with_logits(student_logits / t, target, reduction="none")
@@ -209,10 +214,7 @@ def compute_response_distillation(student_head: dict[str, Tensor], teacher_head:
     teacher's highest class probability there (over ``classes``; empty: every class), summed
     and divided by the student's positive locations as FCOS's losses are. Zero when the
     student's outputs equal the teacher's; the teacher's are detached."""
-    scores = torch.sigmoid(teacher_head["cls_logits"].detach().float())
-    if classes:
-        scores = scores.index_select(-1, torch.as_tensor(list(classes), device=scores.device))
-    weight = scores.max(dim=-1).values  # (N, A)
+    weight = torch.sigmoid(_columns(teacher_head["cls_logits"].detach().float(), classes)).max(dim=-1).values  # (N, A)
     box = (student_head["bbox_regression"] - teacher_head["bbox_regression"].detach()).abs().sum(dim=-1)
     teacher_ctr = teacher_head["bbox_ctrness"].detach().squeeze(-1)
     target = torch.sigmoid(teacher_ctr)

@@ -98,19 +98,30 @@ def compare_differences(results: list[dict], reference: str = REFERENCE_METHOD) 
     return out
 
 
-def format_differences(differences: dict) -> str:
-    """``compare_differences`` as a Markdown table (differences of fractions, 3 decimals)."""
+DIFFERENCE_HEADERS = ("difference", "measure", "mean", "std", "95% interval", "n", "significant")
+
+
+def difference_rows(differences: dict) -> list[list[str]]:
+    """``compare_differences`` as table cells, one row per pair and measure (differences of
+    fractions, 3 decimals; "-" where there is no value), in :data:`DIFFERENCE_HEADERS`' order."""
     def number(value):
         return "-" if value is None else f"{value:+.3f}"
 
-    lines = ["| difference | measure | mean | std | 95% interval | n | significant |", "|---|---|---|---|---|---|---|"]
+    rows = []
     for pair, entry in differences.items():
         for measure, diff in entry.items():
             lo, hi = diff["ci95"]
-            lines.append("| " + " | ".join([pair, measure, number(diff["mean"]),
-                                             "-" if diff["std"] is None else f"{diff['std']:.3f}",
-                                             "-" if lo is None else f"[{number(lo)}, {number(hi)}]", str(diff["n"]),
-                                             "**yes**" if diff["significant"] else "no"]) + " |")
+            rows.append([pair, measure, number(diff["mean"]), "-" if diff["std"] is None else f"{diff['std']:.3f}",
+                         "-" if lo is None else f"[{number(lo)}, {number(hi)}]", str(diff["n"]),
+                         "yes" if diff["significant"] else "no"])
+    return rows
+
+
+def format_differences(differences: dict) -> str:
+    """``compare_differences`` as a Markdown table, significant differences in bold."""
+    lines = ["| " + " | ".join(DIFFERENCE_HEADERS) + " |", "|" + "---|" * len(DIFFERENCE_HEADERS)]
+    for *cells, significant in difference_rows(differences):
+        lines.append("| " + " | ".join([*cells, "**yes**" if significant == "yes" else "no"]) + " |")
     return "\n".join(lines)
 
 

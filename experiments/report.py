@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from diredi_sim.runs import atomic_write_text
-from experiments.compare import MEASURES, summarize
+from experiments.compare import DIFFERENCE_HEADERS, MEASURES, difference_rows, summarize
 from experiments.plots import load_comparison, load_view, plot_comparison, plot_view
 from experiments.run_folders import Table, detect_run_kind
 
@@ -76,12 +76,8 @@ def comparison_page(folder: Path) -> str:
     table = Table("Methods per customer", ["method", "customer", *[m.replace("_bytes", " MiB") for m in MEASURES], "raw data leaves"],
                   [[e["method"], e["customer"], *[_cell(e, m) for m in MEASURES], "yes" if e.get("raw_data_leaves") else "no"]
                    for e in summary])
-    differences = Table("Paired differences (DiReDi minus each method, over seeds x customers)",
-                        ["difference", "measure", "mean", "95% interval", "n", "significant"],
-                        [[pair, measure, f"{d['mean']:+.3f}",
-                          "-" if d.get("ci95") is None else f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]", str(d["n"]),
-                          "yes" if d["significant"] else "no"]
-                         for pair, measures in data.get("differences", {}).items() for measure, d in measures.items()])
+    differences = Table("Paired differences (DiReDi minus each method, over seeds x customers)", list(DIFFERENCE_HEADERS),
+                        difference_rows(data.get("differences", {})))
     runs = "\n".join(f"<li>{html.escape(str(r['method']))} (seed {r['replicate']}): {html.escape(str(r['folder']))}, "
                      f"{r['seconds']} s</li>" for r in data.get("runs", []))
     intro = ("Per method and customer: mAP@0.5, precision, recall and F1 over the customer's classes; gain (mean AP change on "

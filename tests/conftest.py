@@ -2,8 +2,8 @@
 
 `make test` runs pytest-xdist (``-n 2 --dist loadfile``), slow files first: a test file's tests
 run in one worker, so the session's Flower simulation (``simulated``), which only
-test_simulation.py reads, is built once. (``loadgroup`` would group finer, but xdist 3.8 cannot tag pytest 9's node ids.) Each
-worker gets an equal share of the cores for torch."""
+test_simulation.py reads, is built once. (``loadgroup`` would group finer, but xdist 3.8 cannot
+tag pytest 9's node ids.) Each worker gets an equal share of the cores for torch."""
 
 import os
 

@@ -36,6 +36,13 @@ def register(method: Method) -> Method:
     return method
 
 
+def equal_compute_budgets(config, shared: dict | None) -> dict[int, int]:
+    """Each customer's training images in this replicate's DiReDi run (partition id -> images),
+    for a method that trains at equal compute; empty when DiReDi did not run first or
+    ``pipeline.equal_compute`` is off."""
+    return ((shared or {}).get("budgets") or {}) if config.pipeline.equal_compute else {}
+
+
 def resolve(names) -> list[Method]:
     """The registered methods named in ``baselines.methods``, in order; ConfigError names an unknown one."""
     unknown = [n for n in names if n not in REGISTRY]
@@ -47,4 +54,4 @@ def resolve(names) -> list[Method]:
 # the built-in methods register themselves on import
 from experiments.methods import cema, diredi, fedavg, local, sddist  # noqa: E402
 
-__all__ = ["Method", "REGISTRY", "register", "resolve", "cema", "diredi", "fedavg", "local", "sddist"]
+__all__ = ["Method", "REGISTRY", "equal_compute_budgets", "register", "resolve", "cema", "diredi", "fedavg", "local", "sddist"]

@@ -15,7 +15,7 @@ from diredi_sim.datasets import DataSets
 from diredi_sim.federation import FederationConfig, build_population, customer_step, evaluate_for_customer, load_model
 from diredi_sim.flow import train_baseline
 from diredi_sim.manufacturer import prepare_manufacturer
-from experiments.methods import Method, register
+from experiments.methods import Method, equal_compute_budgets, register
 
 
 def local_customer_work(config: FederationConfig, method: str, partition_id: int, edge_state: dict, threads: int = 0,
@@ -58,8 +58,7 @@ def run_local(config: FederationConfig, method: str, budgets: dict[int, int] | N
 
 
 def run_local_method(config: FederationConfig, shared: dict | None = None, *, method: str) -> tuple[list[dict], None]:
-    budgets = (shared or {}).get("budgets") if config.pipeline.equal_compute else None
-    return run_local(config, method, budgets), None
+    return run_local(config, method, equal_compute_budgets(config, shared)), None
 
 
 register(Method("direct", "direct training: a fresh edge model on the customer's data", partial(run_local_method, method="direct")))

@@ -30,7 +30,7 @@ from diredi_sim.settings import ClassSets
 from diredi_sim.sddist import (build_customer_edge, build_reference_targets, build_upload, compute_peer_losses, count_message_bytes,
                                load_reference_images, reference_grid, run_server_round)
 from diredi_sim.train import Reporting, fit
-from experiments.methods import Method, register
+from experiments.methods import Method, equal_compute_budgets, register
 
 ROW_KEYS = ("mAP", "precision", "recall", "f1", "gain", "forgetting", "per_class", "change")
 
@@ -66,7 +66,7 @@ def steps_per_round(budget_images: int | None, batch_size: int, rounds: int) -> 
 def run_sddist(config: FederationConfig, shared: dict | None = None) -> tuple[list[dict], None]:
     check_sddist(config)
     settings, cfg = config.sddist, config.baselines.local
-    budgets = ((shared or {}).get("budgets") or {}) if config.pipeline.equal_compute else {}
+    budgets = equal_compute_budgets(config, shared)
     maker = prepare_manufacturer(config.pipeline, config.data, preset=config.preset, seed=config.seed, progress=False)
     population = build_population(config.population, config.pipeline.presumed_split)
     datasets = DataSets(config.data)  # the customers' side
