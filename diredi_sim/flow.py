@@ -22,7 +22,7 @@ from diredi_sim.deltas import apply_delta, compute_delta, compute_norm, count_by
 from diredi_sim.models import build_detector
 from diredi_sim.runs import Run
 from diredi_sim.seeds import Seeds
-from diredi_sim.settings import ClassSets, PipelineConfig
+from diredi_sim.settings import RD_ALIGNS, ClassSets, PipelineConfig
 from diredi_sim.stages import StageRecorder
 from diredi_sim.table import distill_c_row
 from diredi_sim.train import (CustomerMix, KDLoss, RDSettings, Reporting, distill, evaluate_detector, finetune, reverse_distill,
@@ -97,7 +97,8 @@ def run_customer(tutor: nn.Module, edge: nn.Module, step: Step) -> CustomerUpdat
     presumed_classes = ClassSets.indices(resolve_split(pipeline.presumed_split))
     # the score and response terms over the classes the edge was trained on: it scores the rest as background
     rd_loss = KDLoss(feature_weight=pipeline.alpha, task_weight=pipeline.beta, score_weight=pipeline.rd_score_weight,
-                     fgd=pipeline.fgd, response_weight=pipeline.rd_response_weight, classes=tuple(presumed_classes))
+                     fgd=pipeline.fgd, response_weight=pipeline.rd_response_weight, classes=tuple(presumed_classes),
+                     align=RD_ALIGNS[pipeline.rd_align])
     plans = (("tutor1", "rd_b", data.presumed, (), 0, data.presumed_val, presumed_classes),
              ("tutor2", "rd_a", data.presumed_kept, data.own, pipeline.rd_customer_per_batch, data.own_val,
               ClassSets.indices(resolve_split(step.customer))))

@@ -113,30 +113,46 @@ class GcBlock(nn.Module):
         return x + self.channel_add(context)
 
 
-class FGDLevelLoss(nn.Module):
-    """FGD on one feature level; returns named, weighted terms."""
+ALIGN_SIDES = ("student", "teacher")  # which model's features the 1x1 align conv maps (FGDLevelLoss)
 
-    def __init__(self, student_channels: int, teacher_channels: int, cfg: FGDConfig = FGDConfig()):
+
+class FGDLevelLoss(nn.Module):
+    """FGD on one feature level; returns named, weighted terms.
+
+    ``align`` says which side a 1x1 conv maps when the channel counts differ: ``"student"``
+    (FGD's own) maps the student's features into the teacher's channels; ``"teacher"`` maps the
+    (detached) teacher's features into the student's, so that the student must reproduce an affine
+    image of the teacher's features (reverse distillation's emulation of a smaller teacher)."""
+
+    def __init__(self, student_channels: int, teacher_channels: int, cfg: FGDConfig = FGDConfig(), align: str = "student"):
         super().__init__()
-        self.cfg = cfg
-        self.align = nn.Conv2d(student_channels, teacher_channels, 1) if student_channels != teacher_channels else None
-        self.gc_student = GcBlock(teacher_channels)
-        self.gc_teacher = GcBlock(teacher_channels)
+        if align not in ALIGN_SIDES:
+            raise ValueError(f"FGD align {align!r}: must be one of {list(ALIGN_SIDES)}")
+        self.cfg, self.align_side = cfg, align
+        source, target = (student_channels, teacher_channels) if align == "student" else (teacher_channels, student_channels)
+        self.align = nn.Conv2d(source, target, 1) if student_channels != teacher_channels else None
+        self.gc_student = GcBlock(target)
+        self.gc_teacher = GcBlock(target)
 
     def forward(self, student: Tensor, teacher: Tensor, fg: Tensor, bg: Tensor) -> dict[str, Tensor]:
         cfg = self.cfg
         teacher = teacher.detach()
         if self.align is not None:
-            student = self.align(student)
+            if self.align_side == "student":
+                student = self.align(student)
+            else:
+                teacher = self.align(teacher)
         if student.shape != teacher.shape:
             raise ValueError(f"FGD: student features {tuple(student.shape)} do not match teacher features {tuple(teacher.shape)}")
         if cfg.normalize:
-            scale = teacher.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-6)
+            scale = teacher.detach().pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-6)
             teacher, student = teacher / scale, student / scale
         n = student.shape[0]
         spatial_t, channel_t = compute_attention(teacher, cfg.temperature)
         spatial_s, channel_s = compute_attention(student, cfg.temperature)
-        weight = (spatial_t.unsqueeze(1) * channel_t[:, :, None, None])  # (N, C, H, W), from the teacher
+        # (N, C, H, W), from the teacher; constants of the loss (as the scale above), also when the
+        # teacher's side is aligned: else the align conv lowers the loss by moving the weights
+        weight = (spatial_t.unsqueeze(1) * channel_t[:, :, None, None]).detach()
         diff = (student - teacher).pow(2) * weight
         fg_loss = (diff * fg.unsqueeze(1)).sum() / n
         bg_loss = (diff * bg.unsqueeze(1)).sum() / n
@@ -148,9 +164,10 @@ class FGDLevelLoss(nn.Module):
 class FGDLoss(nn.Module):
     """FGD summed over FPN levels. ``strides[k]`` is level k's stride in the padded batch frame."""
 
-    def __init__(self, student_channels: int, teacher_channels: int, num_levels: int = 3, cfg: FGDConfig = FGDConfig()):
+    def __init__(self, student_channels: int, teacher_channels: int, num_levels: int = 3, cfg: FGDConfig = FGDConfig(),
+                 align: str = "student"):
         super().__init__()
-        self.levels = nn.ModuleList(FGDLevelLoss(student_channels, teacher_channels, cfg) for _ in range(num_levels))
+        self.levels = nn.ModuleList(FGDLevelLoss(student_channels, teacher_channels, cfg, align) for _ in range(num_levels))
 
     def forward(self, student: list[Tensor], teacher: list[Tensor], boxes: list[Tensor], batch_shape: tuple[int, int]) -> dict[str, Tensor]:
         if len(student) != len(self.levels) or len(teacher) != len(self.levels):

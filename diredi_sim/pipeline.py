@@ -179,6 +179,6 @@ def describe_settings(pipeline: PipelineConfig, *, preset: str, seed: int, class
         "epochs": {s: getattr(pipeline, s).epochs for s in ("teacher", "distill_a", "distill_b", "rd", "distill_c", "direct", "local")},
         "rd_customer_per_batch": pipeline.rd_customer_per_batch, "rd_score_weight": pipeline.rd_score_weight,
         "rd_response_weight": pipeline.rd_response_weight,
-        "rd_align_init": pipeline.rd_align_init, "rd_customer_loss": pipeline.rd_customer_loss,
+        "rd_align": pipeline.rd_align, "rd_align_init": pipeline.rd_align_init, "rd_customer_loss": pipeline.rd_customer_loss,
         "distill_c_losses": list(pipeline.distill_c_losses),
     }

@@ -18,6 +18,7 @@ from diredi_sim.verify import VerifyConfig
 
 DISTILL_C_MODES = ("public", "public+private")
 DISTILL_C_LOSSES = ("fgd", "fgd+score")
+RD_ALIGNS = {"student": "student", "edge": "teacher"}  # pipeline.rd_align -> the FGD align side (the edge is RD's teacher)
 
 @dataclass(frozen=True)
 class PipelineConfig:
@@ -51,6 +52,10 @@ class PipelineConfig:
     rd_customer_per_batch: int = 8  # RD A: the customer's images added to each of Tutor1's presumed batches
     rd_score_weight: float = 0.0  # RD: class-score distillation from the edge on the presumed classes (ablation; 0: FGD only, as the paper)
     rd_response_weight: float = 0.0  # RD: box + centre-ness distillation from the edge, weighted by its presumed-class scores (ablation)
+    # RD: FGD's 1x1 align conv maps the tutor copy's features into the edge's channels ("student", FGD's
+    # own) or the edge's features into the tutor's ("edge"): the tutor's neck must then be an affine image
+    # of the edge's features, which holds it to the edge's knowledge (README, "Reverse distillation").
+    rd_align: str = "student"
     rd_align_init: str = "lstsq"  # RD: FGD's align convs fitted by least squares on the first batch, or "random"
     # RD A's loss over a batch extended by the customer's images: "joint", one loss over the whole batch
     # (FCOS normalises by the batch's positives, so the presumed part weighs less than in Tutor1's batch);
@@ -90,6 +95,7 @@ class PipelineConfig:
                     "rd_response_weight"):
             check(math.isfinite(getattr(self, key)) and getattr(self, key) >= 0, key, "must be finite and >= 0")
         check(self.rd_customer_per_batch >= 0, "rd_customer_per_batch", "must be >= 0")
+        check(self.rd_align in RD_ALIGNS, "rd_align", f"must be one of {list(RD_ALIGNS)}")
         check(self.rd_align_init in ALIGN_INITS, "rd_align_init", "must be 'lstsq' or 'random'")
         check(self.rd_customer_loss in RD_CUSTOMER_LOSSES, "rd_customer_loss", f"must be one of {list(RD_CUSTOMER_LOSSES)}")
         check(all(loss in DISTILL_C_LOSSES for loss in self.distill_c_losses) and len(set(self.distill_c_losses)) == len(self.distill_c_losses)

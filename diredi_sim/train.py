@@ -80,6 +80,7 @@ class KDLoss:
     fgd: FGDConfig = FGDConfig()
     response_weight: float = 0.0  # box + centre-ness distillation, weighted by the teacher's scores (0: off)
     classes: tuple[int, ...] = ()  # label indices the score and response terms cover (): every class
+    align: str = "student"  # FGD's 1x1 conv maps the student's features ("student", FGD's) or the teacher's ("teacher")
 
 
 class Distiller(nn.Module):
@@ -100,7 +101,8 @@ class Distiller(nn.Module):
         super().__init__()
         self.teacher = freeze(teacher)
         self.student = student
-        self.fgd = FGDLoss(student.backbone.out_channels, teacher.backbone.out_channels, num_levels=3, cfg=loss.fgd)
+        self.fgd = FGDLoss(student.backbone.out_channels, teacher.backbone.out_channels, num_levels=3, cfg=loss.fgd,
+                           align=loss.align)
         self.feature_weight, self.task_weight = loss.feature_weight, loss.task_weight
         self.score_weight, self.temperature = loss.score_weight, loss.temperature
         self.response_weight, self.classes = loss.response_weight, loss.classes
@@ -115,12 +117,12 @@ class Distiller(nn.Module):
 
     @torch.no_grad()
     def fit_align(self, images: list[Tensor]) -> dict[int, float]:
-        """Initialise FGD's 1x1 align convs (student -> teacher channels) by least squares on one
-        batch: ``W, b = argmin ||W s + b - t||^2`` (+ a 1e-6 relative ridge) over every location
-        of each level, so that
-        L_RD starts from the best linear map between the two models' features, not from a
-        random projection. Both models run in eval mode (no BatchNorm statistics move).
-        Returns each level's relative residual ``||W s + b - t|| / ||t||``."""
+        """Initialise FGD's 1x1 align convs by least squares on one batch: with the student's
+        features ``s`` mapped (FGD's side), ``W, b = argmin ||W s + b - t||^2``; with the teacher's
+        ``t`` mapped, ``argmin ||W t + b - s||^2`` (+ a 1e-6 relative ridge), over every location
+        of each level, so that L_RD starts from the best linear map between the two models'
+        features, not from a random projection. Both models run in eval mode (no BatchNorm
+        statistics move). Returns each level's relative residual ``||W x + b - y|| / ||y||``."""
         was_training = self.student.training
         self.student.eval()
         try:
@@ -132,8 +134,9 @@ class Distiller(nn.Module):
         for index, (level, s, t) in enumerate(zip(self.fgd.levels, student, teacher)):
             if level.align is None:
                 continue
-            x = s.permute(0, 2, 3, 1).reshape(-1, s.shape[1])
-            y = t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+            source, target = (s, t) if level.align_side == "student" else (t, s)
+            x = source.permute(0, 2, 3, 1).reshape(-1, source.shape[1])
+            y = target.permute(0, 2, 3, 1).reshape(-1, target.shape[1])
             x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1).double()
             # Normal equations with a tiny ridge, solved in float64: torch.linalg.lstsq gave
             # different bits in different processes on rank-deficient features (dead channels).

@@ -101,3 +101,11 @@ def test_an_unknown_rd_customer_loss_is_rejected_by_name():
     assert PipelineConfig(rd_customer_loss="separate").rd_customer_loss == "separate"
     with pytest.raises(ConfigError, match=r"rd_customer_loss = 'split': must be one of \['joint', 'separate'\]"):
         PipelineConfig(rd_customer_loss="split")
+
+
+def test_an_unknown_rd_align_is_rejected_by_name_and_edge_aligns_the_teacher():
+    from diredi_sim.settings import RD_ALIGNS, PipelineConfig
+
+    assert RD_ALIGNS[PipelineConfig(rd_align="edge").rd_align] == "teacher"  # the edge is RD's teacher
+    with pytest.raises(ConfigError, match=r"rd_align = 'tutor': must be one of \['student', 'edge'\]"):
+        PipelineConfig(rd_align="tutor")

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch import Tensor
 
 from diredi_sim.losses import (FGDConfig, FGDLevelLoss, FGDLoss, build_focal_masks, compute_attention,
                                compute_response_distillation, compute_score_distillation)
@@ -74,6 +75,42 @@ def test_gradients_reach_student_align_and_gcblocks_never_teacher():
             continue  # shifts every softmax logit alike: its gradient is zero but for rounding
         assert p.grad.abs().sum() > 0, name
     assert loss.levels[0].align is not None
+
+
+def test_aligning_the_teacher_holds_the_student_to_the_teachers_features():
+    """RD's teacher (the edge) is smaller than its student. FGD's own alignment maps the student's
+    8 channels onto the teacher's 4: a student with information beyond the teacher's still reaches
+    zero loss. Mapping the teacher's 4 channels onto the student's 8 (``align="teacher"``) leaves
+    that student a loss no align conv removes, the same student as an affine image of the
+    teacher's features none; gradients reach the student and the align conv, never the teacher."""
+    torch.manual_seed(0)
+    fg = torch.ones(2, 6, 6) / 36
+    bg = torch.zeros(2, 6, 6)
+    teacher = torch.randn(2, 4, 6, 6)
+    rich = torch.randn(2, 8, 6, 6)  # 8 independent channels
+    teacher_of_rich = torch.einsum("oc,nchw->nohw", torch.randn(4, 8), rich)  # the teacher a linear map of it
+    image = torch.einsum("oc,nchw->nohw", torch.randn(8, 4), teacher) + 0.5  # an affine image of the teacher
+
+    def fitted_fg(align: str, student: Tensor, teacher: Tensor) -> float:
+        level = FGDLevelLoss(8, 4, FGDConfig(normalize=True), align=align)
+        assert tuple(level.align.weight.shape[:2]) == ((4, 8) if align == "student" else (8, 4))
+        optimizer = torch.optim.Adam(level.align.parameters(), lr=0.05)
+        for _ in range(600):
+            optimizer.zero_grad()
+            loss = level(student, teacher, fg, bg)["fg"]
+            loss.backward()
+            optimizer.step()
+        return float(loss.detach()) / FGDConfig().alpha
+
+    assert fitted_fg("student", rich, teacher_of_rich) < 1e-3
+    assert fitted_fg("teacher", rich, teacher_of_rich) > 0.1
+    assert fitted_fg("teacher", image, teacher) < 1e-3
+    student, source = rich.clone().requires_grad_(), teacher.clone().requires_grad_()
+    level = FGDLevelLoss(8, 4, align="teacher")
+    sum(level(student, source, fg, bg).values()).backward()
+    assert student.grad.abs().sum() > 0 and level.align.weight.grad.abs().sum() > 0 and source.grad is None
+    with pytest.raises(ValueError, match="align 'edge'"):
+        FGDLevelLoss(8, 4, align="edge")
 
 
 def test_mismatched_shapes_are_an_error():
