@@ -244,12 +244,19 @@ def read_toml(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """Read a TOML config file; ``overrides`` are flat dotted keys (``train.epochs``)."""
-    path = Path(path)
+def read_config_table(path: str | Path, overrides: dict[str, Any] | None = None) -> dict:
+    """A TOML config file as a nested dict with ``overrides`` (flat dotted keys, ``train.epochs``,
+    ``pipeline.rd.epochs``; kebab or snake case) set into it."""
     data = read_toml(path)
     for key, value in (overrides or {}).items():
         _set_dotted(data, key.replace("-", "_"), value)
+    return data
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read a TOML config file; ``overrides`` are flat dotted keys (``train.epochs``)."""
+    path = Path(path)
+    data = read_config_table(path, overrides)
     try:
         return config_from_dict(ExperimentConfig, data)
     except ConfigError as exc:

@@ -25,7 +25,7 @@ from typing import Any
 
 from diredi_sim.compute import configure_process
 from diredi_sim.seeds import Seeds
-from diredi_sim.config import ConfigError, ExperimentConfig, config_from_dict, read_toml
+from diredi_sim.config import ConfigError, ExperimentConfig, config_from_dict, read_config_table
 from diredi_sim.manufacturer import manufacturer_is_cached, plan_manufacturer
 from diredi_sim.pipeline import PipelineResult, plan_customer, run_pipeline
 from diredi_sim.progress import Tracker, plan_units
@@ -51,21 +51,12 @@ def find_paper_config(experiment: str) -> Path:
     return path
 
 
-def _set_dotted(data: dict, dotted: str, value: Any) -> None:
-    *sections, last = dotted.split(".")
-    for section in sections:
-        data = data.setdefault(section, {})
-    data[last] = value
-
-
 def load_paper_config(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[ExperimentConfig, PipelineConfig]:
     """An experiment config and its ``[pipeline]`` section from TOML; ``overrides`` are flat
     dotted keys (``pipeline.rd.epochs``, ``seed``). Works whether or not ExperimentConfig has a
     ``pipeline`` field: if it has, the section is set on it too."""
     path = Path(path)
-    data = read_toml(path)
-    for key, value in (overrides or {}).items():
-        _set_dotted(data, key.replace("-", "_"), value)
+    data = read_config_table(path, overrides)
     table = data.pop("pipeline", {})
     try:
         if not isinstance(table, dict):
