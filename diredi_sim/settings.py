@@ -54,7 +54,8 @@ class PipelineConfig:
     rd_response_weight: float = 0.0  # RD: box + centre-ness distillation from the edge, weighted by its presumed-class scores (ablation)
     # RD: FGD's 1x1 align conv maps the tutor copy's features into the edge's channels ("student", FGD's
     # own) or the edge's features into the tutor's ("edge"): the tutor's neck must then be an affine image
-    # of the edge's features, which holds it to the edge's knowledge (README, "Reverse distillation").
+    # of the edge's features. Measured (bench/RESULTS.md): no difference with the backbone frozen; with
+    # freeze_backbone = false, "edge" moves Tutor1 towards the edge and keeps more of the delta.
     rd_align: str = "student"
     rd_align_init: str = "lstsq"  # RD: FGD's align convs fitted by least squares on the first batch, or "random"
     # RD A's loss over a batch extended by the customer's images: "joint", one loss over the whole batch
