@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     from diredi_sim.deltas import apply_delta
     from diredi_sim.flow import Step, run_customer
     from diredi_sim.manufacturer import prepare_manufacturer
+    from diredi_sim.runs import Run
     from diredi_sim.seeds import Seeds
     from diredi_sim.settings import ClassSets
     from diredi_sim.table import measure_on_customer, measure_on_manufacturer
@@ -50,7 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     maker = prepare_manufacturer(pipeline, config.data, preset=config.preset, seed=config.seed, datasets=datasets,
                                  progress=False)
     start = time.perf_counter()
-    update = run_customer(maker.tutor, maker.edge, Step(pipeline, datasets, pipeline.customer, Seeds(args.seed), progress=False))
+    with tempfile.TemporaryDirectory() as folder, Run(folder) as run:  # for the per-epoch loss rows
+        update = run_customer(maker.tutor, maker.edge, Step(pipeline, datasets, pipeline.customer, Seeds(args.seed), run=run,
+                                                            progress=False))
+        rows = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
     rd_seconds = time.perf_counter() - start
     updated = copy.deepcopy(maker.tutor)
     updated.load_state_dict(apply_delta(maker.tutor.state_dict(), update.delta, pipeline.delta_weight))
@@ -68,6 +74,10 @@ def main(argv: list[str] | None = None) -> None:
         figures[name] = (presumed, customer_row["mAP"], customer_row["private_ap"] or 0.0)
         print(f"{name:8} presumed mAP (kept classes, maker test) {figures[name][0]:.3f}  customer mAP {figures[name][1]:.3f}  "
               f"private AP {figures[name][2]:.3f}  P {customer_row['precision']:.3f}  R {customer_row['recall']:.3f}")
+    for row in rows:  # alpha * L_RD and beta * L_task, each the mean over the epoch's steps
+        if "loss_sum.distill" in row:
+            print(f"{row['stage']:12} epoch {row['epoch']:3}  alpha*L_RD {row['loss_sum.distill']:.4f}  "
+                  f"beta*L_task {row.get('loss_sum.task', 0.0):.4f}")
     for scale, index in (("presumed", 0), ("customer", 1)):
         edge, tutor, tutor1 = figures["edge"][index], figures["tutor"][index], figures["tutor1"][index]
         print(f"tutor1 on the {scale} scale: {(tutor1 - edge) / (tutor - edge):.2f} of the way from the edge (0) to the tutor (1)")
