@@ -40,8 +40,8 @@ from experiments.offline import stay_offline  # noqa: E402
 stay_offline()
 
 from diredi_sim.deltas import compress_delta, compute_norm, count_bytes, decompress_delta  # noqa: E402
-from diredi_sim.federation import (build_population, count_state_bytes, customer_work, load_federation_config,  # noqa: E402
-                                   round_in_one_process)
+from diredi_sim.population import build_population  # noqa: E402
+from diredi_sim.federation import count_state_bytes, customer_work, round_in_one_process  # noqa: E402
 from diredi_sim.datasets import DataSets
 from diredi_sim.manufacturer import manufacturer_is_cached, prepare_manufacturer, resolve_cache_dir
 
@@ -71,10 +71,11 @@ def main() -> None:
     parser.add_argument("--train", action="store_true", help="train the manufacturer's models when they are not cached")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     args = parser.parse_args()
-    from diredi_sim.config import parse_overrides
+    from diredi_sim.config import load_config, parse_overrides
+    from diredi_sim.federation_config import FederationConfig
 
     torch.set_num_threads(args.threads)
-    config = load_federation_config(args.config, parse_overrides(args.set))
+    config = load_config(args.config, parse_overrides(args.set), cls=FederationConfig)
     methods = parse_methods(args.methods)
     if ("none", 1.0) not in methods:
         methods.insert(0, ("none", 1.0))  # the reference row

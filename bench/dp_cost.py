@@ -37,8 +37,8 @@ from experiments.offline import stay_offline  # noqa: E402
 stay_offline()
 
 from diredi_sim.deltas import compute_norm  # noqa: E402
-from diredi_sim.federation import (build_population, customer_work, load_federation_config, round_in_one_process,  # noqa: E402
-                                   privatize_delta)
+from diredi_sim.population import build_population  # noqa: E402
+from diredi_sim.federation import customer_work, round_in_one_process, privatize_delta  # noqa: E402
 from diredi_sim.datasets import DataSets
 from diredi_sim.manufacturer import prepare_manufacturer
 
@@ -59,10 +59,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (2 on 2 busy cores is many times slower)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     args = parser.parse_args()
-    from diredi_sim.config import parse_overrides
+    from diredi_sim.config import load_config, parse_overrides
+    from diredi_sim.federation_config import FederationConfig
 
     torch.set_num_threads(args.threads)
-    config = load_federation_config(args.config, {**QUICK, **parse_overrides(args.set)})
+    config = load_config(args.config, {**QUICK, **parse_overrides(args.set)}, cls=FederationConfig)
     population = build_population(config.population, config.pipeline.presumed_split)
     customers = [c for c in population if c.name in args.names.split(",")] if args.names else population[: args.customers]
     maker = prepare_manufacturer(config.pipeline, config.data, preset=config.preset, seed=config.seed, progress=False)

@@ -55,16 +55,18 @@ def main() -> None:
         return
 
     from diredi_sim.compute import configure_process
-    from diredi_sim.federation import (build_population, customer_evaluate, customer_redistill, customer_work, load_federation_config,
-                                       manufacturer_review, review_edge)
+    from diredi_sim.population import build_population
+    from diredi_sim.federation import (customer_evaluate, customer_redistill, customer_work, manufacturer_review,
+                                       review_edge)
     from diredi_sim.manufacturer import prepare_manufacturer
-    from diredi_sim.config import parse_overrides
+    from diredi_sim.config import load_config, parse_overrides
+    from diredi_sim.federation_config import FederationConfig
 
     if args.no_memo:
         import diredi_sim.train
 
         diredi_sim.train._PREDICTIONS_KEPT = 0
-    config = load_federation_config(args.config, parse_overrides(args.set))
+    config = load_config(args.config, parse_overrides(args.set), cls=FederationConfig)
     configure_process(device=config.device, threads=config.threads)
     population = build_population(config.population, config.pipeline.presumed_split)
     customer = population[args.customer]

@@ -32,8 +32,8 @@ from experiments.offline import stay_offline  # noqa: E402
 
 stay_offline()
 
-from diredi_sim.federation import (build_population, customer_work, load_federation_config, load_model,  # noqa: E402
-                                   round_in_one_process, merge_accepted)
+from diredi_sim.population import build_population  # noqa: E402
+from diredi_sim.federation import customer_work, load_model, round_in_one_process, merge_accepted  # noqa: E402
 from diredi_sim.datasets import DataSets
 from diredi_sim.manufacturer import prepare_manufacturer
 
@@ -92,9 +92,10 @@ def main() -> None:
                         help="run one of the three alone (to profile it, e.g. under py-spy); prints its time")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    from diredi_sim.config import parse_overrides
+    from diredi_sim.config import load_config, parse_overrides
+    from diredi_sim.federation_config import FederationConfig
 
-    base = load_federation_config(args.config, parse_overrides(args.set))
+    base = load_config(args.config, parse_overrides(args.set), cls=FederationConfig)
     listed = base.population.customers[: args.customers]
     base = replace(base, runs_dir=args.runs_dir, simulation=replace(base.simulation, num_rounds=args.rounds),
                    population=replace(base.population, customers=listed, generated=max(0, args.customers - len(listed))))

@@ -12,11 +12,14 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 from clients.client_app import ROUND_KEYS, handling, read_partition_id
 from diredi_sim.compute import configure_process
-from diredi_sim.federation import baseline_customer_work, build_population, customer_evaluate, federation_from_flat
+from diredi_sim.config import from_flat
+from diredi_sim.population import build_population
+from diredi_sim.federation_config import FederationConfig
+from diredi_sim.federation import baseline_customer_work, customer_evaluate
 
 def read_customer(msg: Message, context: Context):
     settings = {k: v for k, v in msg.content["config"].items() if k not in (*ROUND_KEYS, "proximal-mu")}
-    config = federation_from_flat(settings, source="the round's config")
+    config = from_flat(settings, FederationConfig, source="the round's config")
     population = build_population(config.population, config.pipeline.presumed_split)
     return config, population, population[read_partition_id(context, len(population))]
 

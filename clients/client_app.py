@@ -40,8 +40,10 @@ from flwr.clientapp import ClientApp
 
 from diredi_sim.compute import configure_process
 from diredi_sim.deltas import compress_delta, compute_norm, count_state_bytes
-from diredi_sim.federation import (Customer, FederationConfig, build_population, customer_evaluate, customer_redistill,
-                                   customer_work, federation_from_flat, privatize_delta)
+from diredi_sim.config import from_flat
+from diredi_sim.population import Customer, build_population
+from diredi_sim.federation_config import FederationConfig
+from diredi_sim.federation import customer_evaluate, customer_redistill, customer_work, privatize_delta
 from diredi_sim.logs import customer_tag, ensure_logging
 from diredi_sim.runs import release_memory
 
@@ -80,7 +82,7 @@ def handling(customer: Customer) -> Iterator[None]:
 
 def read_config(msg: Message) -> FederationConfig:
     settings = {k: v for k, v in msg.content["config"].items() if k not in ROUND_KEYS}
-    return federation_from_flat(settings, source="the round's config")
+    return from_flat(settings, FederationConfig, source="the round's config")
 
 
 def local_dp_mod(msg: Message, context: Context, call_next) -> Message:

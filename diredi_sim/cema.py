@@ -51,7 +51,7 @@ from diredi_sim.models import extract_features
 from diredi_sim.train import NonFiniteLossError, build_loader
 
 if TYPE_CHECKING:  # the config section lives with the federation's others
-    from diredi_sim.federation import CEMAConfig
+    from diredi_sim.federation_config import CEMAConfig
 
 # ------------------------------------------------------------------------------ corruptions
 # Severities 1-5 as in ImageNet-C (Hendrycks & Dietterich 2019, corruptions.py).

@@ -1,10 +1,13 @@
 """One typed config, converted once at each boundary (TOML file, Flower run_config, CLI flags).
 
-Every section is a frozen dataclass. ``load_config(path)`` reads TOML with tomllib;
-``config_from_dict`` checks every key and type and names the one at fault
-(``data.synthetic.num_train: expected int, got 'many'``). ``to_flat`` / ``from_flat`` turn the
-config into the flat, dotted, kebab-case key/value map that Flower's run_config uses
-(``train.batch-size = 16``) and back.
+Every section is a frozen dataclass; every root (``ExperimentConfig`` here, ``FederationConfig``
+in :mod:`diredi_sim.federation`, the paper's experiment + ``[pipeline]``) goes through the same
+three functions. ``load_config(path, overrides, cls=...)`` reads TOML with tomllib and sets the
+``--set`` overrides into it; ``config_from_dict`` checks every key and type and names the one at
+fault (``data.synthetic.num_train: expected int, got 'many'``), for the sections' own value checks
+too (a ``ValueError`` there becomes a ``ConfigError`` naming the section). ``to_flat`` /
+``from_flat`` turn a config into the flat, dotted, kebab-case scalar map that Flower's run_config
+and ConfigRecords carry (``train.batch-size = 16``; a list as comma-separated text) and back.
 """
 
 from __future__ import annotations
@@ -148,9 +151,9 @@ class ExperimentConfig:
 
 
 def _type_hints(cls: type) -> dict[str, Any]:
-    import sys
-
-    return typing.get_type_hints(cls, vars(sys.modules[cls.__module__]))
+    """The field types of ``cls``, each base's annotations read in its own module (a subclass in
+    another module, such as the paper's config, inherits ExperimentConfig's)."""
+    return typing.get_type_hints(cls)
 
 
 def _convert(value: Any, annotation: Any, key: str) -> Any:
@@ -211,10 +214,19 @@ def config_from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     kwargs = {name: _convert(_with_section_defaults(value, defaults[name]), hints[name], prefix + name) for name, value in data.items()}
     try:
         return cls(**kwargs)
-    except ConfigError as exc:
-        if prefix and not str(exc).startswith(prefix):
-            raise ConfigError(prefix + str(exc)) from None
-        raise
+    except ValueError as exc:  # ConfigError, or a section's own check (VerifyConfig, FGDConfig) raising ValueError
+        raise ConfigError(_prefixed(prefix, str(exc))) from None
+
+
+def _prefixed(prefix: str, message: str) -> str:
+    """``message`` under the key path ``prefix``, where the message may already name part of it
+    (``verify.critical_classes: ...`` under ``pipeline.verify.``)."""
+    parts = prefix.rstrip(".").split(".") if prefix else []
+    for i in range(len(parts) + 1):
+        tail = ".".join(parts[i:])
+        if not tail or message.startswith(tail + ".") or message.startswith(tail + " "):
+            return ".".join(parts[:i]) + ("." if i else "") + message
+    return message
 
 
 def _with_section_defaults(value: Any, spec: Any) -> Any:
@@ -244,23 +256,34 @@ def read_toml(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
 
 
-def read_config_table(path: str | Path, overrides: dict[str, Any] | None = None) -> dict:
-    """A TOML config file as a nested dict with ``overrides`` (flat dotted keys, ``train.epochs``,
-    ``pipeline.rd.epochs``; kebab or snake case) set into it."""
-    data = read_toml(path)
-    for key, value in (overrides or {}).items():
-        _set_dotted(data, key.replace("-", "_"), value)
-    return data
-
-
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """Read a TOML config file; ``overrides`` are flat dotted keys (``train.epochs``)."""
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None, *, cls: type = ExperimentConfig,
+                overrides_source: str = "--set") -> Any:
+    """Read a TOML config file as ``cls`` (ExperimentConfig, FederationConfig, ...); ``overrides``
+    are flat dotted keys (``train.epochs``, ``simulation.num-rounds``; a list key may be given as
+    comma-separated text). The file is checked alone first, so that an error names the file or
+    ``overrides_source``."""
     path = Path(path)
-    data = read_config_table(path, overrides)
+    data = read_toml(path)
     try:
-        return config_from_dict(ExperimentConfig, data)
+        config = config_from_dict(cls, data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    if not overrides:
+        return config
+    for key, value in _nested(overrides, cls).items():
+        _merge(data, key, value)
+    try:
+        return config_from_dict(cls, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{overrides_source}: {exc}") from None
+
+
+def _merge(data: dict, key: str, value: Any) -> None:
+    if isinstance(value, dict) and isinstance(data.get(key), dict):
+        for k, v in value.items():
+            _merge(data[key], k, v)
+    else:
+        data[key] = value
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -271,7 +294,10 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
 
 
 def to_flat(config: Any, prefix: str = "") -> dict[str, Any]:
-    """Flat, dotted, kebab-case keys (Flower run_config style); tuples become lists."""
+    """Flat, dotted, kebab-case keys with scalar values (Flower's run_config and ConfigRecords): a
+    tuple or list becomes comma-separated text (class names and setting names hold no comma), one
+    item with a trailing comma (``"cat,"``), so that a field taking a preset name or a list of
+    class names reads it back as the list it was."""
     flat: dict[str, Any] = {}
     for f in fields(config):
         value = getattr(config, f.name)
@@ -279,16 +305,49 @@ def to_flat(config: Any, prefix: str = "") -> dict[str, Any]:
         if is_dataclass(value):
             flat.update(to_flat(value, key + "."))
         else:
-            flat[key] = list(value) if isinstance(value, tuple) else value
+            flat[key] = ",".join(map(str, value)) + ("," if len(value) == 1 else "") if isinstance(value, (tuple, list)) else value
     return flat
 
 
-def from_flat(flat: dict[str, Any], cls: type = ExperimentConfig) -> Any:
-    """Inverse of to_flat: a nested, typed config from flat kebab-case keys."""
+def from_flat(flat: dict[str, Any], cls: type = ExperimentConfig, source: str = "") -> Any:
+    """Inverse of :func:`to_flat` (also accepts real lists); errors name ``source`` and the key."""
+    try:
+        return config_from_dict(cls, _nested(flat, cls))
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
+
+
+def _nested(flat: dict[str, Any], cls: type) -> dict:
+    """Flat dotted keys (kebab or snake case) as a nested dict; text for a list field (or for a
+    field that takes a name or a list, when it holds a comma) split at its commas."""
     nested: dict = {}
     for key, value in flat.items():
-        _set_dotted(nested, key.replace("-", "_"), value)
-    return config_from_dict(cls, nested)
+        parts = key.replace("-", "_").split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {'.'.join(parts[:-1])} is not a section")
+        if isinstance(value, str) and _takes_list(cls, parts, comma="," in value):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        node[parts[-1]] = value
+    return nested
+
+
+def _takes_list(cls: type, parts: Sequence[str], *, comma: bool) -> bool:
+    for part in parts:
+        if not is_dataclass(cls):
+            return False
+        annotation = _type_hints(cls).get(part)
+        if annotation is None:
+            return False
+        cls = annotation
+    origin = typing.get_origin(cls)
+    if origin in (tuple, list):
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return comma and any(typing.get_origin(a) in (tuple, list) for a in typing.get_args(cls))
+    return False
 
 
 def parse_overrides(pairs: Sequence[str] | None, source: str = "--set") -> dict[str, Any]:

@@ -1,14 +1,8 @@
-"""Many customers, one manufacturer: the population, the federation's config and the work of
-each side, in plain torch (docs/design.md sections 4 and 7). ``clients/`` and ``server/`` wrap these
-in Flower's ClientApp and ServerApp; nothing here imports flwr or ray.
+"""Many customers, one manufacturer: the work of each side, in plain torch (docs/design.md
+sections 4 and 7). ``clients/`` and ``server/`` wrap these in Flower's ClientApp and ServerApp;
+nothing here imports flwr or ray. The federation's config is :mod:`diredi_sim.federation_config`,
+its customers :mod:`diredi_sim.population`.
 
-- :class:`PopulationConfig` / :func:`build_population`: customers listed one by one (split
-  presets such as ``exp1``, or class names joined by ``+``) followed by ``generated`` customers
-  drawn from a seed, each adding one or more private classes outside the presumed set and
-  possibly dropping presumed ones. A customer's partition id is its index in that list.
-- :meth:`FederationConfig.seeds`: a customer's seeds, from (run seed, partition id, replicate)
-  by :func:`diredi_sim.seeds.derive_seed`; partition 0 of replicate 0 uses the run seed's, so
-  that a one-customer federation repeats :func:`diredi_sim.pipeline.run_pipeline` exactly.
 - :func:`customer_work`: the customer's step (RD B, RD A, delta) on its own data;
   :func:`privatize_delta`: local differential privacy on that delta, when configured.
 - The two sides' work after a delta came up, each on its own data (plain arguments in, plain
@@ -25,368 +19,32 @@ in Flower's ClientApp and ServerApp; nothing here imports flwr or ray.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from diredi_sim.compute import configure_process
-from diredi_sim.config import ConfigError, DataConfig, TrainConfig, _check, check_device, config_from_dict, read_toml, to_flat
 from diredi_sim.data import VOC_CLASSES
-from diredi_sim.data.splits import SPLIT_PRESETS, resolve_split
+from diredi_sim.data.splits import resolve_split
 from diredi_sim.datasets import DataSets, select_customer_data
-from diredi_sim.deltas import COMPRESSIONS, MERGE_RULES, check_delta, compute_norm, count_state_bytes, merge_deltas, privatize
+from diredi_sim.federation_config import FederationConfig
+from diredi_sim.deltas import check_delta, compute_norm, count_state_bytes, merge_deltas, privatize
 from diredi_sim.flow import Step, distill_c_training_data, redistill, review_update, run_customer
 from diredi_sim.logs import customer_tag
 from diredi_sim.models import build_detector
+from diredi_sim.population import Customer, pick_share
 from diredi_sim.runs import to_jsonable
-from diredi_sim.seeds import Seeds
-from diredi_sim.settings import ClassSets, PipelineConfig, DISTILL_C_MODES, load_pipeline_config
+from diredi_sim.settings import ClassSets, PipelineConfig
 from diredi_sim.stages import StageRecorder
 from diredi_sim.table import (assemble_rows, compute_knowledge, distill_c_row, evaluate_row, measure_on_customer, measure_on_manufacturer)
 from diredi_sim.train import Reporting, evaluate_detector, finetune
 from diredi_sim.verify import Verdict, verify_model, verify_update
 
 logger = logging.getLogger(__name__)
-
-PARTITIONS = ("shared", "disjoint")
-SELECTIONS = ("all", "krum", "multikrum")
-
-
-@dataclass(frozen=True)
-class PopulationConfig:
-    """The customers: ``customers`` listed one by one, then ``generated`` more from ``seed``."""
-
-    customers: tuple[str, ...] = ("exp1", "exp2")  # split presets, or class names joined by '+' ("aeroplane+bus+cat")
-    generated: int = 2  # customers drawn from `seed` after the listed ones
-    seed: int = 0
-    max_private: int = 2  # a generated customer adds 1..max_private private classes
-    drop_probability: float = 0.25  # each presumed class is dropped with this probability (at least one is kept)
-    partition: str = "shared"  # shared: each customer holds every image of its split; disjoint: images dealt out by partition id
-
-    def __post_init__(self):
-        _check(self.generated >= 0, "population.generated", self.generated, "must be >= 0")
-        _check(len(self.customers) + self.generated >= 1, "population.customers", self.customers,
-               "the population is empty: list customers or set population.generated >= 1")
-        _check(self.max_private >= 1, "population.max_private", self.max_private, "must be >= 1")
-        _check(0 <= self.drop_probability <= 1, "population.drop_probability", self.drop_probability, "must be in [0, 1]")
-        _check(self.partition in PARTITIONS, "population.partition", self.partition, f"must be one of {list(PARTITIONS)}")
-        for spec in self.customers:
-            try:
-                parse_customer(spec)
-            except ValueError as exc:
-                raise ConfigError(f"population.customers: {spec!r}: {exc}") from None
-
-
-@dataclass(frozen=True)
-class SimulationConfig:
-    """How the federation runs (Flower's simulation engine on Ray)."""
-
-    num_rounds: int = 1
-    fraction_train: float = 1.0  # customers sampled per round
-    merge: str = "mean"  # how accepted deltas update the shared tutor: sum | mean | median | trimmed_mean
-    trim_fraction: float = 0.2  # trimmed_mean: share cut at each end
-    clip_norm: float = 0.0  # clip each delta to this norm before merging (0: off)
-    # merge = "mean" weights: equal (the default: nothing a customer says about itself weighs more),
-    # or examples (its reported training images, clipped to [1, max_examples])
-    merge_weights: str = "equal"
-    max_examples: int = 100_000
-    select: str = "all"  # which accepted deltas are merged: all | krum | multikrum (Flower's selection)
-    num_malicious: int = 0  # krum / multikrum: customers assumed malicious (f)
-    num_selected: int = 0  # multikrum: deltas kept (0: n - f)
-    # Local differential privacy on each customer's delta before it goes up: L2 clipping of the
-    # whole delta to dp_clip_norm, then Gaussian noise of std dp_noise_multiplier * dp_clip_norm.
-    dp_clip_norm: float = 0.0  # 0: off
-    dp_noise_multiplier: float = 0.0  # 0: clipping only
-    # How the delta travels (after DP, when on): none (float32) | fp16 | int8 (per-tensor symmetric)
-    # | topk / topk-int8 (per tensor the topk_fraction largest entries, fp16 / int8 values, int32 indices).
-    uplink_compression: str = "none"
-    topk_fraction: float = 0.1
-    deploy_mode: str = "public+private"  # whose Distill C edge model a customer receives next round
-    distill_rejected: bool = False  # Distill C for a rejected update too (from the unchanged tutor), to show
-    # what the customer would have got; either way a rejected customer keeps its edge model
-    client_cpus: float = 1.0  # Ray resources per customer actor
-    client_gpus: float = 0.0
-    client_threads: int = 1  # torch threads inside a customer actor
-    num_cpus: int = 0  # CPUs Ray may use (0: all of this machine's)
-    ray_address: str = ""  # an existing Ray cluster ("auto" or host:port); "" = a local Ray bound to 127.0.0.1
-    server_workers: int = 0  # processes for the manufacturer's per-customer steps (0: min(customers, CPUs))
-    round_timeout: float = 86400.0  # seconds the server waits for a round's replies
-    max_uplink_bytes: int = 1 << 30  # a reply's payload above this is rejected before it is decoded (also: the tutor's neck+head size)
-
-    def __post_init__(self):
-        _check(self.num_rounds >= 1, "simulation.num_rounds", self.num_rounds, "must be >= 1")
-        _check(0 < self.fraction_train <= 1, "simulation.fraction_train", self.fraction_train, "must be in (0, 1]")
-        _check(self.merge in MERGE_RULES, "simulation.merge", self.merge, f"must be one of {list(MERGE_RULES)}")
-        _check(0 <= self.trim_fraction < 0.5, "simulation.trim_fraction", self.trim_fraction, "must be in [0, 0.5)")
-        _check(self.clip_norm >= 0, "simulation.clip_norm", self.clip_norm, "must be >= 0")
-        _check(self.select in SELECTIONS, "simulation.select", self.select, f"must be one of {list(SELECTIONS)}")
-        _check(self.merge_weights in ("equal", "examples"), "simulation.merge_weights", self.merge_weights,
-               "must be 'equal' or 'examples'")
-        _check(self.max_examples >= 1, "simulation.max_examples", self.max_examples, "must be >= 1")
-        _check(self.num_malicious >= 0, "simulation.num_malicious", self.num_malicious, "must be >= 0")
-        _check(self.num_selected >= 0, "simulation.num_selected", self.num_selected, "must be >= 0")
-        _check(self.dp_clip_norm >= 0, "simulation.dp_clip_norm", self.dp_clip_norm, "must be >= 0")
-        _check(self.dp_noise_multiplier >= 0, "simulation.dp_noise_multiplier", self.dp_noise_multiplier, "must be >= 0")
-        _check(self.dp_noise_multiplier == 0 or self.dp_clip_norm > 0, "simulation.dp_noise_multiplier",
-               self.dp_noise_multiplier, "needs simulation.dp_clip_norm > 0 (the noise is a multiple of the clipping norm)")
-        _check(self.uplink_compression in COMPRESSIONS, "simulation.uplink_compression", self.uplink_compression,
-               f"must be one of {list(COMPRESSIONS)}")
-        _check(0 < self.topk_fraction <= 1, "simulation.topk_fraction", self.topk_fraction, "must be in (0, 1]")
-        _check(self.deploy_mode in DISTILL_C_MODES, "simulation.deploy_mode", self.deploy_mode, f"must be one of {list(DISTILL_C_MODES)}")
-        _check(self.client_cpus > 0, "simulation.client_cpus", self.client_cpus, "must be > 0")
-        _check(self.client_gpus >= 0, "simulation.client_gpus", self.client_gpus, "must be >= 0")
-        _check(self.client_threads >= 1, "simulation.client_threads", self.client_threads, "must be >= 1")
-        _check(self.num_cpus >= 0, "simulation.num_cpus", self.num_cpus, "must be >= 0")
-        _check(self.server_workers >= 0, "simulation.server_workers", self.server_workers, "must be >= 0")
-        _check(self.round_timeout > 0, "simulation.round_timeout", self.round_timeout, "must be > 0")
-        _check(self.max_uplink_bytes > 0, "simulation.max_uplink_bytes", self.max_uplink_bytes, "must be > 0")
-
-
-METHODS = ("diredi", "fedavg", "fedprox", "direct", "local")  # the built-in methods (experiments/methods/), compare's default
-
-
-@dataclass(frozen=True)
-class BaselineConfig:
-    """The methods DiReDi is compared with, on the same customers, splits and seeds."""
-
-    methods: tuple[str, ...] = METHODS  # what `diredi-sim compare` runs
-    rounds: int = 3  # rounds of FedAvg, FedProx and the other Flower strategies
-    local: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=1, lr=0.001, warmup_steps=10, eval_every=100, max_train_images=600, max_eval_images=100))
-    # ^ a FedAvg / FedProx customer's fine-tuning per round; local fine-tuning runs it for `rounds` times the epochs
-    proximal_mu: float = 0.01  # FedProx
-    # the Flower strategies' parameters, STRATEGY.PARAMETER=VALUE pairs separated by spaces
-    # ("fedadam.eta=0.01 krum.num_malicious_nodes=1"); checked against each strategy's constructor
-    strategy_args: str = ""
-
-    def __post_init__(self):
-        _check(bool(self.methods) and len(set(self.methods)) == len(self.methods), "baselines.methods", self.methods,
-               "must be one or more distinct method names (registered in experiments/methods/; compare checks them)")
-        _check(self.rounds >= 1, "baselines.rounds", self.rounds, "must be >= 1")
-        _check(self.proximal_mu >= 0, "baselines.proximal_mu", self.proximal_mu, "must be >= 0")
-
-
-@dataclass(frozen=True)
-class SDDistConfig:
-    """SD-Dist (experiments/methods/sddist.py, diredi_sim/sddist.py): SQMD's messenger distillation
-    on the manufacturer's public reference images, for ``baselines.rounds`` rounds."""
-
-    q: int = 3  # the customers of lowest loss on the labelled reference set that may be peers (Q)
-    k: int = 2  # peers averaged for each customer, the nearest among the top q by KL (K); k < q
-    temperature: float = 3.0  # T of the KL between reference outputs
-    rho: float = 0.9  # the customer's loss: (1 - rho) * task + rho * KL(peer mean || own)
-    reference_images: int = 32  # the public reference set: the first this many public images of data.val_set
-    # MobileNetV2 width of each customer's edge model, comma-separated, dealt out by partition id
-    # ("0.5,0.75": even ids 0.5, odd 0.75); "" = the deployed edge's width for every customer
-    edge_widths: str = ""
-
-    def __post_init__(self):
-        _check(self.q >= 2, "sddist.q", self.q, "must be >= 2 (a customer needs a peer other than itself among the top q)")
-        _check(1 <= self.k < self.q, "sddist.k", self.k, f"must be in [1, sddist.q - 1] = [1, {self.q - 1}]")
-        _check(self.temperature > 0, "sddist.temperature", self.temperature, "must be > 0")
-        _check(0 <= self.rho <= 1, "sddist.rho", self.rho, "must be in [0, 1]")
-        _check(self.reference_images >= 1, "sddist.reference_images", self.reference_images, "must be >= 1")
-        try:
-            widths = self.widths
-        except ValueError:
-            widths = (0.0,)
-        _check(all(0 < w < float("inf") for w in widths), "sddist.edge_widths", self.edge_widths,
-               "must be positive numbers separated by commas (e.g. \"0.5,0.75\"), or \"\"")
-
-    @property
-    def widths(self) -> tuple[float, ...]:
-        return tuple(float(w) for w in self.edge_widths.split(",") if w.strip())
-
-
-@dataclass(frozen=True)
-class CEMAConfig:
-    """CEMA (experiments/methods/cema.py, diredi_sim/cema.py): test-time adaptation of the deployed
-    edge under shift, from the customer's uploaded images. Defaults: CEMA's conf/cema.conf."""
-
-    corruptions: tuple[str, ...] = ("gaussian_noise", "gaussian_blur", "contrast", "jpeg")  # customer i: corruptions[i % n]
-    severity: int = 3  # 1-5
-    top_k: int = 10  # locations per image whose class scores define its entropy (diredi_sim/cema.py)
-    ent_low: float = 0.0  # E_min = ent_low * ln C (CEMA: none)
-    ent_high: float = 0.4  # E_max = ent_high * ln C
-    warm_up_images: int = 0  # after this many stream images E_max follows the mean entropy (0: fixed, as CEMA's conf)
-    ent_high_coeff: float = 0.6  # the dynamic E_max's factor
-    d_margin: float = 0.05  # drop an image whose class profile has cosine >= 1 - d_margin with the EMA of kept ones
-    batch_size: int = 32  # stream batch at the customer, new images per manufacturer step
-    replay_per_step: int = 96  # replayed images added to each step's new ones (0: no replay)
-    replay_start: int = 256  # replay once the buffer holds this many images
-    replay_capacity: int = 10_000
-    alpha: float = 3.0  # entropy
-    beta: float = 3.0  # T^2 KL(tutor || edge)
-    gamma: float = 1.0  # CE against the tutor's argmax
-    temperature: float = 1.0
-    edge_lr: float = 0.0025  # SGD, momentum 0.9, on the edge's norm-affine parameters
-    tutor_lr: float = 0.00025  # the same on the tutor's
-    max_stream_images: int = 0  # the customer's train images streamed (0: all)
-
-    def __post_init__(self):
-        from diredi_sim.cema import CORRUPTIONS
-
-        _check(bool(self.corruptions) and all(c in CORRUPTIONS for c in self.corruptions), "cema.corruptions",
-               self.corruptions, f"must be one or more of {sorted(CORRUPTIONS)}")
-        _check(1 <= self.severity <= 5, "cema.severity", self.severity, "must be 1-5")
-        _check(self.top_k >= 1, "cema.top_k", self.top_k, "must be >= 1")
-        _check(0 <= self.ent_low < self.ent_high, "cema.ent_low", self.ent_low, "must be >= 0 and below cema.ent_high")
-        _check(self.ent_high <= 1, "cema.ent_high", self.ent_high, "must be in (cema.ent_low, 1] (ln C is the largest entropy)")
-        _check(self.warm_up_images >= 0, "cema.warm_up_images", self.warm_up_images, "must be >= 0")
-        _check(self.ent_high_coeff > 0, "cema.ent_high_coeff", self.ent_high_coeff, "must be > 0")
-        _check(0 <= self.d_margin <= 1, "cema.d_margin", self.d_margin, "must be in [0, 1]")
-        _check(self.batch_size >= 1, "cema.batch_size", self.batch_size, "must be >= 1")
-        _check(self.replay_per_step >= 0, "cema.replay_per_step", self.replay_per_step, "must be >= 0")
-        _check(self.replay_start >= 0, "cema.replay_start", self.replay_start, "must be >= 0")
-        _check(self.replay_capacity >= 1, "cema.replay_capacity", self.replay_capacity, "must be >= 1")
-        for key in ("alpha", "beta", "gamma"):
-            _check(getattr(self, key) >= 0, f"cema.{key}", getattr(self, key), "must be >= 0")
-        _check(self.temperature > 0, "cema.temperature", self.temperature, "must be > 0")
-        _check(self.edge_lr > 0, "cema.edge_lr", self.edge_lr, "must be > 0")
-        _check(self.tutor_lr > 0, "cema.tutor_lr", self.tutor_lr, "must be > 0")
-        _check(self.max_stream_images >= 0, "cema.max_stream_images", self.max_stream_images, "must be >= 0")
-
-
-@dataclass(frozen=True)
-class FederationConfig:
-    """One experiment of the Flower simulation (``diredi-sim simulate CONFIG``, ``flwr run .``)."""
-
-    name: str = "federation"
-    seed: int = 0
-    preset: str = "cpu"
-    runs_dir: str = "runs"
-    threads: int = 0  # torch threads of the server process; 0 = torch's default
-    device: str = "auto"  # cpu | cuda | cuda:N | auto (the GPU each process sees, else the CPU); see diredi_sim/compute.py
-    data: DataConfig = field(default_factory=DataConfig)
-    pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # pipeline.customer is unused: see population
-    population: PopulationConfig = field(default_factory=PopulationConfig)
-    simulation: SimulationConfig = field(default_factory=SimulationConfig)
-    baselines: BaselineConfig = field(default_factory=BaselineConfig)
-    cema: CEMAConfig = field(default_factory=CEMAConfig)
-    sddist: SDDistConfig = field(default_factory=SDDistConfig)
-    replicate: int = 0  # the customers' seeds of replicate k differ; the manufacturer's models stay (compare --seeds)
-    tensorboard: bool = False  # also write the run's metrics rows as TensorBoard scalars to <run>/tensorboard/ (needs tensorboard)
-
-    def seeds(self, partition_id: int) -> Seeds:
-        """Customer ``partition_id``'s seeds in this replicate (:func:`diredi_sim.seeds.derive_seed`)."""
-        return Seeds(self.seed, partition_id, self.replicate)
-
-    def __post_init__(self):
-        _check(self.preset in ("cpu", "paper"), "preset", self.preset, "must be 'cpu' or 'paper'")
-        _check(self.threads >= 0, "threads", self.threads, "must be >= 0")
-        check_device(self.device)
-        _check(self.simulation.deploy_mode in self.pipeline.distill_c_modes, "simulation.deploy_mode",
-               self.simulation.deploy_mode, f"must be one of pipeline.distill_c_modes {list(self.pipeline.distill_c_modes)}")
-
-
-def federation_config_from_dict(data: dict, source: str = "") -> FederationConfig:
-    """A typed FederationConfig from a nested dict (a TOML document); errors name the key."""
-    data = dict(data)
-    pipeline_table = data.pop("pipeline", {})
-    try:
-        pipeline = load_pipeline_config(pipeline_table)
-        config = config_from_dict(FederationConfig, data)
-        return replace(config, pipeline=pipeline)
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
-
-
-def load_federation_config(path: str | Path, overrides: dict[str, Any] | None = None,
-                           overrides_source: str = "--set") -> FederationConfig:
-    """Read a federation TOML file; ``overrides`` are flat dotted keys (``simulation.num-rounds``).
-    The file is checked alone first, so an error names the file or ``overrides_source``."""
-    flat = to_flat_dict(read_toml(path))
-    config = federation_from_flat(flat, source=str(path))
-    if not overrides:
-        return config
-    return federation_from_flat({**flat, **{k.replace("_", "-"): v for k, v in overrides.items()}}, source=overrides_source)
-
-
-def to_flat_dict(data: dict, prefix: str = "") -> dict[str, Any]:
-    """A nested dict (TOML) as flat dotted kebab-case keys."""
-    flat = {}
-    for key, value in data.items():
-        name = prefix + key.replace("_", "-")
-        if isinstance(value, dict):
-            flat.update(to_flat_dict(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def federation_to_flat(config: FederationConfig) -> dict[str, Any]:
-    """The config as Flower run_config / ConfigRecord values: flat keys, scalars only (lists
-    become comma-separated strings; a customer's '+'-joined class names stay as they are)."""
-    flat = to_flat(config)
-    return {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in flat.items()}
-
-
-def federation_from_flat(flat: dict[str, Any], source: str = "") -> FederationConfig:
-    """Inverse of :func:`federation_to_flat`; also accepts real lists (a TOML file's)."""
-    list_keys = {k for k, v in to_flat(FederationConfig()).items() if isinstance(v, list)}  # comma-separated when flat
-    nested: dict = {}
-    for key, value in flat.items():
-        name = key.replace("_", "-")
-        if isinstance(value, str) and (name in list_keys or (name in _SPLIT_KEYS and "," in value)):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        parts = key.replace("-", "_").split(".")
-        node = nested
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{source + ': ' if source else ''}{key}: {'.'.join(parts[:-1])} is not a section")
-        node[parts[-1]] = value
-    return federation_config_from_dict(nested, source)
-
-
-# Keys that hold a split: a preset name, or class names (a list, comma-separated in the flat form).
-_SPLIT_KEYS = {"pipeline.customer", "pipeline.teacher-split", "pipeline.presumed-split"}
-
-
-# --------------------------------------------------------------------------------- population
-
-
-@dataclass(frozen=True)
-class Customer:
-    partition_id: int
-    name: str  # the preset or the '+'-joined class names it was listed as; "generated-<i>" otherwise
-    classes: tuple[str, ...]  # the customer's target classes, VOC order
-
-    def class_sets(self, pipeline: PipelineConfig) -> ClassSets:
-        return ClassSets.of(self.classes, pipeline.presumed_split, pipeline.teacher_split)
-
-
-def parse_customer(spec: str) -> tuple[str, ...]:
-    """``exp1`` (a split preset) or ``aeroplane+bus+cat`` (class names) -> class names in VOC order."""
-    names = resolve_split(spec) if spec in SPLIT_PRESETS else resolve_split([s.strip() for s in spec.split("+") if s.strip()])
-    return tuple(n for n in VOC_CLASSES if n in names)
-
-
-def build_population(population: PopulationConfig, presumed_split="presumed") -> list[Customer]:
-    """The listed customers, then the generated ones (deterministic from ``population.seed``)."""
-    customers = [Customer(i, spec, parse_customer(spec)) for i, spec in enumerate(population.customers)]
-    presumed = resolve_split(presumed_split)
-    outside = [c for c in VOC_CLASSES if c not in presumed]
-    rng = random.Random(population.seed)
-    for j in range(population.generated):
-        private = rng.sample(outside, rng.randint(1, min(population.max_private, len(outside))))
-        kept = [c for c in presumed if rng.random() >= population.drop_probability] or [rng.choice(presumed)]
-        names = set(private) | set(kept)
-        customers.append(Customer(len(customers), f"generated-{j}", tuple(n for n in VOC_CLASSES if n in names)))
-    return customers
-
-
-def pick_share(population: PopulationConfig, partition_id: int, num_customers: int):
-    """The customer's share of a split's images: all (``shared``) or every n-th (``disjoint``)."""
-    if population.partition == "shared":
-        return lambda records: records
-    return lambda records: [r for i, r in enumerate(records) if i % num_customers == partition_id]
 
 
 def effective_pipeline(config: FederationConfig, customer: Customer) -> PipelineConfig:
@@ -733,11 +391,8 @@ def reply_problems(delta: dict[str, Tensor], tutor_state: dict[str, Tensor]) -> 
 
 
 __all__ = [
-    "PopulationConfig", "SimulationConfig", "FederationConfig", "Customer", "build_population", "parse_customer",
-    "pick_share", "effective_pipeline", "customer_work", "privatize_delta", "manufacturer_review", "merge_accepted",
+    "effective_pipeline", "customer_work", "privatize_delta", "manufacturer_review", "merge_accepted",
     "customer_redistill", "review_edge", "customer_evaluate", "rows_to_metrics", "rows_from_metrics", "combine_round",
-    "round_in_one_process", "evaluation_models",
-    "load_federation_config", "federation_config_from_dict", "federation_to_flat", "federation_from_flat",
-    "reply_problems", "verdict_to_dict", "BaselineConfig", "METHODS", "baseline_customer_work", "evaluate_for_customer",
-    "count_state_bytes", "load_model", "to_flat_dict",
+    "round_in_one_process", "evaluation_models", "reply_problems", "verdict_to_dict", "baseline_customer_work",
+    "evaluate_for_customer", "count_state_bytes", "load_model", "customer_step", "merge_round",
 ]

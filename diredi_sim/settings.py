@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
-from diredi_sim.config import ConfigError, TrainConfig, WeightsConfig, config_from_dict
+from diredi_sim.config import ConfigError, TrainConfig, WeightsConfig
 from diredi_sim.data import VOC_CLASSES
 from diredi_sim.data.splits import resolve_split
 from diredi_sim.losses import FGDConfig
@@ -112,18 +112,6 @@ class PipelineConfig:
         check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
         check(0 <= self.score_threshold <= 1, "score_threshold", "must be in [0, 1]")
         check(self.max_eval_images >= 0, "max_eval_images", "must be >= 0")
-
-
-def load_pipeline_config(table: dict, prefix: str = "pipeline.") -> PipelineConfig:
-    """A PipelineConfig from a TOML table; unknown keys and wrong types name the key."""
-    try:
-        return config_from_dict(PipelineConfig, table, prefix=prefix)
-    except ConfigError:
-        raise
-    except ValueError as exc:  # VerifyConfig and FGDConfig check their values with ValueError
-        raise ConfigError(f"{prefix}{exc}") from None
-
-
 
 
 @dataclass(frozen=True)

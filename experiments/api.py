@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diredi_sim.config import ConfigError, ExperimentConfig, from_flat, to_flat
-from diredi_sim.federation import FederationConfig, federation_from_flat, federation_to_flat, load_federation_config
+from diredi_sim.config import ConfigError, ExperimentConfig, from_flat, load_config, to_flat
+from diredi_sim.federation_config import FederationConfig
 from diredi_sim.settings import PipelineConfig
 from diredi_sim.tidy import read_results_csv
 from experiments.offline import stay_offline
@@ -95,9 +95,9 @@ def load_federation(config: str | Path | FederationConfig, overrides: dict[str, 
         ConfigError: an unknown key or a wrong type, named.
     """
     if isinstance(config, FederationConfig):
-        flat = {**federation_to_flat(config), **{k.replace("_", "-"): v for k, v in (overrides or {}).items()}}
-        return federation_from_flat(flat, source="overrides")
-    return load_federation_config(config, overrides)
+        flat = {**to_flat(config), **{k.replace("_", "-"): v for k, v in (overrides or {}).items()}}
+        return from_flat(flat, FederationConfig, source="overrides")
+    return load_config(config, overrides, cls=FederationConfig)
 
 
 def load_paper_job(experiment: str, config: str | Path | ExperimentConfig | None = None,

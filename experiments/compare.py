@@ -23,7 +23,7 @@ from pathlib import Path
 
 from diredi_sim.compute import configure_process
 from diredi_sim.config import ConfigError
-from diredi_sim.federation import FederationConfig
+from diredi_sim.federation_config import FederationConfig
 from diredi_sim.progress import Tracker, Unit, plan_units
 from diredi_sim.runs import Run, atomic_write_text, require_tensorboard, to_jsonable
 from diredi_sim.tidy import tidy_rows, write_results_csv

@@ -18,18 +18,18 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 
 from diredi_sim.compute import configure_process
 from diredi_sim.seeds import Seeds
-from diredi_sim.config import ConfigError, ExperimentConfig, config_from_dict, read_config_table
+from diredi_sim.config import ConfigError, ExperimentConfig, load_config
 from diredi_sim.manufacturer import manufacturer_is_cached, plan_manufacturer
 from diredi_sim.pipeline import PipelineResult, plan_customer, run_pipeline
 from diredi_sim.progress import Tracker, plan_units
-from diredi_sim.settings import PipelineConfig, load_pipeline_config
+from diredi_sim.settings import PipelineConfig
 from diredi_sim.runs import Run, atomic_write_json, atomic_write_text, require_tensorboard, to_jsonable, write_config
 from diredi_sim.tidy import tidy_rows, write_results_csv
 from experiments.stats import paired_difference, summarize
@@ -51,23 +51,18 @@ def find_paper_config(experiment: str) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class PaperConfig(ExperimentConfig):
+    """A paper experiment's file: an experiment config and its ``[pipeline]`` section."""
+
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+
 def load_paper_config(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[ExperimentConfig, PipelineConfig]:
     """An experiment config and its ``[pipeline]`` section from TOML; ``overrides`` are flat
-    dotted keys (``pipeline.rd.epochs``, ``seed``). Works whether or not ExperimentConfig has a
-    ``pipeline`` field: if it has, the section is set on it too."""
-    path = Path(path)
-    data = read_config_table(path, overrides)
-    table = data.pop("pipeline", {})
-    try:
-        if not isinstance(table, dict):
-            raise ConfigError(f"pipeline: expected a table (section), got {table!r}")
-        pipeline = load_pipeline_config(table)
-        config = config_from_dict(ExperimentConfig, data)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    if "pipeline" in {f.name for f in fields(ExperimentConfig)}:
-        config = replace(config, pipeline=pipeline)
-    return config, pipeline
+    dotted keys (``pipeline.rd.epochs``, ``seed``)."""
+    config = load_config(path, overrides, cls=PaperConfig)
+    return ExperimentConfig(**{f.name: getattr(config, f.name) for f in fields(ExperimentConfig)}), config.pipeline
 
 
 def run_paper(config: ExperimentConfig, experiment: str, pipeline: PipelineConfig | None = None, *, progress: bool = True,

@@ -18,8 +18,8 @@ import re
 import shutil
 from pathlib import Path
 
-from diredi_sim.config import ConfigError
-from diredi_sim.federation import FederationConfig, federation_config_from_dict
+from diredi_sim.config import ConfigError, config_from_dict
+from diredi_sim.federation_config import FederationConfig
 from diredi_sim.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl, strip_environment
 from server.ledger import STATE_FORMAT
 
@@ -48,7 +48,10 @@ def load_run_config(folder: str | Path) -> FederationConfig:
     data = _read_json(path)
     if not isinstance(data, dict) or "simulation" not in data or "population" not in data:
         raise ResumeError(f"{path} is not the config of a federation run (no simulation / population section)")
-    return federation_config_from_dict(strip_environment(data), source=str(path))
+    try:
+        return config_from_dict(FederationConfig, strip_environment(data))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def read_state(folder: str | Path) -> dict:

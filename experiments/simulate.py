@@ -16,7 +16,8 @@ import warnings
 from pathlib import Path
 
 from diredi_sim.compute import configure_process
-from diredi_sim.federation import FederationConfig, build_population
+from diredi_sim.population import build_population
+from diredi_sim.federation_config import FederationConfig
 from diredi_sim.datasets import DataSets
 from diredi_sim.manufacturer import manufacturer_is_cached, prepare_manufacturer
 from diredi_sim.runs import require_tensorboard

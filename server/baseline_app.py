@@ -16,10 +16,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp import strategy as flower
 
-from diredi_sim.config import ConfigError, parse_pairs
+from diredi_sim.config import ConfigError, parse_pairs, to_flat
 
-from diredi_sim.federation import (FederationConfig, build_population, count_state_bytes, federation_to_flat,
-                                   rows_from_metrics)
+from diredi_sim.population import build_population
+from diredi_sim.federation_config import FederationConfig
+from diredi_sim.federation import count_state_bytes, rows_from_metrics
 from diredi_sim.manufacturer import prepare_manufacturer
 from diredi_sim.table import compute_knowledge
 from diredi_sim.runs import Run, to_jsonable
@@ -150,7 +151,7 @@ def _run_rounds(grid: Grid, config: FederationConfig, method: str, outcome: Fede
     sim = config.simulation
     strategy = build_strategy(config, method, len(population))
     strategy.on_evaluated = on_evaluated
-    settings = ConfigRecord({**federation_to_flat(config), "method": method})  # the ClientApp dispatches on it
+    settings = ConfigRecord({**to_flat(config), "method": method})  # the ClientApp dispatches on it
     initial = ArrayRecord(maker.edge.state_dict())
     # round 0: the original edge at every customer (Flower's own evaluation starts after round 1)
     strategy.aggregate_evaluate(0, grid.send_and_receive(list(strategy.configure_evaluate(0, initial, settings, grid)),
@@ -159,7 +160,7 @@ def _run_rounds(grid: Grid, config: FederationConfig, method: str, outcome: Fede
         raise RuntimeError(f"{len(population) - len(reference)} customer(s) did not evaluate the original edge model (round 0): "
                            "no reference for gains; see metrics.jsonl")
     strategy.start(grid, initial_arrays=initial, num_rounds=config.baselines.rounds, timeout=sim.round_timeout,
-                   train_config=settings, evaluate_config=ConfigRecord({**federation_to_flat(config), "method": method}))
+                   train_config=settings, evaluate_config=ConfigRecord({**to_flat(config), "method": method}))
     last = max(r["round"] for r in rows)
     outcome.summary = [r for r in rows if r["round"] == last]
     run.write_json("summary.json", to_jsonable({"method": method, "customers": outcome.summary, "rounds": rows}))

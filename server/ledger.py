@@ -10,7 +10,8 @@ import json
 import math
 from pathlib import Path
 
-from diredi_sim.federation import FederationConfig, load_model
+from diredi_sim.federation_config import FederationConfig
+from diredi_sim.federation import load_model
 from diredi_sim.runs import (Run, atomic_write_bytes, atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint,
                              to_jsonable)
 from diredi_sim.table import distill_c_row

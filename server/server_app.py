@@ -24,9 +24,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from diredi_sim.compute import configure_process
-from diredi_sim.config import ConfigError, parse_pairs
-from diredi_sim.federation import (FederationConfig, SimulationConfig, build_population, federation_to_flat,
-                                   load_federation_config)
+from diredi_sim.config import ConfigError, load_config, parse_pairs, to_flat
+from diredi_sim.population import build_population
+from diredi_sim.federation_config import FederationConfig, SimulationConfig
 from diredi_sim.logs import ensure_logging
 from diredi_sim.manufacturer import prepare_manufacturer
 from diredi_sim.runs import Run, to_jsonable, write_config
@@ -74,7 +74,7 @@ def _run_rounds(grid: Grid, config: FederationConfig, outcome: FederationOutcome
         logger.info("resuming after round %d of %d", strategy.round_offset, config.simulation.num_rounds)
     try:
         strategy.start(grid, initial_arrays=ArrayRecord(tutor_state), num_rounds=config.simulation.num_rounds - strategy.round_offset,
-                       timeout=config.simulation.round_timeout, train_config=ConfigRecord(federation_to_flat(config)))
+                       timeout=config.simulation.round_timeout, train_config=ConfigRecord(to_flat(config)))
     finally:
         strategy.close()
     outcome.summary = strategy.ledger.summary_rows
@@ -133,7 +133,7 @@ def read_run_config(run_config: Mapping) -> tuple[FederationConfig, str]:
         raise ConfigError(f"run_config config-file = {name!r}: {path} is not a file (a relative path is read "
                           f"from the app's folder, {APP_ROOT})")
     overrides = parse_pairs(str(run_config.get("set", "")), source="run_config set")
-    return load_federation_config(path, overrides, overrides_source="run_config set"), method
+    return load_config(path, overrides, overrides_source="run_config set", cls=FederationConfig), method
 
 
 def warn_ray_only_settings(config: FederationConfig) -> list[str]:

@@ -41,7 +41,9 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
 from diredi_sim.deltas import decompress_delta, select_neck_head
-from diredi_sim.federation import (Customer, FederationConfig, combine_round, evaluation_models, manufacturer_review, merge_round,
+from diredi_sim.population import Customer
+from diredi_sim.federation_config import FederationConfig
+from diredi_sim.federation import (combine_round, evaluation_models, manufacturer_review, merge_round,
                                    reply_problems, review_edge, rows_from_metrics)
 from diredi_sim.logs import current_level, start_worker
 from diredi_sim.progress import Tracker, Unit, plan_units

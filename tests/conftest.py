@@ -46,7 +46,8 @@ def simulated(tmp_path_factory):
     import torch
 
     from diredi_sim.config import DataConfig
-    from diredi_sim.federation import FederationConfig, PopulationConfig, SimulationConfig
+    from diredi_sim.population import PopulationConfig
+    from diredi_sim.federation_config import FederationConfig, SimulationConfig
     from diredi_sim.settings import PipelineConfig
     from diredi_sim.verify import VerifyConfig
     from test_simulation import STAGE, TINY, child_processes

@@ -14,7 +14,8 @@ from diredi_sim.cema import (CORRUPTIONS, EntropyFilter, SimilarityFilter, compu
 from diredi_sim.config import ConfigError, DataConfig
 from diredi_sim.data.synthetic import SyntheticConfig
 from diredi_sim.datasets import DataSets
-from diredi_sim.federation import CEMAConfig, FederationConfig, PopulationConfig
+from diredi_sim.population import PopulationConfig
+from diredi_sim.federation_config import CEMAConfig, FederationConfig
 from diredi_sim.models import build_detector, extract_features
 from diredi_sim.train import build_loader
 

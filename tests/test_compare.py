@@ -12,7 +12,8 @@ import torch
 
 from diredi_sim.config import ConfigError, DataConfig, TrainConfig
 from diredi_sim.data.synthetic import SyntheticConfig
-from diredi_sim.federation import BaselineConfig, FederationConfig, PopulationConfig, SimulationConfig
+from diredi_sim.population import PopulationConfig
+from diredi_sim.federation_config import BaselineConfig, FederationConfig, SimulationConfig
 from diredi_sim.models import build_detector
 from diredi_sim.settings import PipelineConfig
 from diredi_sim.train import compute_proximal_losses
@@ -176,7 +177,8 @@ def test_a_registered_method_runs_through_compare(tmp_path):
     """Adding a method is one module that registers it (README, "Adding a method"): a toy method
     registered here runs through compare on the same customers and replicates, its rows
     summarised and stored like any method's; an unregistered name stops compare before it runs."""
-    from diredi_sim.federation import build_population, evaluate_for_customer
+    from diredi_sim.population import build_population
+    from diredi_sim.federation import evaluate_for_customer
     from diredi_sim.manufacturer import prepare_manufacturer
     from experiments.methods import REGISTRY, Method, register
 

@@ -96,7 +96,7 @@ def test_malformed_payloads_name_the_key(delta_and_shapes):
 
 def test_the_config_switch_is_checked():
     from diredi_sim.config import ConfigError
-    from diredi_sim.federation import SimulationConfig
+    from diredi_sim.federation_config import SimulationConfig
 
     assert SimulationConfig().uplink_compression == "none"
     with pytest.raises(ConfigError, match="simulation.uplink_compression = 'zip': must be one of"):

@@ -16,13 +16,13 @@ def write(tmp_path, text):
 def test_shipped_configs_load():
     from experiments.paper import load_paper_config
 
-    from diredi_sim.federation import FederationConfig, load_federation_config
+    from diredi_sim.federation_config import FederationConfig
 
     paths = sorted(CONFIGS.glob("*.toml"))
     assert {p.stem for p in paths} >= {"edge", "exp1", "exp2", "federation", "demo"}
     for path in paths:
         if path.stem in ("federation", "demo"):
-            assert isinstance(load_federation_config(path), FederationConfig)
+            assert isinstance(load_config(path, cls=FederationConfig), FederationConfig)
             continue
         config = load_paper_config(path)[0] if path.stem.startswith("exp") else load_config(path)
         assert isinstance(config, ExperimentConfig)
@@ -68,30 +68,52 @@ def test_flat_round_trip_and_overrides(tmp_path):
     assert overridden.train.batch_size == 2
 
 
+def test_every_config_root_goes_through_one_loader_and_one_flat_form():
+    """The three roots (an experiment, a federation, a paper experiment with its pipeline) are read
+    by the same ``load_config`` and carried in Flower's scalar form by the same ``to_flat`` /
+    ``from_flat``; a section's own check (VerifyConfig's) is named under its full key."""
+    from experiments.paper import PaperConfig
+
+    from diredi_sim.federation_config import FederationConfig
+
+    for cls, name in ((ExperimentConfig, "edge"), (FederationConfig, "federation"), (PaperConfig, "exp2")):
+        config = load_config(CONFIGS / f"{name}.toml", cls=cls)
+        flat = to_flat(config)
+        assert all(isinstance(v, (int, float, str, bool)) for v in flat.values()), name
+        assert from_flat(flat, cls) == config
+    paper = load_config(CONFIGS / "exp2.toml", cls=PaperConfig)
+    assert paper.pipeline.verify.critical_classes == ("aeroplane", "bus", "motorbike", "person")
+    assert to_flat(paper)["pipeline.verify.critical-classes"] == "aeroplane,bus,motorbike,person"
+    one_class = replace(paper, pipeline=replace(paper.pipeline, customer=("cat",)))  # a list of one class, not a preset
+    assert from_flat(to_flat(one_class), PaperConfig).pipeline.customer == ("cat",)
+    with pytest.raises(ConfigError, match=r"^--set: pipeline\.verify\.critical_classes: unknown class 'unicorn'"):
+        load_config(CONFIGS / "exp2.toml", {"pipeline.verify.critical-classes": "bus,unicorn"}, cls=PaperConfig)
+
+
 def test_every_number_of_a_config_must_be_finite():
     """A NaN threshold would switch its check off (every comparison with NaN is false): any
     non-finite number in a config is an error naming its key."""
-    from diredi_sim.federation import federation_from_flat
+    from diredi_sim.federation_config import FederationConfig
 
     for key in ("pipeline.verify.max-ap-drop", "simulation.round-timeout", "pipeline.rd.lr", "data.public-fraction"):
         for value in (float("nan"), float("inf"), float("-inf")):
             with pytest.raises(ConfigError, match=f"{key.replace('-', '_')} = {value!r}: must be a finite number"):
-                federation_from_flat({key: value})
+                from_flat({key: value}, FederationConfig)
 
 
 def test_a_section_given_in_part_keeps_its_own_defaults_for_the_rest(tmp_path):
     """``[baselines.local]`` has defaults of its own (1 epoch at lr 0.001, not TrainConfig's 12
     at 0.003): setting one of its keys, in a file or with --set, keeps the others."""
-    from diredi_sim.federation import BaselineConfig, FederationConfig, load_federation_config
+    from diredi_sim.federation_config import BaselineConfig, FederationConfig
 
     own = BaselineConfig().local
     path = tmp_path / "partial.toml"
     path.write_text("[baselines.local]\nmax_train_images = 7\n[pipeline.rd]\nepochs = 3\n")
-    config = load_federation_config(path)
+    config = load_config(path, cls=FederationConfig)
     assert config.baselines.local == replace(own, max_train_images=7)
     assert config.pipeline.rd == replace(FederationConfig().pipeline.rd, epochs=3)
-    overridden = load_federation_config(CONFIGS / "federation.toml", {"baselines.local.epochs": 2})
-    assert overridden.baselines.local == replace(load_federation_config(CONFIGS / "federation.toml").baselines.local, epochs=2)
+    overridden = load_config(CONFIGS / "federation.toml", {"baselines.local.epochs": 2}, cls=FederationConfig)
+    assert overridden.baselines.local == replace(load_config(CONFIGS / "federation.toml", cls=FederationConfig).baselines.local, epochs=2)
     assert (overridden.baselines.local.lr, overridden.baselines.local.warmup_steps) == (own.lr, own.warmup_steps) == (0.001, 10)
 
 

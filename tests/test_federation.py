@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from diredi_sim.config import ConfigError
+from diredi_sim.config import ConfigError, from_flat, load_config, to_flat
 from diredi_sim.data.splits import SPLIT_PRESETS
 from diredi_sim.seeds import Seeds, derive_seed
-from diredi_sim.federation import (FederationConfig, PopulationConfig, build_population, effective_pipeline,
-                                   federation_from_flat, federation_to_flat, load_federation_config, parse_customer,
-                                   pick_share)
+from diredi_sim.population import PopulationConfig, build_population, parse_customer, pick_share
+from diredi_sim.federation_config import FederationConfig
+from diredi_sim.federation import effective_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESUMED = set(SPLIT_PRESETS["presumed"])
@@ -69,20 +69,25 @@ def test_verification_spares_only_the_classes_a_customer_drops():
 
 
 def test_config_round_trips_through_flower_flat_form_and_names_bad_keys():
-    config = load_federation_config(ROOT / "experiments/configs/federation.toml")
-    flat = federation_to_flat(config)
+    config = load_config(ROOT / "experiments/configs/federation.toml", cls=FederationConfig)
+    flat = to_flat(config)
     assert all(isinstance(v, (bool, int, float, str)) for v in flat.values())  # what run_config / ConfigRecord hold
-    assert federation_from_flat(flat) == config
-    changed = federation_from_flat({**flat, "simulation.num-rounds": 3, "population.customers": "exp2,dog+cat",
-                                    "pipeline.verify.critical-classes": "bus,person"})
+    assert from_flat(flat, FederationConfig) == config
+    changed = from_flat({**flat, "simulation.num-rounds": 3, "population.customers": "exp2,dog+cat",
+                         "pipeline.verify.critical-classes": "bus,person", "pipeline.customer": "bus,cat"}, FederationConfig)
     assert changed.simulation.num_rounds == 3 and changed.population.customers == ("exp2", "dog+cat")
     assert changed.pipeline.verify.critical_classes == ("bus", "person")
+    assert changed.pipeline.customer == ("bus", "cat") and changed.pipeline.presumed_split == config.pipeline.presumed_split
+    # the same text through the file loader's overrides (Flower's run_config ``set``, ``--set``)
+    assert load_config(ROOT / "experiments/configs/federation.toml", {"population.customers": "exp2,dog+cat",
+                       "pipeline.customer": "bus,cat"}, cls=FederationConfig) == replace(
+        config, population=changed.population, pipeline=replace(config.pipeline, customer=("bus", "cat")))
     with pytest.raises(ConfigError, match=r"unknown key simulation.num_round\b"):
-        federation_from_flat({**flat, "simulation.num-round": 3})
+        from_flat({**flat, "simulation.num-round": 3}, FederationConfig)
     with pytest.raises(ConfigError, match=r"simulation.merge = 'krum'"):
-        federation_from_flat({**flat, "simulation.merge": "krum"})
+        from_flat({**flat, "simulation.merge": "krum"}, FederationConfig)
     with pytest.raises(ConfigError, match=r"pipeline.rd.epochs: expected an integer, got 'two'"):
-        load_federation_config(ROOT / "experiments/configs/federation.toml", {"pipeline.rd.epochs": "two"})
+        load_config(ROOT / "experiments/configs/federation.toml", {"pipeline.rd.epochs": "two"}, cls=FederationConfig)
     with pytest.raises(ConfigError, match="simulation.deploy_mode"):
         replace(config, pipeline=replace(config.pipeline, distill_c_modes=("public",)))
 

@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import strategy as flower
 
 from diredi_sim.config import ConfigError
-from diredi_sim.federation import BaselineConfig, FederationConfig
+from diredi_sim.federation_config import BaselineConfig, FederationConfig
 from server.baseline_app import STRATEGIES, build_strategy
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")

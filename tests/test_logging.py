@@ -116,7 +116,9 @@ def test_records_emitted_while_a_client_handles_a_message_name_the_customer(meth
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
     from clients import baseline_app, client_app
-    from diredi_sim.federation import FederationConfig, PopulationConfig, federation_to_flat
+    from diredi_sim.config import to_flat
+    from diredi_sim.population import PopulationConfig
+    from diredi_sim.federation_config import FederationConfig
 
     module = baseline_app if method == "fedavg" else client_app
     worker = logging.getLogger("diredi_sim.federation")
@@ -128,7 +130,7 @@ def test_records_emitted_while_a_client_handles_a_message_name_the_customer(meth
     monkeypatch.setattr(module, "customer_evaluate", evaluate_and_log)
     config = FederationConfig(population=PopulationConfig(customers=("exp1", "exp2"), generated=0))
     records = {"arrays" if method == "fedavg" else "edge": ArrayRecord()}
-    content = RecordDict({**records, "config": ConfigRecord({**federation_to_flat(config), "server-round": 1, "method": method})})
+    content = RecordDict({**records, "config": ConfigRecord({**to_flat(config), "server-round": 1, "method": method})})
     message = Message(content=content, dst_node_id=5, message_type="evaluate")
     context = Context(run_id=1, node_id=5, node_config={"partition-id": 1, "num-partitions": 2}, state=RecordDict(), run_config={})
     with Records() as handler:
@@ -143,7 +145,9 @@ def test_records_emitted_while_a_client_handles_a_message_name_the_customer(meth
 def test_customer_work_tags_its_lines_wherever_it_runs(caplog):
     """customer_work (called outside any handler here) tags its own records; its first line is
     emitted before any training starts, so the stand-in data stops it right after."""
-    from diredi_sim.federation import Customer, FederationConfig, customer_work
+    from diredi_sim.population import Customer
+    from diredi_sim.federation_config import FederationConfig
+    from diredi_sim.federation import customer_work
     from diredi_sim.models import build_detector
 
     class Stop(Exception):

@@ -8,7 +8,8 @@ import torch
 
 from diredi_sim.config import ConfigError
 from diredi_sim.deltas import compute_norm, privatize
-from diredi_sim.federation import FederationConfig, SimulationConfig, privatize_delta
+from diredi_sim.federation_config import FederationConfig, SimulationConfig
+from diredi_sim.federation import privatize_delta
 
 
 def make_delta(scale: float = 1.0) -> dict:

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from diredi_sim.config import DataConfig
-from diredi_sim.federation import FederationConfig, PopulationConfig, SimulationConfig
+from diredi_sim.population import PopulationConfig
+from diredi_sim.federation_config import FederationConfig, SimulationConfig
 from diredi_sim.settings import PipelineConfig
 from experiments.processes import descendants
 from experiments.simulate import build_backend_config, run_simulate

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from diredi_sim.config import DataConfig
-from diredi_sim.federation import FederationConfig, PopulationConfig, SimulationConfig, build_population
+from diredi_sim.population import PopulationConfig, build_population
+from diredi_sim.federation_config import FederationConfig, SimulationConfig
 from diredi_sim.runs import Run, write_config
 from diredi_sim.settings import ClassSets
 from diredi_sim.table import distill_c_row

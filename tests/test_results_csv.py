@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from diredi_sim.config import ConfigError, DataConfig
-from diredi_sim.federation import BaselineConfig, FederationConfig, PopulationConfig, build_population
+from diredi_sim.population import PopulationConfig, build_population
+from diredi_sim.federation_config import BaselineConfig, FederationConfig
 from diredi_sim.models import build_detector
 from diredi_sim.runs import Run, read_git_commit
 from diredi_sim.table import distill_c_row

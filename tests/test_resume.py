@@ -352,7 +352,9 @@ def test_a_restored_strategy_numbers_rounds_on_and_sends_each_customer_its_own_e
     """After round 1 (customer 1's edge deployed), a new process: node ids are new, so the strategy
     asks the nodes who they are before the downlink, and customer 1 gets its own edge at once."""
     from diredi_sim.config import DataConfig
-    from diredi_sim.federation import FederationConfig, PopulationConfig, SimulationConfig, load_model
+    from diredi_sim.population import PopulationConfig
+    from diredi_sim.federation_config import FederationConfig, SimulationConfig
+    from diredi_sim.federation import load_model
     from diredi_sim.models import build_detector
     from diredi_sim.settings import PipelineConfig
     from diredi_sim.runs import Run, save_checkpoint

@@ -17,7 +17,9 @@ from diredi_sim.config import DataConfig, TrainConfig
 from diredi_sim.data.splits import resolve_split
 from diredi_sim.data.synthetic import SyntheticConfig
 from diredi_sim.deltas import compute_delta, compute_norm
-from diredi_sim.federation import FederationConfig, PopulationConfig, SimulationConfig, build_population, merge_accepted
+from diredi_sim.population import PopulationConfig, build_population
+from diredi_sim.federation_config import FederationConfig, SimulationConfig
+from diredi_sim.federation import merge_accepted
 from diredi_sim.models import build_detector
 from diredi_sim.datasets import DataSets
 from diredi_sim.settings import ClassSets, PipelineConfig

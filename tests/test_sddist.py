@@ -8,11 +8,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from diredi_sim.config import ConfigError, DataConfig
+from diredi_sim.config import ConfigError, DataConfig, config_from_dict, from_flat, to_flat
 from diredi_sim.data.synthetic import SyntheticConfig
 from diredi_sim.datasets import DataSets, pool_of
-from diredi_sim.federation import FederationConfig, PopulationConfig, SDDistConfig, federation_config_from_dict, federation_from_flat, \
-    federation_to_flat
+from diredi_sim.population import PopulationConfig
+from diredi_sim.federation_config import FederationConfig, SDDistConfig
 from diredi_sim.models import build_detector, count_parameters
 from diredi_sim.sddist import (build_customer_edge, build_reference_targets, build_upload, compute_bernoulli_kl, compute_distance,
                                compute_peer_losses, compute_reference_logits, count_message_bytes, load_reference_images,
@@ -167,13 +167,13 @@ def test_the_settings_are_checked_and_travel_in_the_flat_form(tiny_config):
         with pytest.raises(ConfigError, match=key):
             SDDistConfig(**changes)
     with pytest.raises(ConfigError, match="sddist.k"):
-        federation_config_from_dict({"sddist": {"q": 2, "k": 2}})
+        config_from_dict(FederationConfig, {"sddist": {"q": 2, "k": 2}})
     assert SDDistConfig(edge_widths="0.5, 0.75").widths == (0.5, 0.75) and SDDistConfig().widths == ()
     with pytest.raises(ConfigError, match=r"sddist.q = 3: must be <= the number of customers \(2\)"):
         check_sddist(replace(tiny_config, sddist=SDDistConfig(q=3, k=2)))
     check_sddist(tiny_config)
     config = replace(tiny_config, sddist=SDDistConfig(q=2, k=1, edge_widths="0.5,0.75"))
-    assert federation_from_flat(federation_to_flat(config)) == config
+    assert from_flat(to_flat(config), FederationConfig) == config
 
 
 def test_at_equal_compute_own_and_reference_batches_fill_the_budget():
@@ -190,7 +190,7 @@ def test_compare_runs_sddist_with_two_widths_and_counts_what_travelled(tiny_conf
     import json
 
     from diredi_sim.config import TrainConfig
-    from diredi_sim.federation import BaselineConfig
+    from diredi_sim.federation_config import BaselineConfig
     from diredi_sim.settings import PipelineConfig
     from experiments.compare import run_compare
 

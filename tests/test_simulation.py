@@ -16,8 +16,9 @@ import torch
 
 from diredi_sim.config import DataConfig, TrainConfig
 from diredi_sim.data.synthetic import SyntheticConfig
-from diredi_sim.federation import (FederationConfig, PopulationConfig, SimulationConfig, build_population,
-                                   effective_pipeline)
+from diredi_sim.population import PopulationConfig, build_population
+from diredi_sim.federation_config import FederationConfig, SimulationConfig
+from diredi_sim.federation import effective_pipeline
 from diredi_sim.datasets import export_pool
 from diredi_sim.pipeline import run_pipeline
 from diredi_sim.settings import PipelineConfig

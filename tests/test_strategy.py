@@ -10,10 +10,11 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from diredi_sim.config import DataConfig
+from diredi_sim.config import DataConfig, to_flat
 from diredi_sim.data.synthetic import SyntheticConfig
 from diredi_sim.deltas import select_neck_head
-from diredi_sim.federation import FederationConfig, PopulationConfig, SimulationConfig, build_population, federation_to_flat
+from diredi_sim.population import PopulationConfig, build_population
+from diredi_sim.federation_config import FederationConfig, SimulationConfig
 from diredi_sim.models import build_detector
 from diredi_sim.settings import PipelineConfig
 from diredi_sim.runs import Run, read_jsonl
@@ -115,7 +116,7 @@ def test_strategy_merges_accepted_deltas_and_records_everything_else(setup):
     tutor_state = {k: v.clone() for k, v in tutor.state_dict().items()}
     grid = FakeGrid([11, 12, 13, 14, 15, 16], {11: 0, 12: 1, 13: 2, 14: 3, 15: 0, 16: 3})
     arrays = ArrayRecord(tutor.state_dict())
-    messages = list(strategy.configure_train(1, arrays, ConfigRecord(federation_to_flat(config)), grid))
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord(to_flat(config)), grid))
     assert len(messages) == 6
     for message in messages:  # the downlink: tutor, this customer's edge, the settings
         assert set(message.content.keys()) == {"tutor", "edge", "config"}

@@ -11,11 +11,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from clients.client_app import app as client_app
-from diredi_sim.config import DataConfig, TrainConfig
+from diredi_sim.config import DataConfig, TrainConfig, to_flat
 from diredi_sim.data.synthetic import SyntheticConfig
 from diredi_sim.deltas import check_delta, compress_delta, compute_norm, decompress_delta, count_state_bytes, select_neck_head
-from diredi_sim.federation import (FederationConfig, PopulationConfig, SimulationConfig, federation_to_flat,
-                                   privatize_delta)
+from diredi_sim.population import PopulationConfig
+from diredi_sim.federation_config import FederationConfig, SimulationConfig
+from diredi_sim.federation import privatize_delta
 from diredi_sim.models import build_detector, part_of
 from diredi_sim.settings import PipelineConfig
 from server.strategy import DiReDiStrategy
@@ -36,7 +37,7 @@ def tiny_config(tmp_path, **simulation) -> FederationConfig:
 
 def send(config: FederationConfig, partition_id: int, kind: str, records: dict, app=client_app) -> Message:
     """One message of type ``kind`` through the ClientApp (``app``), as Flower delivers it."""
-    content = RecordDict({**records, "config": ConfigRecord({**federation_to_flat(config), "server-round": 1})})
+    content = RecordDict({**records, "config": ConfigRecord({**to_flat(config), "server-round": 1})})
     message = Message(content=content, dst_node_id=5, message_type=kind)
     context = Context(run_id=1, node_id=5, node_config={"partition-id": partition_id, "num-partitions": 2},
                       state=RecordDict(), run_config={})

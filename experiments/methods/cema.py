@@ -21,7 +21,9 @@ from diredi_sim.cema import run_cema, write_shifted
 from diredi_sim.compute import configure_process
 from diredi_sim.data.voc import ImageRecord
 from diredi_sim.datasets import DataSets
-from diredi_sim.federation import FederationConfig, build_population, evaluate_for_customer, load_model, pick_share
+from diredi_sim.population import build_population, pick_share
+from diredi_sim.federation_config import FederationConfig
+from diredi_sim.federation import evaluate_for_customer, load_model
 from diredi_sim.manufacturer import prepare_manufacturer
 from diredi_sim.runs import to_jsonable
 from diredi_sim.settings import ClassSets, PipelineConfig

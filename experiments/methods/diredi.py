@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from diredi_sim.federation import FederationConfig
+from diredi_sim.federation_config import FederationConfig
 from diredi_sim.table import distill_c_row
 from experiments.methods import Method, register
 

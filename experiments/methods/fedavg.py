@@ -8,7 +8,8 @@ import warnings
 from functools import partial
 from pathlib import Path
 
-from diredi_sim.federation import FederationConfig, build_population
+from diredi_sim.population import build_population
+from diredi_sim.federation_config import FederationConfig
 from experiments.methods import Method, register
 
 

@@ -12,7 +12,9 @@ from functools import partial
 
 from diredi_sim.compute import configure_process
 from diredi_sim.datasets import DataSets
-from diredi_sim.federation import FederationConfig, build_population, customer_step, evaluate_for_customer, load_model
+from diredi_sim.population import build_population
+from diredi_sim.federation_config import FederationConfig
+from diredi_sim.federation import customer_step, evaluate_for_customer, load_model
 from diredi_sim.flow import train_baseline
 from diredi_sim.manufacturer import prepare_manufacturer
 from experiments.methods import Method, equal_compute_budgets, register

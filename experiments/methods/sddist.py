@@ -24,7 +24,9 @@ from diredi_sim.config import ConfigError
 from diredi_sim.data import VOC_CLASSES
 from diredi_sim.data.splits import resolve_split
 from diredi_sim.datasets import DataSets, select_customer_data
-from diredi_sim.federation import (Customer, FederationConfig, build_population, evaluate_for_customer, pick_share)
+from diredi_sim.population import Customer, build_population, pick_share
+from diredi_sim.federation_config import FederationConfig
+from diredi_sim.federation import evaluate_for_customer
 from diredi_sim.manufacturer import prepare_manufacturer
 from diredi_sim.settings import ClassSets
 from diredi_sim.sddist import (build_customer_edge, build_reference_targets, build_upload, compute_peer_losses, count_message_bytes,
