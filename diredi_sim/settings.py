@@ -36,7 +36,7 @@ class PipelineConfig:
     presumed_split: str | tuple[str, ...] = "presumed"  # the manufacturer's data (Distill A/B, RD B, Distill C public)
     teacher: TrainConfig = field(default_factory=TrainConfig)  # teacher training on teacher_split
     distill_a: TrainConfig = field(default_factory=TrainConfig)  # teacher -> tutor (paper: 100 epochs, batch 16)
-    distill_b: TrainConfig = field(default_factory=TrainConfig)  # teacher -> edge (paper: 100 epochs, batch 16)
+    distill_b: TrainConfig = field(default_factory=TrainConfig)  # tutor -> edge, the tutor of Distill A as teacher (paper: 100 epochs, batch 16)
     rd: TrainConfig = field(default_factory=TrainConfig)  # RD A and RD B alike (paper: 100 epochs, batch 16)
     distill_c: TrainConfig = field(default_factory=TrainConfig)  # tutor' -> edge (paper: 20 epochs, batch 8)
     direct: TrainConfig = field(default_factory=TrainConfig)  # the "training" baseline: fresh edge on the customer's data
