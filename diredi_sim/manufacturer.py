@@ -110,6 +110,12 @@ def resolve_cache_dir(pipeline: PipelineConfig) -> Path:
     return Path(pipeline.cache_dir).expanduser() if pipeline.cache_dir else default_cache_dir()
 
 
+def trained_with() -> dict:
+    """What the cache key leaves out but changes a training's bits (the order of floating-point
+    sums): the torch version and its thread count, written beside each stage in the manifest."""
+    return {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
 def _cached_manifest(folder: Path, key: str) -> dict | None:
     """The cache folder's manifest when it is there and names ``key`` (it is written last: the
     models beside it are complete); OSError or ValueError when it cannot be read."""
@@ -220,6 +226,9 @@ def _train_manufacturer(pipeline: PipelineConfig, datasets: DataSets, descriptio
         trained.append(entry)
         students[role] = student
 
+    for entry in trained:
+        if not entry.get("cached"):  # a teacher from its own cache keeps what its manifest says
+            entry.update(trained_with())
     with recorder.measure("manufacturer_cache_save", folder=str(folder)):
         for role, detector in (("teacher", teacher), ("tutor", students["tutor"]), ("edge", students["edge"])):
             save_checkpoint(folder / f"{role}.pt", detector, config=description, cache_key=key)
@@ -251,6 +260,7 @@ def _prepare_teacher(pipeline: PipelineConfig, datasets: DataSets, description: 
         train_detector(teacher, train, datasets.val(split, cfg, pool="public"), cfg, class_indices=ClassSets.indices(resolve_split(split)),
                        seed=derive_seed(seed, "teacher"), report=replace(report, name="teacher"))
     save_checkpoint(folder / "teacher.pt", teacher, config=description, cache_key=key)
+    entry.update(trained_with())
     atomic_write_json(folder / "manifest.json", {"key": key, "description": description, "stage": entry,
                                                  "created": time.strftime("%Y-%m-%d %H:%M:%S")})
     return teacher, entry

@@ -256,6 +256,9 @@ def test_second_run_reuses_the_manufacturer_and_a_rejected_update_keeps_the_tuto
     assert first.result.manufacturer["reused"] is False
     folder = first.tmp / "manufacturer-cache" / f"manufacturer-{first.result.manufacturer['key']}"
     assert {p.name for p in folder.iterdir()} == {"teacher.pt", "tutor.pt", "edge.pt", "manifest.json"}
+    manifest = json.loads((folder / "manifest.json").read_text())  # what the key leaves out but changes the bits
+    assert [(s["stage"], s["torch_threads"]) for s in manifest["stages"]] == [
+        (stage, torch.get_num_threads()) for stage in ("teacher", "distill_a", "distill_b")]
     calls = CallCounter(monkeypatch)
     loaded = {}
     real_load = manufacturer_module.load_detector_weights
