@@ -286,13 +286,6 @@ def _merge(data: dict, key: str, value: Any) -> None:
         data[key] = value
 
 
-def _set_dotted(data: dict, dotted: str, value: Any) -> None:
-    *sections, last = dotted.split(".")
-    for section in sections:
-        data = data.setdefault(section, {})
-    data[last] = value
-
-
 def to_flat(config: Any, prefix: str = "") -> dict[str, Any]:
     """Flat, dotted, kebab-case keys with scalar values (Flower's run_config and ConfigRecords): a
     tuple or list becomes comma-separated text (class names and setting names hold no comma), one
