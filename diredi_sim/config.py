@@ -1,7 +1,7 @@
 """One typed config, converted once at each boundary (TOML file, Flower run_config, CLI flags).
 
 Every section is a frozen dataclass; every root (``ExperimentConfig`` here, ``FederationConfig``
-in :mod:`diredi_sim.federation`, the paper's experiment + ``[pipeline]``) goes through the same
+in :mod:`diredi_sim.federation_config`, the paper's experiment + ``[pipeline]``) goes through the same
 three functions. ``load_config(path, overrides, cls=...)`` reads TOML with tomllib and sets the
 ``--set`` overrides into it; ``config_from_dict`` checks every key and type and names the one at
 fault (``data.synthetic.num_train: expected int, got 'many'``), for the sections' own value checks

@@ -223,12 +223,10 @@ def _train_manufacturer(pipeline: PipelineConfig, datasets: DataSets, descriptio
             distill(source_model, student, train, datasets.val(presumed, cfg, pool="public"), cfg,
                     class_indices=ClassSets.indices(resolve_split(presumed)), seed=derive_seed(seed, stage), loss=kd,
                     report=replace(report, name=f"{role}_{stage}"))
+        entry.update(trained_with())  # the teacher's entry got its own in _prepare_teacher (or keeps its cache's)
         trained.append(entry)
         students[role] = student
 
-    for entry in trained:
-        if not entry.get("cached"):  # a teacher from its own cache keeps what its manifest says
-            entry.update(trained_with())
     with recorder.measure("manufacturer_cache_save", folder=str(folder)):
         for role, detector in (("teacher", teacher), ("tutor", students["tutor"]), ("edge", students["edge"])):
             save_checkpoint(folder / f"{role}.pt", detector, config=description, cache_key=key)
