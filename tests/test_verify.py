@@ -16,7 +16,7 @@ from diredi_sim.deltas import compute_delta
 from diredi_sim.evaluate import compute_prf
 from diredi_sim.models import build_detector
 from diredi_sim.train import Reporting, evaluate_detector, train_detector
-from diredi_sim.verify import VerifyConfig, verify_update
+from diredi_sim.verify import VerifyConfig, judge, standard_error, verify_update
 
 TINY = SyntheticConfig(seed=3, num_train=16, num_val=8, num_test=8, min_objects=1, max_objects=2, min_object_size=40)
 SCORE_THRESHOLD = 0.5
@@ -115,7 +115,7 @@ def test_a_result_without_the_operating_point_is_refused(setting):
         verify_update(edge, delta, evaluate, before=stripped)
 
 
-@pytest.mark.parametrize("key", ["max_ap_drop", "max_delta_norm", "max_precision_drop", "max_recall_drop", "max_f1_drop"])
+@pytest.mark.parametrize("key", ["max_ap_drop", "max_delta_norm", "max_precision_drop", "max_recall_drop", "max_f1_drop", "noise_z"])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, -0.01])
 def test_config_rejects_non_finite_and_negative_bounds(key, value):
     with pytest.raises(ValueError, match=rf"^verify\.{key} = {re.escape(repr(value))}: must be finite and >= 0$"):
@@ -126,6 +126,37 @@ def test_config_defaults_and_zero_bounds():
     cfg = VerifyConfig()
     assert (cfg.max_precision_drop, cfg.max_recall_drop, cfg.max_f1_drop) == (0.10, 0.10, 0.10)
     VerifyConfig(max_ap_drop=0.0, max_delta_norm=0.0, max_precision_drop=0.0, max_recall_drop=0.0, max_f1_drop=0.0)
+
+
+def counted(tp: int, fp: int, fn: int, ap: float = 0.5) -> dict:
+    """An evaluation result of one class ("cat") at score 0.5 with these counts (compute_prf's figures)."""
+    precision, recall = tp / (tp + fp), tp / (tp + fn)
+    entry = {"tp": tp, "fp": fp, "fn": fn, "precision": precision, "recall": recall,
+             "f1": 2 * precision * recall / (precision + recall)}
+    return {"voc": {"mAP": ap, "per_class": {"cat": ap}}, "prf": {"score_threshold": 0.5, "per_class": {"cat": entry}}}
+
+
+def test_noise_z_lets_a_fall_within_the_counts_noise_pass_and_still_rejects_a_collapse():
+    """The demo's case (exp1, 2026-12-02): an edge model's aeroplane recall at 0.5 fell from 25 to 19
+    of 45 objects (0.133, over the 0.10 bound) while its AP rose. On 45 objects each recall has a
+    binomial standard error of about 0.074; 2 standard errors of the difference allow 0.309."""
+    state = {"w": torch.zeros(1)}
+    before, after = counted(25, 33, 20), counted(19, 28, 26, ap=0.55)
+    assert standard_error(before["prf"]["per_class"]["cat"], "recall") == pytest.approx(math.sqrt(25 / 45 * 20 / 45 / 45))
+    plain = judge(before, after, VerifyConfig(), norm=0.0, state=state)
+    assert not plain.accepted and plain.reasons == [
+        "critical class cat: recall at score 0.5 fell 0.133 (0.556 -> 0.422), more than 0.100"]
+    noisy = judge(before, after, VerifyConfig(noise_z=2.0), norm=0.0, state=state)
+    assert noisy.accepted, noisy.reasons
+    # a collapse to 5 of 45 is beyond the bound and the noise: rejected, the allowance named
+    collapse = judge(before, counted(5, 30, 40), VerifyConfig(noise_z=2.0), norm=0.0, state=state)
+    assert not collapse.accepted
+    recall_reason = [r for r in collapse.reasons if ": recall " in r]
+    assert recall_reason == ["critical class cat: recall at score 0.5 fell 0.444 (0.556 -> 0.111), "
+                             "more than 0.100 + 2 standard errors = 0.275"]
+    # the same fall measured on a hundred times the objects is no longer noise (allowed 0.121)
+    big = judge(counted(2500, 3300, 2000), counted(1900, 2800, 2600, ap=0.55), VerifyConfig(noise_z=2.0), norm=0.0, state=state)
+    assert any(": recall " in r for r in big.reasons), big.reasons
 
 
 def test_prf_per_class_breakdown_known_counts():
