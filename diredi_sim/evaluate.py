@@ -84,23 +84,23 @@ def _convert_boxes(value: Any, image_id: str, what: str) -> np.ndarray:
     return boxes
 
 
+def _normalise_entry(entry: Mapping[str, Any], image_id: str, what: str, columns: dict[str, Any]) -> dict[str, np.ndarray]:
+    """One image's boxes (float64, (K, 4)) and per-box ``columns`` (name -> dtype), each of length K.
+    A column that is None or absent is required unless it is ``difficult`` (then all False)."""
+    out = {"boxes": _convert_boxes(entry["boxes"], image_id, what)}
+    for name, dtype in columns.items():
+        value = entry.get(name) if name == "difficult" else entry[name]
+        out[name] = np.zeros(len(out["boxes"]), dtype=bool) if value is None else _convert_to_numpy(value, dtype).reshape(-1)
+    if len({len(v) for v in out.values()}) != 1:
+        counts = ", ".join(f"{len(v)} {name}" for name, v in out.items())
+        raise ValueError(f"{what} of image {image_id!r}: {counts} (one of each per box)")
+    return out
+
+
 def _normalise_ground_truth(ground_truth: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, np.ndarray]]:
     """Check and convert ground truth to float64 boxes, int64 labels, bool difficult flags."""
-    result = {}
-    for image_id, entry in ground_truth.items():
-        boxes = _convert_boxes(entry["boxes"], image_id, "ground-truth")
-        labels = _convert_to_numpy(entry["labels"], np.int64).reshape(-1)
-        if "difficult" in entry and entry["difficult"] is not None:
-            difficult = _convert_to_numpy(entry["difficult"], bool).reshape(-1)
-        else:
-            difficult = np.zeros(len(labels), dtype=bool)
-        if not len(boxes) == len(labels) == len(difficult):
-            raise ValueError(
-                f"ground truth of image {image_id!r}: {len(boxes)} boxes, {len(labels)} labels, "
-                f"{len(difficult)} difficult flags"
-            )
-        result[str(image_id)] = {"boxes": boxes, "labels": labels, "difficult": difficult}
-    return result
+    columns = {"labels": np.int64, "difficult": bool}
+    return {str(image_id): _normalise_entry(entry, image_id, "ground-truth", columns) for image_id, entry in ground_truth.items()}
 
 
 def _normalise_detections(
@@ -111,18 +111,8 @@ def _normalise_detections(
     if unknown:
         shown = ", ".join(repr(i) for i in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
         raise ValueError(f"detections for {len(unknown)} image id(s) without ground truth: {shown}")
-    result = {}
-    for image_id, entry in detections.items():
-        boxes = _convert_boxes(entry["boxes"], image_id, "detection")
-        scores = _convert_to_numpy(entry["scores"], np.float64).reshape(-1)
-        labels = _convert_to_numpy(entry["labels"], np.int64).reshape(-1)
-        if not len(boxes) == len(scores) == len(labels):
-            raise ValueError(
-                f"detections of image {image_id!r}: {len(boxes)} boxes, {len(scores)} scores, "
-                f"{len(labels)} labels"
-            )
-        result[str(image_id)] = {"boxes": boxes, "scores": scores, "labels": labels}
-    return result
+    columns = {"scores": np.float64, "labels": np.int64}
+    return {str(image_id): _normalise_entry(entry, image_id, "detection", columns) for image_id, entry in detections.items()}
 
 
 def _select_class_indices(class_names: Sequence[str] | None, class_indices: Sequence[int] | None) -> list[int]:

@@ -14,7 +14,7 @@ from diredi_sim.data import VOC_CLASSES
 from diredi_sim.data.voc import ImageRecord
 from diredi_sim.datasets import DataSets
 from diredi_sim.evaluate import compute_voc_ap, evaluate_detections
-from diredi_sim.settings import ClassSets, PipelineConfig
+from diredi_sim.settings import DISTILL_C_LOSSES, ClassSets, PipelineConfig
 from diredi_sim.stages import StageRecorder
 from diredi_sim.train import predict_records, records_to_ground_truth
 
@@ -66,6 +66,14 @@ def compute_knowledge(per_class: dict[str, float], reference: dict[str, float], 
     }
 
 
+DISTILL_C_ROW = {"public": "edge_distill_c_public", "public+private": "edge_distill_c_public_private"}
+
+
+def distill_c_row(mode: str, loss: str = "fgd") -> str:
+    """The table row of Distill C in data ``mode`` with ``loss``: edge_distill_c_public(_private)(_score)."""
+    return DISTILL_C_ROW[mode] + ("_score" if loss == "fgd+score" else "")
+
+
 # Table rows: key, label, role, reference row, whose "own" classes (the teacher's row only).
 ROWS = (
     ("teacher", "large (teacher)", "teacher", None, "teacher"),
@@ -77,17 +85,9 @@ ROWS = (
     ("tutor_rejected_candidate", "updated tutor (rejected candidate, not deployed)", "tutor", "tutor_original", None),
     ("edge_direct", "direct training", "edge", "edge_original", None),
     ("edge_local", "local fine-tuning", "edge", "edge_original", None),
-    ("edge_distill_c_public", "edge after Distill C (public)", "edge", "edge_original", None),
-    ("edge_distill_c_public_private", "edge after Distill C (public+private)", "edge", "edge_original", None),
-    ("edge_distill_c_public_score", "edge after Distill C (public, + score KD)", "edge", "edge_original", None),
-    ("edge_distill_c_public_private_score", "edge after Distill C (public+private, + score KD)", "edge", "edge_original", None),
+    *((distill_c_row(mode, loss), f"edge after Distill C ({mode}{', + score KD' if loss == 'fgd+score' else ''})", "edge",
+       "edge_original", None) for loss in DISTILL_C_LOSSES for mode in DISTILL_C_ROW),
 )
-DISTILL_C_ROW = {"public": "edge_distill_c_public", "public+private": "edge_distill_c_public_private"}
-
-
-def distill_c_row(mode: str, loss: str = "fgd") -> str:
-    """The table row of Distill C in data ``mode`` with ``loss``: edge_distill_c_public(_private)(_score)."""
-    return DISTILL_C_ROW[mode] + ("_score" if loss == "fgd+score" else "")
 
 
 def _mean_ap(per_class: dict[str, float], names: Sequence[str]) -> float | None:

@@ -157,6 +157,11 @@ def make_line(tone, pts, width):
     return ("line", tone, np.asarray(pts, dtype=float), width)
 
 
+def make_legs(tone, xs, top, bottom, width):
+    """Vertical lines (legs, posts) at each x from ``top`` to ``bottom``."""
+    return [make_line(tone, [(x, top), (x, bottom)], width) for x in xs]
+
+
 def make_disk(tone, cx, cy, r, n=18):
     return make_fill(tone, make_ellipse(cx, cy, r, r, n=n))
 
@@ -425,8 +430,7 @@ def draw_chair(rng):
     seat = rng.uniform(0.5, 0.58)
     w = 0.07
     prims = [
-        make_line(2, [(0.2, seat), (0.2, 0.95)], w * 0.8),
-        make_line(2, [(a - 0.05, seat), (a - 0.05, 0.95)], w * 0.8),
+        *make_legs(2, (0.2, a - 0.05), seat, 0.95, w * 0.8),
         make_line(0, [(0.05, 0.0), (0.05, 1.0 - w / 2)], w),
         make_fill(1, make_rect(0.03, 0.06, 0.16, seat - 0.08)),
         make_fill(0, make_points((0.02, seat), (a - 0.12, seat), (a, seat - 0.05), (0.14, seat - 0.05))),
@@ -441,12 +445,10 @@ def draw_diningtable(rng):
     top = rng.uniform(0.2, 0.32)
     w = 0.08
     prims = [
-        make_line(2, [(0.3, top), (0.3, 0.85)], w * 0.8),
-        make_line(2, [(a - 0.3, top), (a - 0.3, 0.85)], w * 0.8),
+        *make_legs(2, (0.3, a - 0.3), top, 0.85, w * 0.8),
         make_fill(1, make_points((0.15, 0.0), (a - 0.15, 0.0), (a, top), (0.0, top))),
         make_fill(0, make_rect(0.0, top, a, top + 0.1)),
-        make_line(0, [(0.08, top + 0.1), (0.08, 1.0 - w / 2)], w),
-        make_line(0, [(a - 0.08, top + 0.1), (a - 0.08, 1.0 - w / 2)], w),
+        *make_legs(0, (0.08, a - 0.08), top + 0.1, 1.0 - w / 2, w),
     ]
     return a, prims, 0.08
 
