@@ -72,10 +72,10 @@ def main() -> None:
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     args = parser.parse_args()
     from diredi_sim.config import load_config, parse_overrides
-    from diredi_sim.federation_config import FederationConfig
+    from server.engine import RunConfig
 
     torch.set_num_threads(args.threads)
-    config = load_config(args.config, parse_overrides(args.set), cls=FederationConfig)
+    config = load_config(args.config, parse_overrides(args.set), cls=RunConfig)
     methods = parse_methods(args.methods)
     if ("none", 1.0) not in methods:
         methods.insert(0, ("none", 1.0))  # the reference row

@@ -60,10 +60,10 @@ def main() -> None:
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     args = parser.parse_args()
     from diredi_sim.config import load_config, parse_overrides
-    from diredi_sim.federation_config import FederationConfig
+    from server.engine import RunConfig
 
     torch.set_num_threads(args.threads)
-    config = load_config(args.config, {**QUICK, **parse_overrides(args.set)}, cls=FederationConfig)
+    config = load_config(args.config, {**QUICK, **parse_overrides(args.set)}, cls=RunConfig)
     population = build_population(config.population, config.pipeline.presumed_split)
     customers = [c for c in population if c.name in args.names.split(",")] if args.names else population[: args.customers]
     maker = prepare_manufacturer(config.pipeline, config.data, preset=config.preset, seed=config.seed, progress=False)

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from diredi_sim.config import load_config  # noqa: E402
-from diredi_sim.federation_config import FederationConfig  # noqa: E402
+from server.engine import RunConfig  # noqa: E402
 from diredi_sim.models import build_detector  # noqa: E402
 from diredi_sim.datasets import DataSets
 from diredi_sim.train import build_loader  # noqa: E402
@@ -48,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = load_config(args.config, cls=FederationConfig)
+    config = load_config(args.config, cls=RunConfig)
     records = DataSets(config.data).records(config.data.train_set, "all", args.images, pool="all")
     loader = build_loader(records, batch_size=args.batch, train=True, hflip_prob=0.5, num_workers=args.workers)
     torch.manual_seed(0)

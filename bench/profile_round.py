@@ -60,13 +60,13 @@ def main() -> None:
                                        review_edge)
     from diredi_sim.manufacturer import prepare_manufacturer
     from diredi_sim.config import load_config, parse_overrides
-    from diredi_sim.federation_config import FederationConfig
+    from server.engine import RunConfig
 
     if args.no_memo:
         import diredi_sim.train
 
         diredi_sim.train._PREDICTIONS_KEPT = 0
-    config = load_config(args.config, parse_overrides(args.set), cls=FederationConfig)
+    config = load_config(args.config, parse_overrides(args.set), cls=RunConfig)
     configure_process(device=config.device, threads=config.threads)
     population = build_population(config.population, config.pipeline.presumed_split)
     customer = population[args.customer]

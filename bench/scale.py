@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--runs-dir", default="/tmp/diredi-bench-runs")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="another config override (repeatable), e.g. simulation.server_workers=1")
+                        help="another config override (repeatable), e.g. engine.server_workers=1")
     args = parser.parse_args()
     env = {**os.environ, **OFFLINE_ENV}
     rows = []

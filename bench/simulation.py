@@ -93,17 +93,15 @@ def main() -> None:
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     from diredi_sim.config import load_config, parse_overrides
-    from diredi_sim.federation_config import FederationConfig
+    from server.engine import RunConfig
 
-    base = load_config(args.config, parse_overrides(args.set), cls=FederationConfig)
+    base = load_config(args.config, parse_overrides(args.set), cls=RunConfig)
     listed = base.population.customers[: args.customers]
     base = replace(base, runs_dir=args.runs_dir, simulation=replace(base.simulation, num_rounds=args.rounds),
                    population=replace(base.population, customers=listed, generated=max(0, args.customers - len(listed))))
-    serial = replace(base, simulation=replace(base.simulation, client_cpus=float(cores), client_threads=cores,
-                                              server_workers=1))
-    parallel = replace(base, simulation=replace(base.simulation, client_cpus=1.0, client_threads=1, server_workers=0))
-    single = replace(base, threads=1, simulation=replace(base.simulation, num_cpus=1, client_cpus=1.0, client_threads=1,
-                                                         server_workers=1))
+    serial = replace(base, engine=replace(base.engine, client_cpus=float(cores), client_threads=cores, server_workers=1))
+    parallel = replace(base, engine=replace(base.engine, client_cpus=1.0, client_threads=1, server_workers=0))
+    single = replace(base, threads=1, engine=replace(base.engine, num_cpus=1, client_cpus=1.0, client_threads=1, server_workers=1))
     prepare_manufacturer(base.pipeline, base.data, preset=base.preset, seed=base.seed)  # warm the cache, untimed
 
     torch.set_num_threads(cores)

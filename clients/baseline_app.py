@@ -11,7 +11,6 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 from clients.client_app import ROUND_KEYS, handling, read_partition_id
-from diredi_sim.compute import configure_process
 from diredi_sim.config import from_flat
 from diredi_sim.population import build_population
 from diredi_sim.federation_config import FederationConfig
@@ -27,8 +26,7 @@ def read_customer(msg: Message, context: Context):
 def train(msg: Message, context: Context) -> Message:
     round_config = msg.content["config"]
     config, population, customer = read_customer(msg, context)
-    with handling(customer):
-        configure_process(device=config.device, threads=config.simulation.client_threads)
+    with handling(msg, config, customer):
         result = baseline_customer_work(config, customer, len(population), msg.content["arrays"].to_torch_state_dict(),
                                         proximal_mu=float(round_config.get("proximal-mu", 0.0)))
     return Message(RecordDict({"arrays": ArrayRecord(result["arrays"]), "metrics": MetricRecord(result["metrics"])}),
@@ -37,8 +35,7 @@ def train(msg: Message, context: Context) -> Message:
 
 def evaluate(msg: Message, context: Context) -> Message:
     config, _, customer = read_customer(msg, context)
-    with handling(customer):
-        configure_process(device=config.device, threads=config.simulation.client_threads)
+    with handling(msg, config, customer):
         metrics = customer_evaluate(config, customer, {"edge": msg.content["arrays"].to_torch_state_dict()})
     return Message(RecordDict({"metrics": MetricRecord({**metrics, "partition-id": customer.partition_id,
                                                         "num-examples": int(metrics["edge/test_images"])})}), reply_to=msg)

@@ -47,17 +47,20 @@ from diredi_sim.federation import customer_evaluate, customer_redistill, custome
 from diredi_sim.logs import customer_tag, ensure_logging
 from diredi_sim.runs import release_memory
 
-# Keys the strategies add to the round's config that are not settings of the run.
-ROUND_KEYS = ("server-round", "method")
+# Keys the strategies add to the round's config that are not the algorithm's settings: the round,
+# the method, and the torch threads the engine gives a customer actor (server.engine).
+ROUND_KEYS = ("server-round", "method", "client-threads")
 
 
-def baseline_handler(msg: Message, name: str):
-    """The Flower strategies' ``name`` handler when the message is theirs, else None."""
-    if str(msg.content["config"].get("method", "diredi")) == "diredi":
-        return None
+def baseline_mod(msg: Message, context: Context, call_next) -> Message:
+    """A ``train`` or ``evaluate`` message of a Flower strategy (its config's ``method`` is not
+    ``diredi``) goes to :mod:`clients.baseline_app`'s handler of that type; the rest to this app's."""
+    kind = msg.metadata.message_type
+    if kind not in ("train", "evaluate") or str(msg.content["config"].get("method", "diredi")) == "diredi":
+        return call_next(msg, context)
     from clients import baseline_app  # it imports this module
 
-    return getattr(baseline_app, name)
+    return getattr(baseline_app, kind)(msg, context)
 
 
 def read_partition_id(context: Context, num_customers: int) -> int:
@@ -72,12 +75,16 @@ def read_partition_id(context: Context, num_customers: int) -> int:
 
 
 @contextmanager
-def handling(customer: Customer) -> Iterator[None]:
+def handling(msg: Message, config: FederationConfig, customer: Customer) -> Iterator[None]:
     """The body of a handler of ``customer``'s message: logging set up in this actor (the level
-    of the process that started Ray) and every record tagged ``customer <partition-id> (<name>)``."""
+    of the process that started Ray), every record tagged ``customer <partition-id> (<name>)``, the
+    config's device with the threads the message gives (``client-threads``), and the work's
+    memory released when it is done (the actor waits for its next customer without its peak)."""
     ensure_logging()
     with customer_tag(customer.partition_id, customer.name):
+        configure_process(device=config.device, threads=int(msg.content["config"].get("client-threads", 1)))
         yield
+        release_memory()
 
 
 def read_config(msg: Message) -> FederationConfig:
@@ -121,7 +128,8 @@ def uplink_compression_mod(msg: Message, context: Context, call_next) -> Message
     return reply
 
 
-app = ClientApp(mods=[uplink_compression_mod, local_dp_mod])  # the first mod is the outermost: DP, then compression
+# the first mod is the outermost: a baseline's message leaves at once; DiReDi's delta gets DP, then compression
+app = ClientApp(mods=[baseline_mod, uplink_compression_mod, local_dp_mod])
 
 
 @app.query("partition")
@@ -135,16 +143,11 @@ def partition(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """RD B and RD A on this customer's data; reply with the delta and scalar metrics."""
-    if handler := baseline_handler(msg, "train"):
-        return handler(msg, context)
     config, population, customer = read_customer(msg, context)
-    with handling(customer):
-        configure_process(device=config.device, threads=config.simulation.client_threads)
+    with handling(msg, config, customer):
         result = customer_work(config, customer, len(population), msg.content["tutor"].to_torch_state_dict(),
                                msg.content["edge"].to_torch_state_dict(), progress=True)
-        release_memory()  # the actor waits for its next customer without its training peak
-    metrics = MetricRecord({**result["metrics"], "server-round": int(msg.content["config"].get("server-round", 0))})
-    return Message(RecordDict({"delta": ArrayRecord(result["delta"]), "metrics": metrics}), reply_to=msg)
+    return reply(msg, result["metrics"], delta=ArrayRecord(result["delta"]))
 
 
 def read_customer(msg: Message, context: Context):
@@ -153,31 +156,27 @@ def read_customer(msg: Message, context: Context):
     return config, population, population[read_partition_id(context, len(population))]
 
 
+def reply(msg: Message, metrics: dict, **records: ArrayRecord) -> Message:
+    """The reply to ``msg``: ``records`` and the scalar ``metrics``, with the round's number."""
+    metrics = {**metrics, "server-round": int(msg.content["config"].get("server-round", 0))}
+    return Message(RecordDict({**records, "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
 @app.train("distill_c")
 def distill_c(msg: Message, context: Context) -> Message:
     """Distill C public+private here, on this customer's data; reply with the new edge model(s)."""
     config, population, customer = read_customer(msg, context)
-    with handling(customer):
-        configure_process(device=config.device, threads=config.simulation.client_threads)
+    with handling(msg, config, customer):
         result = customer_redistill(config, customer, len(population), msg.content["tutor"].to_torch_state_dict(),
                                     msg.content["edge"].to_torch_state_dict())
-        release_memory()
-    records = {key: ArrayRecord(state) for key, state in result["edges"].items()}
-    metrics = {**result["metrics"], "server-round": int(msg.content["config"].get("server-round", 0))}
-    return Message(RecordDict({**records, "metrics": MetricRecord(metrics)}), reply_to=msg)
+    return reply(msg, result["metrics"], **{key: ArrayRecord(state) for key, state in result["edges"].items()})
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Every model of the message on this customer's test images; reply with scalars only."""
-    if handler := baseline_handler(msg, "evaluate"):
-        return handler(msg, context)
     config, _, customer = read_customer(msg, context)
-    with handling(customer):
-        configure_process(device=config.device, threads=config.simulation.client_threads)
+    with handling(msg, config, customer):
         models = {key: record.to_torch_state_dict() for key, record in msg.content.items() if isinstance(record, ArrayRecord)}
         metrics = customer_evaluate(config, customer, models)
-        release_memory()
-    return Message(RecordDict({"metrics": MetricRecord({**metrics, "partition-id": customer.partition_id,
-                                                        "server-round": int(msg.content["config"].get("server-round", 0))})}),
-                   reply_to=msg)
+    return reply(msg, {**metrics, "partition-id": customer.partition_id})

@@ -9,7 +9,7 @@ channels_last off every move is a no-op, so results stay bit-exact.
 
 The device is a per-process setting (``device`` in a config, ``--device`` on the command line):
 ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (the first CUDA GPU this process sees, else the CPU).
-A Ray actor given ``simulation.client_gpus > 0`` sees the GPU Ray assigned it (Ray sets
+A Ray actor given a GPU (the run's engine settings, ``server.engine``) sees the one Ray assigned it (Ray sets
 ``CUDA_VISIBLE_DEVICES``), so ``auto`` and ``cuda`` use that one.
 """
 

@@ -203,13 +203,21 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {annotation!r}")
 
 
+# Keys that moved, old -> new, for the unknown-key error (filled by the module that owns the new key,
+# e.g. server.engine, for the settings that left the simulation section).
+MOVED_KEYS: dict[str, str] = {}
+
+
 def config_from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a nested dict; unknown keys and wrong types name the key."""
     hints = _type_hints(cls)
     known = {f.name for f in fields(cls) if f.init}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"unknown key {prefix}{unknown[0]} (known keys in this section: {', '.join(sorted(known))})")
+        key = prefix + unknown[0]
+        if key in MOVED_KEYS:
+            raise ConfigError(f"{key} has moved: it is {MOVED_KEYS[key]} now")
+        raise ConfigError(f"unknown key {key} (known keys in this section: {', '.join(sorted(known))})")
     defaults = {f.name: f for f in fields(cls)}
     kwargs = {name: _convert(_with_section_defaults(value, defaults[name]), hints[name], prefix + name) for name, value in data.items()}
     try:

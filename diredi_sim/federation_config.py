@@ -23,7 +23,9 @@ SELECTIONS = ("all", "krum", "multikrum")
 
 @dataclass(frozen=True)
 class SimulationConfig:
-    """How the federation runs (Flower's simulation engine on Ray)."""
+    """The federation's protocol: rounds, sampling, the merge, privacy and the uplink's form, what a
+    customer deploys. Where it runs (Ray's resources, threads, worker processes, timeouts) is the
+    engine's: ``server.engine``, a config file's ``[engine]`` section."""
 
     num_rounds: int = 1
     fraction_train: float = 1.0  # customers sampled per round
@@ -48,13 +50,6 @@ class SimulationConfig:
     deploy_mode: str = "public+private"  # whose Distill C edge model a customer receives next round
     distill_rejected: bool = False  # Distill C for a rejected update too (from the unchanged tutor), to show
     # what the customer would have got; either way a rejected customer keeps its edge model
-    client_cpus: float = 1.0  # Ray resources per customer actor
-    client_gpus: float = 0.0
-    client_threads: int = 1  # torch threads inside a customer actor
-    num_cpus: int = 0  # CPUs Ray may use (0: all of this machine's)
-    ray_address: str = ""  # an existing Ray cluster ("auto" or host:port); "" = a local Ray bound to 127.0.0.1
-    server_workers: int = 0  # processes for the manufacturer's per-customer steps (0: min(customers, CPUs))
-    round_timeout: float = 86400.0  # seconds the server waits for a round's replies
     max_uplink_bytes: int = 1 << 30  # a reply's payload above this is rejected before it is decoded (also: the tutor's neck+head size)
 
     def __post_init__(self):
@@ -77,12 +72,6 @@ class SimulationConfig:
                f"must be one of {list(COMPRESSIONS)}")
         _check(0 < self.topk_fraction <= 1, "simulation.topk_fraction", self.topk_fraction, "must be in (0, 1]")
         _check(self.deploy_mode in DISTILL_C_MODES, "simulation.deploy_mode", self.deploy_mode, f"must be one of {list(DISTILL_C_MODES)}")
-        _check(self.client_cpus > 0, "simulation.client_cpus", self.client_cpus, "must be > 0")
-        _check(self.client_gpus >= 0, "simulation.client_gpus", self.client_gpus, "must be >= 0")
-        _check(self.client_threads >= 1, "simulation.client_threads", self.client_threads, "must be >= 1")
-        _check(self.num_cpus >= 0, "simulation.num_cpus", self.num_cpus, "must be >= 0")
-        _check(self.server_workers >= 0, "simulation.server_workers", self.server_workers, "must be >= 0")
-        _check(self.round_timeout > 0, "simulation.round_timeout", self.round_timeout, "must be > 0")
         _check(self.max_uplink_bytes > 0, "simulation.max_uplink_bytes", self.max_uplink_bytes, "must be > 0")
 
 

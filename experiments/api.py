@@ -28,6 +28,7 @@ from typing import Any
 
 from diredi_sim.config import ConfigError, ExperimentConfig, from_flat, load_config, to_flat
 from diredi_sim.federation_config import FederationConfig
+from server.engine import RunConfig
 from diredi_sim.settings import PipelineConfig
 from diredi_sim.tidy import read_results_csv
 from experiments.offline import stay_offline
@@ -84,11 +85,12 @@ class RunResult:
 # ---------------------------------------------------------------------------------- configs
 
 
-def load_federation(config: str | Path | FederationConfig, overrides: dict[str, Any] | None = None) -> FederationConfig:
-    """A federation config (``simulate``, ``compare``, ``demo``) with ``overrides`` applied.
+def load_federation(config: str | Path | FederationConfig, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """A federation config and its engine (``simulate``, ``compare``, ``demo``: a
+    :class:`server.engine.RunConfig`) with ``overrides`` applied.
 
     Args:
-        config: a TOML file, or a FederationConfig.
+        config: a TOML file, or a FederationConfig (the default engine) or RunConfig.
         overrides: flat dotted keys, ``_`` or ``-`` alike (``{"simulation.num_rounds": 2}``).
 
     Raises:
@@ -96,8 +98,8 @@ def load_federation(config: str | Path | FederationConfig, overrides: dict[str, 
     """
     if isinstance(config, FederationConfig):
         flat = {**to_flat(config), **{k.replace("_", "-"): v for k, v in (overrides or {}).items()}}
-        return from_flat(flat, FederationConfig, source="overrides")
-    return load_config(config, overrides, cls=FederationConfig)
+        return from_flat(flat, RunConfig, source="overrides")
+    return load_config(config, overrides, cls=RunConfig)
 
 
 def load_paper_job(experiment: str, config: str | Path | ExperimentConfig | None = None,

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from diredi_sim.config import ConfigError, config_from_dict
-from diredi_sim.federation_config import FederationConfig
+from server.engine import ENGINE_KEYS, RunConfig
 from diredi_sim.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl, strip_environment
 from server.ledger import STATE_FORMAT
 
@@ -37,8 +37,9 @@ def _read_json(path: Path) -> object:
         raise ResumeError(f"{path} is not valid JSON ({exc}); it was not written by diredi-sim") from None
 
 
-def load_run_config(folder: str | Path) -> FederationConfig:
-    """The typed config of a federation run folder, from its config.json."""
+def load_run_config(folder: str | Path) -> RunConfig:
+    """The typed config of a federation run folder, from its config.json (a folder written before
+    the engine's settings left ``simulation``: read with them under ``engine``)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"run folder {folder} does not exist")
@@ -49,9 +50,19 @@ def load_run_config(folder: str | Path) -> FederationConfig:
     if not isinstance(data, dict) or "simulation" not in data or "population" not in data:
         raise ResumeError(f"{path} is not the config of a federation run (no simulation / population section)")
     try:
-        return config_from_dict(FederationConfig, strip_environment(data))
+        return config_from_dict(RunConfig, move_engine_keys(strip_environment(data)))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def move_engine_keys(data: dict) -> dict:
+    """A config dict whose ``simulation`` section still holds the engine's keys (a run folder of
+    an earlier version) with them under ``engine``."""
+    simulation = dict(data.get("simulation") or {})
+    moved = {key: simulation.pop(key) for key in ENGINE_KEYS if key in simulation}
+    if not moved:
+        return data
+    return {**data, "simulation": simulation, "engine": {**moved, **(data.get("engine") or {})}}
 
 
 def read_state(folder: str | Path) -> dict:

@@ -1,8 +1,8 @@
 """``diredi-sim simulate CONFIG``: the federation on Flower's simulation engine (Ray backend).
 
-One SuperNode per customer; Ray runs one customer actor per ``simulation.client_cpus`` CPUs
+One SuperNode per customer; Ray runs one customer actor per ``engine.client_cpus`` CPUs
 (one per core by default), bound to 127.0.0.1, or joins an existing cluster
-(``simulation.ray_address``). The ServerApp is bound to the typed config directly; ``flwr run .``
+(``engine.ray_address``; :mod:`server.engine`). The ServerApp is bound to the typed config directly; ``flwr run .``
 runs the same apps with the settings from pyproject.toml's [tool.flwr.app.config].
 """
 
@@ -25,10 +25,12 @@ from diredi_sim.runs import require_tensorboard
 
 def build_backend_config(config: FederationConfig) -> dict:
     """Flower's Ray backend settings: resources per customer actor, and where Ray runs: the
-    cluster at ``simulation.ray_address`` or, when that is empty, at ``$RAY_ADDRESS``; else a local
+    cluster at ``engine.ray_address`` or, when that is empty, at ``$RAY_ADDRESS``; else a local
     Ray bound to 127.0.0.1. On a cluster every node needs this project installed (its workers
     import ``clients`` and ``diredi_sim``) and the data and model caches at the same paths."""
-    sim = config.simulation
+    from server.engine import engine_of
+
+    sim = engine_of(config)
     address = sim.ray_address or os.environ.get("RAY_ADDRESS", "")  # the setting, else Ray's own variable
     if address:
         init_args = {"address": address}
@@ -50,6 +52,7 @@ def run_simulate(config: FederationConfig, run_folder: str | Path | None = None,
     from clients.client_app import app as production_app
     from experiments.faults import faulty_client_app
     from server.ledger import format_summary
+    from server.engine import engine_of
     from server.server_app import FederationOutcome, make_server_app
 
     configure_process(device=config.device, threads=config.threads)  # an absent GPU fails here, before Ray starts
@@ -64,7 +67,7 @@ def run_simulate(config: FederationConfig, run_folder: str | Path | None = None,
     # ServerApp loads them.
     if not manufacturer_is_cached(config.pipeline, config.data, preset=config.preset, seed=config.seed):
         prepare_manufacturer(config.pipeline, config.data, preset=config.preset, seed=config.seed)
-    client_app = faulty_client_app(faults, hang_seconds=config.simulation.round_timeout + 15) if faults else production_app
+    client_app = faulty_client_app(faults, hang_seconds=engine_of(config).round_timeout + 15) if faults else production_app
     outcome = FederationOutcome()
     start = time.perf_counter()
     with warnings.catch_warnings():

@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp import strategy as flower
 
-from diredi_sim.config import ConfigError, parse_pairs, to_flat
+from diredi_sim.config import ConfigError, parse_pairs
 
 from diredi_sim.population import build_population
 from diredi_sim.federation_config import FederationConfig
@@ -25,6 +25,7 @@ from diredi_sim.manufacturer import prepare_manufacturer
 from diredi_sim.table import compute_knowledge
 from diredi_sim.runs import Run, to_jsonable
 from diredi_sim.tidy import tidy_rows, write_results_csv
+from server.engine import customer_settings, engine_of
 from server.server_app import FederationOutcome
 
 logger = logging.getLogger(__name__)
@@ -148,10 +149,10 @@ def _run_rounds(grid: Grid, config: FederationConfig, method: str, outcome: Fede
             maps.append(row["mAP"])
         return MetricRecord({"mean-map": sum(maps) / len(maps) if maps else float("nan")})
 
-    sim = config.simulation
+    sim = engine_of(config)
     strategy = build_strategy(config, method, len(population))
     strategy.on_evaluated = on_evaluated
-    settings = ConfigRecord({**to_flat(config), "method": method})  # the ClientApp dispatches on it
+    settings = ConfigRecord({**customer_settings(config), "method": method})  # the ClientApp dispatches on it
     initial = ArrayRecord(maker.edge.state_dict())
     # round 0: the original edge at every customer (Flower's own evaluation starts after round 1)
     strategy.aggregate_evaluate(0, grid.send_and_receive(list(strategy.configure_evaluate(0, initial, settings, grid)),
@@ -160,7 +161,7 @@ def _run_rounds(grid: Grid, config: FederationConfig, method: str, outcome: Fede
         raise RuntimeError(f"{len(population) - len(reference)} customer(s) did not evaluate the original edge model (round 0): "
                            "no reference for gains; see metrics.jsonl")
     strategy.start(grid, initial_arrays=initial, num_rounds=config.baselines.rounds, timeout=sim.round_timeout,
-                   train_config=settings, evaluate_config=ConfigRecord({**to_flat(config), "method": method}))
+                   train_config=settings, evaluate_config=ConfigRecord({**customer_settings(config), "method": method}))
     last = max(r["round"] for r in rows)
     outcome.summary = [r for r in rows if r["round"] == last]
     run.write_json("summary.json", to_jsonable({"method": method, "customers": outcome.summary, "rounds": rows}))

@@ -17,19 +17,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from diredi_sim.compute import configure_process
-from diredi_sim.config import ConfigError, load_config, parse_pairs, to_flat
+from diredi_sim.config import ConfigError, load_config, parse_pairs
 from diredi_sim.population import build_population
-from diredi_sim.federation_config import FederationConfig, SimulationConfig
+from diredi_sim.federation_config import FederationConfig
 from diredi_sim.logs import ensure_logging
 from diredi_sim.manufacturer import prepare_manufacturer
 from diredi_sim.runs import Run, to_jsonable, write_config
+from server.engine import EngineConfig, RunConfig, customer_settings, engine_of
 from server.ledger import write_summary
 from server.strategy import DiReDiStrategy
 
@@ -74,7 +75,7 @@ def _run_rounds(grid: Grid, config: FederationConfig, outcome: FederationOutcome
         logger.info("resuming after round %d of %d", strategy.round_offset, config.simulation.num_rounds)
     try:
         strategy.start(grid, initial_arrays=ArrayRecord(tutor_state), num_rounds=config.simulation.num_rounds - strategy.round_offset,
-                       timeout=config.simulation.round_timeout, train_config=ConfigRecord(to_flat(config)))
+                       timeout=engine_of(config).round_timeout, train_config=ConfigRecord(customer_settings(config)))
     finally:
         strategy.close()
     outcome.summary = strategy.ledger.summary_rows
@@ -104,12 +105,12 @@ def make_server_app(config: FederationConfig, outcome: FederationOutcome | None 
 # installed FAB, which carries experiments/configs/).
 APP_ROOT = Path(__file__).resolve().parents[1]
 RUN_CONFIG_KEYS = ("config-file", "set", "method")
-# simulation.* keys that Flower's own federation settings decide under ``flwr run``
+# engine.* keys that Flower's own federation settings decide under ``flwr run``
 # (``options.*`` of the SuperLink connection in $FLWR_HOME/config.toml), not the config file.
 RAY_ONLY_KEYS = ("client_cpus", "client_gpus", "num_cpus", "ray_address")
 
 
-def read_run_config(run_config: Mapping) -> tuple[FederationConfig, str]:
+def read_run_config(run_config: Mapping) -> tuple[RunConfig, str]:
     """The federation config and method of a ``flwr run``: ``config-file`` (relative to the app's
     folder unless absolute) with the ``set`` overrides applied, read exactly as ``diredi-sim
     simulate CONFIG --set ...`` reads them. Any mistake is a ConfigError naming the key."""
@@ -133,15 +134,14 @@ def read_run_config(run_config: Mapping) -> tuple[FederationConfig, str]:
         raise ConfigError(f"run_config config-file = {name!r}: {path} is not a file (a relative path is read "
                           f"from the app's folder, {APP_ROOT})")
     overrides = parse_pairs(str(run_config.get("set", "")), source="run_config set")
-    return load_config(path, overrides, overrides_source="run_config set", cls=FederationConfig), method
+    return load_config(path, overrides, overrides_source="run_config set", cls=RunConfig), method
 
 
 def warn_ray_only_settings(config: FederationConfig) -> list[str]:
     """Log (and return) the config's Ray settings that ``flwr run`` does not use, changed from
     their defaults: Flower's federation settings decide the resources and the cluster there."""
-    default = SimulationConfig()
-    ignored = [f"simulation.{f.name} = {getattr(config.simulation, f.name)!r}" for f in fields(SimulationConfig)
-               if f.name in RAY_ONLY_KEYS and getattr(config.simulation, f.name) != getattr(default, f.name)]
+    engine, default = engine_of(config), EngineConfig()
+    ignored = [f"engine.{key} = {getattr(engine, key)!r}" for key in RAY_ONLY_KEYS if getattr(engine, key) != getattr(default, key)]
     for setting in ignored:
         logger.warning("%s has no effect under flwr run: the SuperLink's options (options.backend.client-resources, "
                        "options.num-supernodes in $FLWR_HOME/config.toml) decide; `diredi-sim simulate` uses it", setting)

@@ -49,6 +49,7 @@ from diredi_sim.logs import current_level, start_worker
 from diredi_sim.progress import Tracker, Unit, plan_units
 from diredi_sim.runs import Run, release_memory
 from diredi_sim.table import distill_c_row
+from server.engine import engine_of
 from server.ledger import STATE_FORMAT, SUMMARY_COLUMNS, Ledger
 
 def content_bytes(content: RecordDict) -> int:
@@ -110,7 +111,7 @@ class DiReDiStrategy(FedAvg):
         sim = config.simulation
         super().__init__(fraction_train=sim.fraction_train, fraction_evaluate=0.0, min_train_nodes=1,
                          min_available_nodes=len(population), arrayrecord_key="tutor")
-        self.config = config
+        self.config, self.engine = config, engine_of(config)
         self.population = population
         self.original_edge = edge_state
         self.deployed_edges: dict[int, dict] = {}  # partition id -> the edge model the customer runs now
@@ -127,10 +128,10 @@ class DiReDiStrategy(FedAvg):
         self.round_offset = 0  # rounds completed before this process (a resumed run: set by restore)
         self.pool: Executor | None = executor  # the manufacturer's workers, kept for the run
         self.own_pool = executor is None  # started here (and closed by close())
-        self.cpus = sim.num_cpus or os.cpu_count() or 1
+        self.cpus = self.engine.num_cpus or os.cpu_count() or 1
         # processes and torch threads per step follow from the config alone (not from how many
         # customers answered), so that a customer's results do not depend on the others' failures
-        self.server_workers = sim.server_workers or min(len(population), self.cpus)
+        self.server_workers = self.engine.server_workers or min(len(population), self.cpus)
         self.server_threads = max(1, self.cpus // self.server_workers)
         self.tracker: Tracker | None = None  # rounds x sampled customers, opened at the first round (_track)
 
@@ -147,7 +148,7 @@ class DiReDiStrategy(FedAvg):
         super().summary()
         sim = self.config.simulation
         log(INFO, "\t└──> DiReDi: %d customers, merge '%s', deploy '%s', server workers %s", len(self.population), sim.merge,
-            sim.deploy_mode, sim.server_workers or "auto")
+            sim.deploy_mode, self.engine.server_workers or "auto")
 
     # ------------------------------------------------------------------------------ downlink
 
@@ -185,7 +186,7 @@ class DiReDiStrategy(FedAvg):
             return
         queries = [Message(RecordDict({"config": ConfigRecord({})}), message_type=f"{MessageType.QUERY}.partition", dst_node_id=node)
                    for node in unknown]
-        for reply in grid.send_and_receive(queries, timeout=self.config.simulation.round_timeout):
+        for reply in grid.send_and_receive(queries, timeout=self.engine.round_timeout):
             try:
                 partition_id = int(reply.content["metrics"]["partition-id"])
             except (KeyError, TypeError, ValueError):  # an error reply: the node is learnt from its train reply
@@ -211,7 +212,7 @@ class DiReDiStrategy(FedAvg):
         for node in self.sampled_nodes:
             if node not in answered:
                 failures.append({"round": server_round, "node": node, "partition_id": self.partition_of_node.get(node),
-                                 "reason": f"no reply within simulation.round_timeout = {self.config.simulation.round_timeout} s"})
+                                 "reason": f"no reply within engine.round_timeout = {self.engine.round_timeout} s"})
         jobs, seen = [], set()
         for message in valid:
             try:
@@ -394,7 +395,7 @@ class DiReDiStrategy(FedAvg):
             jobs[i]["bytes"][f"{kind}.down"] = content_bytes(message.content)
         node_to_job = {jobs[i]["node"]: i for i in messages}
         replies = {}
-        for reply in self.grid.send_and_receive(list(messages.values()), timeout=self.config.simulation.round_timeout):
+        for reply in self.grid.send_and_receive(list(messages.values()), timeout=self.engine.round_timeout):
             i = node_to_job.get(reply.metadata.src_node_id)
             if i is None:
                 continue
@@ -411,7 +412,7 @@ class DiReDiStrategy(FedAvg):
         for i in set(messages) - set(replies):
             if not any(f.get("node") == jobs[i]["node"] and f["reason"].startswith(kind) for f in failures):
                 failures.append(self._failure(server_round, jobs[i],
-                                              f"{kind}: no reply within simulation.round_timeout = {self.config.simulation.round_timeout} s"))
+                                              f"{kind}: no reply within engine.round_timeout = {self.engine.round_timeout} s"))
         return replies
 
     def _message(self, kind: str, node: int, records: dict) -> Message:

@@ -47,7 +47,8 @@ def simulated(tmp_path_factory):
 
     from diredi_sim.config import DataConfig
     from diredi_sim.population import PopulationConfig
-    from diredi_sim.federation_config import FederationConfig, SimulationConfig
+    from diredi_sim.federation_config import SimulationConfig
+    from server.engine import EngineConfig, RunConfig
     from diredi_sim.settings import PipelineConfig
     from diredi_sim.verify import VerifyConfig
     from test_simulation import STAGE, TINY, child_processes
@@ -56,11 +57,11 @@ def simulated(tmp_path_factory):
     pipeline = PipelineConfig(teacher=STAGE, distill_a=STAGE, distill_b=STAGE, rd=STAGE, distill_c=STAGE, direct=STAGE,
                               cache_dir=str(tmp / "manufacturer-cache"), eval_batch_size=16,
                               verify=VerifyConfig(max_ap_drop=0.05))
-    config = FederationConfig(name="tiny-federation", runs_dir=str(tmp / "runs"),
+    config = RunConfig(name="tiny-federation", runs_dir=str(tmp / "runs"),
                               data=DataConfig(cache_dir=str(tmp / "data"), synthetic=TINY), pipeline=pipeline,
                               population=PopulationConfig(customers=("exp1", "exp2"), generated=0),
-                              simulation=SimulationConfig(num_rounds=1, client_threads=1, num_cpus=2,
-                                                          distill_rejected=True))
+                              simulation=SimulationConfig(num_rounds=1, distill_rejected=True),
+                              engine=EngineConfig(client_threads=1, num_cpus=2))
     from experiments.simulate import run_simulate
 
     before = child_processes()

@@ -13,7 +13,8 @@ import torch
 from diredi_sim.config import ConfigError, DataConfig, TrainConfig
 from diredi_sim.data.synthetic import SyntheticConfig
 from diredi_sim.population import PopulationConfig
-from diredi_sim.federation_config import BaselineConfig, FederationConfig, SimulationConfig
+from diredi_sim.federation_config import BaselineConfig, FederationConfig
+from server.engine import EngineConfig, RunConfig
 from diredi_sim.models import build_detector
 from diredi_sim.settings import PipelineConfig
 from diredi_sim.train import compute_proximal_losses
@@ -97,10 +98,10 @@ def test_differences_pair_diredi_with_each_method_by_seed_and_customer():
 def test_compare_runs_every_method_on_the_same_customers(tmp_path):
     pipeline = PipelineConfig(teacher=STAGE, distill_a=STAGE, distill_b=STAGE, rd=STAGE, distill_c=STAGE, direct=STAGE,
                               cache_dir=str(tmp_path / "manufacturer-cache"), eval_batch_size=16)
-    config = FederationConfig(name="tiny", runs_dir=str(tmp_path / "runs"),
+    config = RunConfig(name="tiny", runs_dir=str(tmp_path / "runs"),
                               data=DataConfig(cache_dir=str(tmp_path / "data"), synthetic=TINY), pipeline=pipeline,
                               population=PopulationConfig(customers=("exp1", "exp2"), generated=0),
-                              simulation=SimulationConfig(client_threads=1, num_cpus=2),
+                              engine=EngineConfig(client_threads=1, num_cpus=2),
                               baselines=BaselineConfig(rounds=2, local=STAGE))
     torch.set_num_threads(1)
     folder = run_compare(config, seeds=1)

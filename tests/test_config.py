@@ -16,13 +16,13 @@ def write(tmp_path, text):
 def test_shipped_configs_load():
     from experiments.paper import load_paper_config
 
-    from diredi_sim.federation_config import FederationConfig
+    from server.engine import RunConfig
 
     paths = sorted(CONFIGS.glob("*.toml"))
     assert {p.stem for p in paths} >= {"edge", "exp1", "exp2", "federation", "demo"}
     for path in paths:
         if path.stem in ("federation", "demo"):
-            assert isinstance(load_config(path, cls=FederationConfig), FederationConfig)
+            assert isinstance(load_config(path, cls=RunConfig), RunConfig)
             continue
         config = load_paper_config(path)[0] if path.stem.startswith("exp") else load_config(path)
         assert isinstance(config, ExperimentConfig)
@@ -74,9 +74,9 @@ def test_every_config_root_goes_through_one_loader_and_one_flat_form():
     ``from_flat``; a section's own check (VerifyConfig's) is named under its full key."""
     from experiments.paper import PaperConfig
 
-    from diredi_sim.federation_config import FederationConfig
+    from server.engine import RunConfig
 
-    for cls, name in ((ExperimentConfig, "edge"), (FederationConfig, "federation"), (PaperConfig, "exp2")):
+    for cls, name in ((ExperimentConfig, "edge"), (RunConfig, "federation"), (PaperConfig, "exp2")):
         config = load_config(CONFIGS / f"{name}.toml", cls=cls)
         flat = to_flat(config)
         assert all(isinstance(v, (int, float, str, bool)) for v in flat.values()), name
@@ -95,16 +95,19 @@ def test_every_number_of_a_config_must_be_finite():
     non-finite number in a config is an error naming its key."""
     from diredi_sim.federation_config import FederationConfig
 
-    for key in ("pipeline.verify.max-ap-drop", "simulation.round-timeout", "pipeline.rd.lr", "data.public-fraction"):
+    from server.engine import RunConfig
+
+    for key in ("pipeline.verify.max-ap-drop", "engine.round-timeout", "pipeline.rd.lr", "data.public-fraction"):
         for value in (float("nan"), float("inf"), float("-inf")):
             with pytest.raises(ConfigError, match=f"{key.replace('-', '_')} = {value!r}: must be a finite number"):
-                from_flat({key: value}, FederationConfig)
+                from_flat({key: value}, RunConfig)
 
 
 def test_a_section_given_in_part_keeps_its_own_defaults_for_the_rest(tmp_path):
     """``[baselines.local]`` has defaults of its own (1 epoch at lr 0.001, not TrainConfig's 12
     at 0.003): setting one of its keys, in a file or with --set, keeps the others."""
     from diredi_sim.federation_config import BaselineConfig, FederationConfig
+    from server.engine import RunConfig
 
     own = BaselineConfig().local
     path = tmp_path / "partial.toml"
@@ -112,8 +115,8 @@ def test_a_section_given_in_part_keeps_its_own_defaults_for_the_rest(tmp_path):
     config = load_config(path, cls=FederationConfig)
     assert config.baselines.local == replace(own, max_train_images=7)
     assert config.pipeline.rd == replace(FederationConfig().pipeline.rd, epochs=3)
-    overridden = load_config(CONFIGS / "federation.toml", {"baselines.local.epochs": 2}, cls=FederationConfig)
-    assert overridden.baselines.local == replace(load_config(CONFIGS / "federation.toml", cls=FederationConfig).baselines.local, epochs=2)
+    overridden = load_config(CONFIGS / "federation.toml", {"baselines.local.epochs": 2}, cls=RunConfig)
+    assert overridden.baselines.local == replace(load_config(CONFIGS / "federation.toml", cls=RunConfig).baselines.local, epochs=2)
     assert (overridden.baselines.local.lr, overridden.baselines.local.warmup_steps) == (own.lr, own.warmup_steps) == (0.001, 10)
 
 

@@ -78,6 +78,7 @@ customers = ["exp1", "exp2"]
 generated = 0
 [simulation]
 num_rounds = 1
+[engine]
 server_workers = 1
 [baselines]
 rounds = 1

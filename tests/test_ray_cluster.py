@@ -15,7 +15,8 @@ import torch
 
 from diredi_sim.config import DataConfig
 from diredi_sim.population import PopulationConfig
-from diredi_sim.federation_config import FederationConfig, SimulationConfig
+from diredi_sim.federation_config import FederationConfig
+from server.engine import EngineConfig, RunConfig
 from diredi_sim.settings import PipelineConfig
 from experiments.processes import descendants
 from experiments.simulate import build_backend_config, run_simulate
@@ -36,7 +37,7 @@ def test_ray_address_comes_from_the_setting_then_from_RAY_ADDRESS(monkeypatch):
     assert local["_node_ip_address"] == "127.0.0.1" and local["address"] == "local"  # never a cluster found lying around
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6390")
     assert build_backend_config(FederationConfig())["init_args"] == {"address": "127.0.0.1:6390"}
-    setting = FederationConfig(simulation=SimulationConfig(ray_address="127.0.0.1:7000"))
+    setting = RunConfig(engine=EngineConfig(ray_address="127.0.0.1:7000"))
     assert build_backend_config(setting)["init_args"] == {"address": "127.0.0.1:7000"}
 
 
@@ -67,10 +68,10 @@ def test_a_federation_runs_on_a_ray_head_started_apart(tmp_path):
         started = {head.pid, *descendants(head.pid)}
         pipeline = PipelineConfig(teacher=STAGE, distill_a=STAGE, distill_b=STAGE, rd=STAGE, distill_c=STAGE, direct=STAGE,
                                   cache_dir=str(tmp_path / "models"), eval_batch_size=16)
-        config = FederationConfig(name="ray-head", runs_dir=str(tmp_path / "runs"),
+        config = RunConfig(name="ray-head", runs_dir=str(tmp_path / "runs"),
                                   data=DataConfig(cache_dir=str(tmp_path / "data"), synthetic=TINY), pipeline=pipeline,
                                   population=PopulationConfig(customers=("exp1", "exp2"), generated=0),
-                                  simulation=SimulationConfig(num_rounds=1, client_threads=1, ray_address=f"127.0.0.1:{port}"))
+                                  engine=EngineConfig(client_threads=1, ray_address=f"127.0.0.1:{port}"))
         torch.set_num_threads(1)
         outcome = run_simulate(config)
         assert sorted(row["customer"] for row in outcome.summary) == ["exp1", "exp2"]

@@ -46,6 +46,7 @@ customers = ["exp1", "exp2"]
 generated = 0
 [simulation]
 num_rounds = 2
+[engine]
 client_threads = 1
 num_cpus = 2
 server_workers = 1
@@ -353,7 +354,8 @@ def test_a_restored_strategy_numbers_rounds_on_and_sends_each_customer_its_own_e
     asks the nodes who they are before the downlink, and customer 1 gets its own edge at once."""
     from diredi_sim.config import DataConfig
     from diredi_sim.population import PopulationConfig
-    from diredi_sim.federation_config import FederationConfig, SimulationConfig
+    from diredi_sim.federation_config import SimulationConfig
+    from server.engine import EngineConfig, RunConfig
     from diredi_sim.federation import load_model
     from diredi_sim.models import build_detector
     from diredi_sim.settings import PipelineConfig
@@ -362,10 +364,10 @@ def test_a_restored_strategy_numbers_rounds_on_and_sends_each_customer_its_own_e
     from server.ledger import STATE_FORMAT
     from test_strategy import TINY, FakeGrid, reply_to, stub_strategy
 
-    config = FederationConfig(runs_dir=str(tmp_path / "runs"), data=DataConfig(cache_dir=str(tmp_path / "data"), synthetic=TINY),
-                              pipeline=PipelineConfig(eval_batch_size=8),
-                              population=PopulationConfig(customers=("exp1", "exp2"), generated=0),
-                              simulation=SimulationConfig(num_rounds=3, server_workers=1))
+    config = RunConfig(runs_dir=str(tmp_path / "runs"), data=DataConfig(cache_dir=str(tmp_path / "data"), synthetic=TINY),
+                       pipeline=PipelineConfig(eval_batch_size=8),
+                       population=PopulationConfig(customers=("exp1", "exp2"), generated=0),
+                       simulation=SimulationConfig(num_rounds=3), engine=EngineConfig(server_workers=1))
     torch.manual_seed(0)
     tutor, edge = build_detector("tutor", "cpu"), build_detector("edge", "cpu")
     run = Run.create(config.runs_dir, "restore-test", config)

@@ -17,7 +17,8 @@ import torch
 from diredi_sim.config import DataConfig, TrainConfig
 from diredi_sim.data.synthetic import SyntheticConfig
 from diredi_sim.population import PopulationConfig, build_population
-from diredi_sim.federation_config import FederationConfig, SimulationConfig
+from diredi_sim.federation_config import SimulationConfig
+from server.engine import EngineConfig, RunConfig
 from diredi_sim.federation import effective_pipeline
 from diredi_sim.datasets import export_pool
 from diredi_sim.pipeline import run_pipeline
@@ -82,10 +83,10 @@ def test_a_round_completes_when_customers_raise_hang_or_reply_malformed(tmp_path
     under `make test` another test runs beside this one (the wait overlaps it)."""
     pipeline = PipelineConfig(teacher=STAGE, distill_a=STAGE, distill_b=STAGE, rd=STAGE, distill_c=STAGE, direct=STAGE,
                               cache_dir=str(tmp_path / "manufacturer-cache"), eval_batch_size=16)
-    config = FederationConfig(name="faults", runs_dir=str(tmp_path / "runs"),
+    config = RunConfig(name="faults", runs_dir=str(tmp_path / "runs"),
                               data=DataConfig(cache_dir=str(tmp_path / "data"), synthetic=TINY), pipeline=pipeline,
                               population=PopulationConfig(customers=("exp1", "exp2", "exp1", "exp2"), generated=0),
-                              simulation=SimulationConfig(num_rounds=1, client_threads=1, num_cpus=4, round_timeout=180))
+                              simulation=SimulationConfig(num_rounds=1), engine=EngineConfig(client_threads=1, num_cpus=4, round_timeout=180))
     from experiments.simulate import run_simulate
 
     torch.set_num_threads(1)
@@ -96,7 +97,7 @@ def test_a_round_completes_when_customers_raise_hang_or_reply_malformed(tmp_path
     failures = [json.loads(line) for line in (outcome.folder / "metrics.jsonl").read_text().splitlines()]
     reasons = " | ".join(f["reason"] for f in failures if f.get("event") == "customer_failed")
     assert "injected fault: customer 1 raises" in reasons
-    assert "no reply within simulation.round_timeout" in reasons
+    assert "no reply within engine.round_timeout" in reasons
     assert "malformed reply" in reasons
     mine = json.loads((outcome.folder / "round1" / "customer0.json").read_text())
     first = json.loads((simulated[1].folder / "round1" / "customer0.json").read_text())

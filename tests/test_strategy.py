@@ -14,7 +14,8 @@ from diredi_sim.config import DataConfig, to_flat
 from diredi_sim.data.synthetic import SyntheticConfig
 from diredi_sim.deltas import select_neck_head
 from diredi_sim.population import PopulationConfig, build_population
-from diredi_sim.federation_config import FederationConfig, SimulationConfig
+from diredi_sim.federation_config import SimulationConfig
+from server.engine import EngineConfig, RunConfig
 from diredi_sim.models import build_detector
 from diredi_sim.settings import PipelineConfig
 from diredi_sim.runs import Run, read_jsonl
@@ -93,11 +94,11 @@ def stub_strategy(config, run, edge_state, review=stub_review) -> DiReDiStrategy
 @pytest.fixture()
 def setup(tmp_path):
     torch.manual_seed(0)
-    config = FederationConfig(
+    config = RunConfig(
         runs_dir=str(tmp_path / "runs"), data=DataConfig(cache_dir=str(tmp_path / "data"), synthetic=TINY),
         pipeline=PipelineConfig(eval_batch_size=8),
         population=PopulationConfig(customers=("exp1", "exp2", "aeroplane+bus+dog", "bus+cat"), generated=0),
-        simulation=SimulationConfig(merge="mean", server_workers=1))
+        simulation=SimulationConfig(merge="mean"), engine=EngineConfig(server_workers=1))
     tutor = build_detector("tutor", "cpu")
     edge = build_detector("edge", "cpu")
     run = Run.create(config.runs_dir, "strategy-test", config)
