@@ -129,7 +129,8 @@ def uplink_compression_mod(msg: Message, context: Context, call_next) -> Message
 
 
 # the first mod is the outermost: a baseline's message leaves at once; DiReDi's delta gets DP, then compression
-app = ClientApp(mods=[baseline_mod, uplink_compression_mod, local_dp_mod])
+MODS = (baseline_mod, uplink_compression_mod, local_dp_mod)
+app = ClientApp(mods=list(MODS))
 
 
 @app.query("partition")

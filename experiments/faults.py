@@ -49,7 +49,7 @@ def faulty_client_app(spec: str, hang_seconds: float) -> ClientApp:
                  for k, v in select_neck_head(msg.content["tutor"].to_torch_state_dict()).items()}
         return Message(RecordDict({"delta": ArrayRecord(dict(list(zeros.items())[1:]))}), reply_to=msg)
 
-    app = ClientApp(mods=[inject, production.uplink_compression_mod, production.local_dp_mod])
+    app = ClientApp(mods=[inject, *production.MODS])
     app.train()(production.train)
     app.train("distill_c")(production.distill_c)
     app.evaluate()(production.evaluate)

@@ -93,8 +93,6 @@ def test_every_config_root_goes_through_one_loader_and_one_flat_form():
 def test_every_number_of_a_config_must_be_finite():
     """A NaN threshold would switch its check off (every comparison with NaN is false): any
     non-finite number in a config is an error naming its key."""
-    from diredi_sim.federation_config import FederationConfig
-
     from server.engine import RunConfig
 
     for key in ("pipeline.verify.max-ap-drop", "engine.round-timeout", "pipeline.rd.lr", "data.public-fraction"):
