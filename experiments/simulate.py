@@ -30,16 +30,16 @@ def build_backend_config(config: FederationConfig) -> dict:
     import ``clients`` and ``diredi_sim``) and the data and model caches at the same paths."""
     from server.engine import engine_of
 
-    sim = engine_of(config)
-    address = sim.ray_address or os.environ.get("RAY_ADDRESS", "")  # the setting, else Ray's own variable
+    engine = engine_of(config)
+    address = engine.ray_address or os.environ.get("RAY_ADDRESS", "")  # the setting, else Ray's own variable
     if address:
         init_args = {"address": address}
     else:
         # "local": always a new instance; with no address Ray would join the cluster a `ray start`
         # on this machine left in /tmp/ray/ray_current_cluster (another run's, a test's)
-        init_args = {"address": "local", "num_cpus": sim.num_cpus or os.cpu_count() or 1, "_node_ip_address": "127.0.0.1",
+        init_args = {"address": "local", "num_cpus": engine.num_cpus or os.cpu_count() or 1, "_node_ip_address": "127.0.0.1",
                      "include_dashboard": False, "log_to_driver": True}  # customers' progress lines reach this terminal
-    return {"client_resources": {"num_cpus": sim.client_cpus, "num_gpus": sim.client_gpus}, "init_args": init_args}
+    return {"client_resources": {"num_cpus": engine.client_cpus, "num_gpus": engine.client_gpus}, "init_args": init_args}
 
 
 def run_simulate(config: FederationConfig, run_folder: str | Path | None = None, verbose: bool = False,

@@ -149,18 +149,18 @@ def _run_rounds(grid: Grid, config: FederationConfig, method: str, outcome: Fede
             maps.append(row["mAP"])
         return MetricRecord({"mean-map": sum(maps) / len(maps) if maps else float("nan")})
 
-    sim = engine_of(config)
+    engine = engine_of(config)
     strategy = build_strategy(config, method, len(population))
     strategy.on_evaluated = on_evaluated
     settings = ConfigRecord({**customer_settings(config), "method": method})  # the ClientApp dispatches on it
     initial = ArrayRecord(maker.edge.state_dict())
     # round 0: the original edge at every customer (Flower's own evaluation starts after round 1)
     strategy.aggregate_evaluate(0, grid.send_and_receive(list(strategy.configure_evaluate(0, initial, settings, grid)),
-                                                         timeout=sim.round_timeout))
+                                                         timeout=engine.round_timeout))
     if len(reference) < len(population):
         raise RuntimeError(f"{len(population) - len(reference)} customer(s) did not evaluate the original edge model (round 0): "
                            "no reference for gains; see metrics.jsonl")
-    strategy.start(grid, initial_arrays=initial, num_rounds=config.baselines.rounds, timeout=sim.round_timeout,
+    strategy.start(grid, initial_arrays=initial, num_rounds=config.baselines.rounds, timeout=engine.round_timeout,
                    train_config=settings, evaluate_config=ConfigRecord({**customer_settings(config), "method": method}))
     last = max(r["round"] for r in rows)
     outcome.summary = [r for r in rows if r["round"] == last]
