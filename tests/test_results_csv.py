@@ -235,8 +235,9 @@ def test_config_json_records_versions_device_and_commit(tmp_path, monkeypatch):
     Run.create(tmp_path, "no-git", {}).close()  # and a run is still created
     # the resume path reads a config.json with its environment record back into the typed config
     from experiments.resume import load_run_config
+    from server.engine import EngineConfig, RunConfig
 
-    federation = FederationConfig(name="fed", data=DataConfig(cache_dir=str(tmp_path / "d")))
+    federation = RunConfig(name="fed", data=DataConfig(cache_dir=str(tmp_path / "d")), engine=EngineConfig(client_threads=2))
     with Run.create(tmp_path, "fed", federation) as fed:
         assert load_run_config(fed.folder) == federation
 
