@@ -86,11 +86,13 @@ def _convert_boxes(value: Any, image_id: str, what: str) -> np.ndarray:
 
 def _normalise_entry(entry: Mapping[str, Any], image_id: str, what: str, columns: dict[str, Any]) -> dict[str, np.ndarray]:
     """One image's boxes (float64, (K, 4)) and per-box ``columns`` (name -> dtype), each of length K.
-    A column that is None or absent is required unless it is ``difficult`` (then all False)."""
+    Every column is required except ``difficult``, which is all False when absent or None."""
     out = {"boxes": _convert_boxes(entry["boxes"], image_id, what)}
     for name, dtype in columns.items():
-        value = entry.get(name) if name == "difficult" else entry[name]
-        out[name] = np.zeros(len(out["boxes"]), dtype=bool) if value is None else _convert_to_numpy(value, dtype).reshape(-1)
+        if name == "difficult" and entry.get(name) is None:
+            out[name] = np.zeros(len(out["boxes"]), dtype=bool)
+        else:
+            out[name] = _convert_to_numpy(entry[name], dtype).reshape(-1)
     if len({len(v) for v in out.values()}) != 1:
         counts = ", ".join(f"{len(v)} {name}" for name, v in out.items())
         raise ValueError(f"{what} of image {image_id!r}: {counts} (one of each per box)")

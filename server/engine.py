@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from diredi_sim.config import MOVED_KEYS, ConfigError, to_flat
+from diredi_sim.config import MOVED_KEYS, _check, to_flat
 from diredi_sim.federation_config import FederationConfig
 
 
@@ -28,14 +28,12 @@ class EngineConfig:
     round_timeout: float = 86400.0  # seconds the server waits for a round's replies
 
     def __post_init__(self):
-        for ok, key, rule in ((self.client_cpus > 0, "client_cpus", "must be > 0"),
-                              (self.client_gpus >= 0, "client_gpus", "must be >= 0"),
-                              (self.client_threads >= 1, "client_threads", "must be >= 1"),
-                              (self.num_cpus >= 0, "num_cpus", "must be >= 0"),
-                              (self.server_workers >= 0, "server_workers", "must be >= 0"),
-                              (self.round_timeout > 0, "round_timeout", "must be > 0")):
-            if not ok:
-                raise ConfigError(f"engine.{key} = {getattr(self, key)!r}: {rule}")
+        _check(self.client_cpus > 0, "engine.client_cpus", self.client_cpus, "must be > 0")
+        _check(self.client_gpus >= 0, "engine.client_gpus", self.client_gpus, "must be >= 0")
+        _check(self.client_threads >= 1, "engine.client_threads", self.client_threads, "must be >= 1")
+        _check(self.num_cpus >= 0, "engine.num_cpus", self.num_cpus, "must be >= 0")
+        _check(self.server_workers >= 0, "engine.server_workers", self.server_workers, "must be >= 0")
+        _check(self.round_timeout > 0, "engine.round_timeout", self.round_timeout, "must be > 0")
 
 
 ENGINE_KEYS = tuple(f.name for f in fields(EngineConfig))
