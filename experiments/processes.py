@@ -45,6 +45,14 @@ def alive(processes: set[tuple[int, str]]) -> set[tuple[int, str]]:
     return {(pid, start) for pid, start in processes if pid in table and table[pid][1] == start}
 
 
+def send(pid: int, sig: int, group: bool = False) -> None:
+    """Signal a process (or its process group) that may have ended since it was listed: a gone one is no error."""
+    try:
+        (os.killpg if group else os.kill)(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def command_line(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from experiments.offline import OFFLINE_ENV
-from experiments.processes import descendants, process_table
+from experiments.processes import descendants, process_table, send
 from tiny_configs import SYNTHETIC_TOML
 
 pytestmark = pytest.mark.slow
@@ -53,10 +53,7 @@ def stop(process: subprocess.Popen, tree: set[int]) -> None:
     """SIGTERM to the process and the descendants recorded for it, SIGKILL to what lingers."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in [process.pid, *sorted(tree)]:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+            send(pid, sig)
         deadline = time.monotonic() + 10
         while any(alive(p) for p in tree | {process.pid}) and time.monotonic() < deadline:
             process.poll()

@@ -18,7 +18,7 @@ from diredi_sim.population import PopulationConfig
 from diredi_sim.federation_config import FederationConfig
 from server.engine import EngineConfig, RunConfig
 from diredi_sim.settings import PipelineConfig
-from experiments.processes import descendants
+from experiments.processes import descendants, send
 from experiments.simulate import build_backend_config, run_simulate
 from test_simulation import STAGE, TINY
 
@@ -29,6 +29,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not gone, not a zombie); it may end while this reads."""
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    except OSError:
+        return False
 
 
 def test_ray_address_comes_from_the_setting_then_from_RAY_ADDRESS(monkeypatch):
@@ -81,17 +89,16 @@ def test_a_federation_runs_on_a_ray_head_started_apart(tmp_path):
         assert "customer 0 (exp1)" in logs and "customer 1 (exp2)" in logs
     finally:
         started |= set(descendants(head.pid)) if head.poll() is None else set()
-        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` and everything it started share its session
+        send(head.pid, signal.SIGTERM, group=True)  # `ray start --block` and everything it started share its session
         try:
             head.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+            send(head.pid, signal.SIGKILL, group=True)
             head.wait(timeout=30)
         deadline = time.monotonic() + 30
-        while (alive := [p for p in started if Path(f"/proc/{p}").exists() and "zombie" not in
-                         Path(f"/proc/{p}/status").read_text().lower()]) and time.monotonic() < deadline:
+        while (alive := [p for p in started if running(p)]) and time.monotonic() < deadline:
             time.sleep(0.5)
         for pid in alive:
-            os.kill(pid, signal.SIGKILL)
+            send(pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
     assert not alive, f"processes of the Ray head still running: {alive}"

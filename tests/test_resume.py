@@ -24,7 +24,7 @@ import torch
 from diredi_sim.runs import append_jsonl, read_jsonl
 from experiments.cli import main as cli_main
 from experiments.offline import OFFLINE_ENV
-from experiments.processes import alive, identified_descendants
+from experiments.processes import alive, identified_descendants, send
 from experiments.resume import clear_interrupted_round, read_state
 from tiny_configs import SYNTHETIC_TOML
 
@@ -146,14 +146,11 @@ class Tracked:
                 break
             tree |= new
             for pid, _ in {(self.process.pid, "")} | new:
-                try:
-                    os.kill(pid, signal.SIGSTOP)
-                except ProcessLookupError:
-                    pass
+                send(pid, signal.SIGSTOP)
         self.seen |= tree
-        os.killpg(pgid, signal.SIGKILL)
+        send(pgid, signal.SIGKILL, group=True)
         for pid, _ in alive(tree):
-            os.kill(pid, signal.SIGKILL)
+            send(pid, signal.SIGKILL)
         self.process.wait(30)
         self.thread.join()
 
@@ -163,7 +160,7 @@ class Tracked:
         while (left := alive(self.seen)) and time.monotonic() < deadline:
             time.sleep(0.5)
         for pid, _ in left:
-            os.kill(pid, signal.SIGKILL)
+            send(pid, signal.SIGKILL)
         return left
 
     def output(self) -> str:

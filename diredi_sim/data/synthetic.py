@@ -162,6 +162,12 @@ def make_legs(tone, xs, top, bottom, width):
     return [make_line(tone, [(x, top), (x, bottom)], width) for x in xs]
 
 
+def make_slab(x0, x1, level, thickness, front_xs, width):
+    """A seat or table top seen from the front: a slab at ``level`` on its front legs."""
+    return [make_fill(0, make_rect(x0, level, x1, level + thickness)),
+            *make_legs(0, front_xs, level + thickness, 1.0 - width / 2, width)]
+
+
 def make_disk(tone, cx, cy, r, n=18):
     return make_fill(tone, make_ellipse(cx, cy, r, r, n=n))
 
@@ -312,12 +318,12 @@ def draw_car(rng):
     return a, prims, 0.12
 
 
-def draw_quadruped(body, legs, leg_w, hoof=False):
-    """Body polygon plus legs (list of (x_top, y_top, x_foot)), the far legs in the detail tone."""
+def draw_quadruped(body, leg_top, legs, leg_w, hoof=False):
+    """Body polygon plus legs from ``leg_top`` (list of (x_top, x_foot)), the far legs in the detail tone."""
     prims = []
-    for i, (xt, yt, xf) in enumerate(legs):
+    for i, (xt, xf) in enumerate(legs):
         tone = 2 if i % 2 else 0
-        prims.append(make_line(tone, [(xt, yt), (xf, 1.0 - leg_w / 2)], leg_w))
+        prims.append(make_line(tone, [(xt, leg_top), (xf, 1.0 - leg_w / 2)], leg_w))
         if hoof:
             prims.append(make_fill(2, make_rect(xf - leg_w * 0.6, 1.0 - leg_w * 0.8, xf + leg_w * 0.6, 1.0)))
     prims.append(make_fill(0, body))
@@ -327,11 +333,9 @@ def draw_quadruped(body, legs, leg_w, hoof=False):
 def draw_cat(rng):
     a = 1.3
     by = rng.uniform(0.52, 0.6)
-    body = make_ellipse(0.62, by, 0.3, 0.13)
-    leg_top = by + 0.05
-    legs = [(0.42, leg_top, 0.4), (0.48, leg_top, 0.5), (0.8, leg_top, 0.8), (0.86, leg_top, 0.9)]
     prims = [make_line(0, [(0.34, by), (0.18, by - 0.05), (0.08, by - 0.25), (0.1, by - 0.45), (0.2, by - 0.5)], 0.05)]
-    prims += draw_quadruped(body, legs, 0.06)
+    prims += draw_quadruped(make_ellipse(0.62, by, 0.3, 0.13), by + 0.05, [(0.42, 0.4), (0.48, 0.5), (0.8, 0.8), (0.86, 0.9)],
+                            0.06)
     hx, hy, hr = 1.02, by - 0.2, 0.14
     prims += [
         make_fill(0, make_points((hx - hr, hy - 0.02), (hx - hr * 0.8, hy - hr - 0.14), (hx - 0.02, hy - hr * 0.7))),
@@ -348,11 +352,9 @@ def draw_cat(rng):
 def draw_dog(rng):
     a = 1.4
     by = rng.uniform(0.4, 0.48)
-    body = make_ellipse(0.6, by, 0.36, 0.15)
-    leg_top = by + 0.06
-    legs = [(0.33, leg_top, 0.3), (0.4, leg_top, 0.42), (0.82, leg_top, 0.84), (0.88, leg_top, 0.93)]
     prims = [make_line(0, [(0.3, by - 0.05), (0.12, by - 0.3)], 0.06)]
-    prims += draw_quadruped(body, legs, 0.08)
+    prims += draw_quadruped(make_ellipse(0.6, by, 0.36, 0.15), by + 0.06, [(0.33, 0.3), (0.4, 0.42), (0.82, 0.84), (0.88, 0.93)],
+                            0.08)
     hx, hy = 1.08, by - 0.22
     prims += [
         make_fill(0, make_points((0.82, by - 0.1), (hx - 0.08, hy - 0.05), (hx + 0.02, hy + 0.1), (0.9, by + 0.1))),
@@ -369,8 +371,7 @@ def draw_cow(rng):
     a = 1.6
     prims = [make_line(0, [(0.16, 0.25), (0.08, 0.65)], 0.03), make_fill(2, make_ellipse(0.08, 0.68, 0.035, 0.06))]
     body = make_rounded_rect(0.15, 0.2, 1.25, 0.66, 0.08)
-    legs = [(0.25, 0.6, 0.25), (0.33, 0.6, 0.35), (1.07, 0.6, 1.07), (1.15, 0.6, 1.17)]
-    prims += draw_quadruped(body, legs, 0.1, hoof=True)
+    prims += draw_quadruped(body, 0.6, [(0.25, 0.25), (0.33, 0.35), (1.07, 1.07), (1.15, 1.17)], 0.1, hoof=True)
     prims.append(make_fill(1, make_ellipse(0.72, 0.68, 0.1, 0.06)))
     if rng.random() < 0.7:  # spots
         for _ in range(int(rng.integers(2, 6))):
@@ -391,10 +392,8 @@ def draw_horse(rng):
     a = 1.45
     by = rng.uniform(0.36, 0.42)
     prims = [make_fill(1, make_points((0.22, by - 0.08), (0.05, by + 0.3), (0.0, by + 0.45), (0.15, by + 0.4), (0.25, by + 0.05)))]
-    body = make_ellipse(0.6, by, 0.4, 0.14)
-    leg_top = by + 0.06
-    legs = [(0.3, leg_top, 0.26), (0.38, leg_top, 0.4), (0.85, leg_top, 0.85), (0.92, leg_top, 0.98)]
-    prims += draw_quadruped(body, legs, 0.06, hoof=True)
+    prims += draw_quadruped(make_ellipse(0.6, by, 0.4, 0.14), by + 0.06, [(0.3, 0.26), (0.38, 0.4), (0.85, 0.85), (0.92, 0.98)],
+                            0.06, hoof=True)
     prims += [
         make_fill(0, make_points((0.82, by - 0.12), (1.08, 0.06), (1.2, 0.1), (1.02, by + 0.1))),
         make_fill(0, make_points((1.06, 0.02), (1.16, 0.0), (a, 0.24), (a - 0.05, 0.32), (1.08, 0.16))),
@@ -426,31 +425,20 @@ def draw_sheep(rng):
 
 
 def draw_chair(rng):
-    a = rng.uniform(0.6, 0.75)
-    seat = rng.uniform(0.5, 0.58)
-    w = 0.07
-    prims = [
-        *make_legs(2, (0.2, a - 0.05), seat, 0.95, w * 0.8),
-        make_line(0, [(0.05, 0.0), (0.05, 1.0 - w / 2)], w),
-        make_fill(1, make_rect(0.03, 0.06, 0.16, seat - 0.08)),
-        make_fill(0, make_points((0.02, seat), (a - 0.12, seat), (a, seat - 0.05), (0.14, seat - 0.05))),
-        make_fill(0, make_rect(0.02, seat, a - 0.12, seat + 0.06)),
-        make_line(0, [(a - 0.16, seat + 0.06), (a - 0.16, 1.0 - w / 2)], w),
-    ]
-    return a, prims, 0.1
+    a, seat, w = rng.uniform(0.6, 0.75), rng.uniform(0.5, 0.58), 0.07
+    back = [make_line(0, [(0.05, 0.0), (0.05, 1.0 - w / 2)], w),
+            make_fill(1, make_rect(0.03, 0.06, 0.16, seat - 0.08))]
+    seat_face = make_fill(0, make_points((0.02, seat), (a - 0.12, seat), (a, seat - 0.05), (0.14, seat - 0.05)))
+    return a, [*make_legs(2, (0.2, a - 0.05), seat, 0.95, w * 0.8), *back, seat_face,
+               *make_slab(0.02, a - 0.12, seat, 0.06, (a - 0.16,), w)], 0.1
 
 
 def draw_diningtable(rng):
     a = rng.uniform(1.6, 2.0)
     top = rng.uniform(0.2, 0.32)
-    w = 0.08
-    prims = [
-        *make_legs(2, (0.3, a - 0.3), top, 0.85, w * 0.8),
-        make_fill(1, make_points((0.15, 0.0), (a - 0.15, 0.0), (a, top), (0.0, top))),
-        make_fill(0, make_rect(0.0, top, a, top + 0.1)),
-        *make_legs(0, (0.08, a - 0.08), top + 0.1, 1.0 - w / 2, w),
-    ]
-    return a, prims, 0.08
+    far_legs = make_legs(2, (0.3, a - 0.3), top, 0.85, 0.08 * 0.8)
+    top_face = make_fill(1, make_points((0.15, 0.0), (a - 0.15, 0.0), (a, top), (0.0, top)))
+    return a, [*far_legs, top_face, *make_slab(0.0, a, top, 0.1, (0.08, a - 0.08), 0.08)], 0.08
 
 
 def draw_motorbike(rng):
