@@ -224,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="Flower's debug log")
     p.set_defaults(func=cmd_simulate)
 
-    p = add_command("resume", help="finish a killed federation run in its folder, after its last completed round")
+    p = add_command("resume", help="finish a killed federation run in its folder, after its last completed round, "
+                                   "or a paper run: the seeds it did not finish")
     p.add_argument("run_dir")
     p.add_argument("--verbose", action="store_true", help="Flower's debug log")
     p.set_defaults(func=cmd_resume)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -25,12 +26,13 @@ from typing import Any
 
 from diredi_sim.compute import configure_process
 from diredi_sim.seeds import Seeds
-from diredi_sim.config import ConfigError, ExperimentConfig, load_config
+from diredi_sim.config import ConfigError, ExperimentConfig, config_from_dict, load_config
 from diredi_sim.manufacturer import manufacturer_is_cached, plan_manufacturer
 from diredi_sim.pipeline import PipelineResult, plan_customer, run_pipeline
 from diredi_sim.progress import Tracker, plan_units
 from diredi_sim.settings import PipelineConfig
-from diredi_sim.runs import Run, atomic_write_json, atomic_write_text, require_tensorboard, to_jsonable, write_config
+from diredi_sim.runs import (Run, atomic_write_json, atomic_write_text, require_tensorboard, strip_environment, to_jsonable,
+                             write_config)
 from diredi_sim.tidy import tidy_rows, write_results_csv
 from experiments.stats import paired_difference, summarize
 
@@ -77,43 +79,91 @@ def run_paper(config: ExperimentConfig, experiment: str, pipeline: PipelineConfi
     the same in every replicate and have std 0; the replicates vary the customer's side (RD,
     Distill C, the direct and local baselines). Replicate s writes its single-seed outputs to
     ``seed-<s>/``; the top of the run folder gets the summary over seeds, ``table.json`` and
-    ``table.md`` (rewritten after every replicate, so a stopped run keeps what it finished)."""
+    ``table.md`` (rewritten after every replicate, so a stopped run keeps what it finished;
+    ``diredi-sim resume RUN_DIR`` runs the replicates it did not finish: :func:`resume_paper`)."""
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: must be >= 1")
     pipeline = pipeline or getattr(config, "pipeline", None) or PipelineConfig()
     if pipeline.customer == "":
         pipeline = replace(pipeline, customer=experiment)
-    configure_process(device=config.device, threads=config.threads)
-    if config.tensorboard:
-        require_tensorboard()
     run_config = {"experiment": experiment, **{f.name: getattr(config, f.name) for f in fields(config) if f.name != "pipeline"},
                   "pipeline": pipeline}
     replicates = [Seeds(config.seed, replicate=k) for k in range(seeds)]
-    customer_seeds = [r.customer for r in replicates]
-    with Run.create(config.runs_dir, config.name or f"paper-{experiment}", {**run_config, "seeds": customer_seeds}) as run:
-        say = logger.info if progress else logger.debug
-        say(f"paper {experiment}: {config.preset} preset, manufacturer seed {config.seed}, customer seeds "
-            f"{', '.join(map(str, customer_seeds))}; run folder {run.folder}")
-        # one overall progress: the manufacturer's stages (unless cached), then each seed's customer stages
-        cached = manufacturer_is_cached(pipeline, config.data, preset=config.preset, seed=config.seed)
-        plan = ([] if cached else plan_manufacturer(pipeline)) + plan_units([f"seed {s}" for s in customer_seeds], plan_customer(pipeline))
-        with Tracker(f"paper {experiment}", plan, enabled=progress):
-            for seeds_k, customer_seed in zip(replicates, customer_seeds):
-                seed_config = {**run_config, "customer_seed": customer_seed}
-                replicate = Run(run.folder / f"seed-{customer_seed}", tensorboard=run.tensorboard)
-                replicate.folder.mkdir()
-                write_config(replicate.folder, seed_config)
-                say(f"paper {experiment}: customer seed {customer_seed} -> {replicate.folder}")
-                started = time.perf_counter()
-                with replicate:  # its TensorBoard events closed when the replicate ends
-                    result = run_pipeline(pipeline, config.data, preset=config.preset, seed=config.seed, run=replicate,
-                                          config=to_jsonable(seed_config), progress=progress, seeds=seeds_k)
-                result.settings["customer_seed"] = customer_seed
-                print(write_paper_outputs(replicate, result, experiment, total_seconds=time.perf_counter() - started) + "\n", flush=True)
-                text = summarize_paper_run(run.folder)
+    configure_process(device=config.device, threads=config.threads)
+    if config.tensorboard:
+        require_tensorboard()
+    with Run.create(config.runs_dir, config.name or f"paper-{experiment}",
+                    {**run_config, "seeds": [r.customer for r in replicates]}) as run:
+        return _run_replicates(run, config, pipeline, run_config, replicates, progress)
+
+
+def _run_replicates(run: Run, config: ExperimentConfig, pipeline: PipelineConfig, run_config: dict, replicates: list[Seeds],
+                    progress: bool) -> Run:
+    """Each replicate's flow into ``seed-<s>/`` of ``run``, the summary over every finished one after each."""
+    experiment = run_config["experiment"]
+    say = logger.info if progress else logger.debug
+    say(f"paper {experiment}: {config.preset} preset, manufacturer seed {config.seed}, customer seeds "
+        f"{', '.join(str(r.customer) for r in replicates)}; run folder {run.folder}")
+    # one overall progress: the manufacturer's stages (unless cached), then each seed's customer stages
+    cached = manufacturer_is_cached(pipeline, config.data, preset=config.preset, seed=config.seed)
+    plan = ([] if cached else plan_manufacturer(pipeline)) + plan_units([f"seed {r.customer}" for r in replicates],
+                                                                        plan_customer(pipeline))
+    with Tracker(f"paper {experiment}", plan, enabled=progress):
+        for seeds_k in replicates:
+            seed_config = {**run_config, "customer_seed": seeds_k.customer}
+            replicate = Run(run.folder / f"seed-{seeds_k.customer}", tensorboard=run.tensorboard)
+            replicate.folder.mkdir()
+            write_config(replicate.folder, seed_config)
+            say(f"paper {experiment}: customer seed {seeds_k.customer} -> {replicate.folder}")
+            started = time.perf_counter()
+            with replicate:  # its TensorBoard events closed when the replicate ends
+                result = run_pipeline(pipeline, config.data, preset=config.preset, seed=config.seed, run=replicate,
+                                      config=to_jsonable(seed_config), progress=progress, seeds=seeds_k)
+            result.settings["customer_seed"] = seeds_k.customer
+            print(write_paper_outputs(replicate, result, experiment, total_seconds=time.perf_counter() - started) + "\n", flush=True)
+            text = summarize_paper_run(run.folder)
     print(text, flush=True)
     print(f"\nresults in {run.folder} (table.md, table.json, results.csv; each seed's outputs in seed-<s>/)", flush=True)
     return run
+
+
+def is_paper_run(config: dict) -> bool:
+    """Whether a run folder's config.json is that of a paper run (as :func:`run_paper` writes it)."""
+    return isinstance(config, dict) and {"experiment", "seeds", "pipeline"} <= config.keys() and "simulation" not in config
+
+
+def resume_paper(folder: str | Path, config: dict, *, progress: bool = True) -> Run | None:
+    """Run the replicates of the paper run in ``folder`` that did not finish (no
+    ``seed-<s>/table.json``, written last), with the settings of its ``config.json`` (``config``,
+    read): a replicate's partial folder is removed first, the finished ones are kept as they are.
+    A replicate's result depends on its seeds alone, so the table is that of an uninterrupted run.
+    Returns the run, or None when every replicate had finished (the summary is rewritten)."""
+    folder = Path(folder)
+    settings = {k: v for k, v in strip_environment(config).items() if k not in ("experiment", "seeds")}
+    try:
+        paper = config_from_dict(PaperConfig, settings)
+    except ConfigError as exc:
+        raise ConfigError(f"{folder / 'config.json'}: {exc}") from None
+    experiment_config = ExperimentConfig(**{f.name: getattr(paper, f.name) for f in fields(ExperimentConfig)})
+    replicates = [Seeds(paper.seed, replicate=k) for k in range(len(config["seeds"]))]
+    if [r.customer for r in replicates] != config["seeds"]:
+        raise ConfigError(f"{folder / 'config.json'}: seeds {config['seeds']} are not the customer seeds of manufacturer "
+                          f"seed {paper.seed} ({[r.customer for r in replicates]})")
+    missing = [r for r in replicates if not (folder / f"seed-{r.customer}" / "table.json").is_file()]
+    if not missing:
+        print(summarize_paper_run(folder), flush=True)
+        print(f"diredi-sim: {folder} already finished ({len(replicates)} of {len(replicates)} seeds); summary rewritten")
+        return None
+    run_config = {"experiment": config["experiment"], **{f.name: getattr(experiment_config, f.name)
+                                                         for f in fields(experiment_config)}, "pipeline": paper.pipeline}
+    configure_process(device=experiment_config.device, threads=experiment_config.threads)
+    with Run(folder, tensorboard=paper.tensorboard).open_log() as run:  # the run's log.txt goes on
+        for r in missing:
+            if (folder / f"seed-{r.customer}").exists():
+                logger.info("resume: removed the unfinished replicate %s", folder / f"seed-{r.customer}")
+                shutil.rmtree(folder / f"seed-{r.customer}")
+        logger.info("resuming %s: seeds %s of %s", folder, [r.customer for r in missing], config["seeds"])
+        return _run_replicates(run, experiment_config, paper.pipeline, run_config, missing, progress)
 
 
 def summarize_paper_run(folder: str | Path) -> str:

@@ -1,4 +1,5 @@
 """``diredi-sim resume RUN_DIR``: finish a federation run that was killed (SIGKILL, power cut).
+(A paper run folder is handed to :func:`experiments.paper.resume_paper`: its unfinished seeds run again.)
 
 A run folder's ``state.json`` is written last in each round (see server/strategy.py): it names
 the last completed round and the checkpoints that hold the shared tutor and every customer's
@@ -135,8 +136,15 @@ def clear_interrupted_round(folder: str | Path, state: dict) -> list[str]:
 
 
 def run_resume(folder: str | Path, verbose: bool = False):
-    """Finish the run in ``folder``; returns the outcome, or None when it had already finished."""
+    """Finish the run in ``folder`` (a federation run, or a paper run: :func:`experiments.paper.resume_paper`);
+    returns the outcome, or None when it had already finished."""
     folder = Path(folder)
+    if (folder / "config.json").is_file():
+        from experiments.paper import is_paper_run, resume_paper
+
+        data = _read_json(folder / "config.json")
+        if is_paper_run(data):
+            return resume_paper(folder, data)
     config = load_run_config(folder)
     state = read_state(folder)
     last, total = int(state["last_round"]), config.simulation.num_rounds

@@ -7,7 +7,9 @@ times slower, not faster.
 """
 import json
 import math
+import shutil
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -344,3 +346,35 @@ def test_paper_configs_load_and_bad_keys_are_named():
         PipelineConfig(customer="nonsense")
     with pytest.raises(ConfigError, match="no config for experiment 'exp9'"):
         find_paper_config("exp9")
+
+
+def test_a_paper_run_stopped_in_a_seed_resumes_that_seed_alone_to_the_uninterrupted_table(first, tmp_path, capsys):
+    """`diredi-sim resume` on a paper run folder: a replicate without its table.json (the file a
+    replicate writes last, so a kill anywhere in it leaves none) is removed and run again with the
+    folder's own settings; the finished replicate is kept untouched; the resumed run's tables equal
+    the uninterrupted run's."""
+    from experiments.cli import main as cli_main
+
+    config = ExperimentConfig(name="tiny-seeds", runs_dir=str(tmp_path / "runs"), data=first.data)
+    whole = run_paper(config, "exp2", first.cfg, progress=False, seeds=2).folder
+    stopped = tmp_path / "stopped"
+    shutil.copytree(whole, stopped)
+    (stopped / "seed-1" / "table.json").unlink()
+    (stopped / "seed-1" / "checkpoints" / "torn.pt.tmp").write_bytes(b"\0" * 10)  # what a kill in a write leaves
+    kept = (stopped / "seed-0" / "table.json").stat().st_mtime_ns
+    capsys.readouterr()
+
+    assert cli_main(["resume", str(stopped)]) == 0
+    assert (stopped / "seed-0" / "table.json").stat().st_mtime_ns == kept  # the finished seed was not run again
+    assert not (stopped / "seed-1" / "checkpoints" / "torn.pt.tmp").exists()
+    def measured(name: str, folder: Path) -> object:  # every figure but the evaluations' wall times
+        rows = json.loads((folder / name).read_text())["rows"]
+        return [{k: v for k, v in row.items() if k != "eval_seconds"} for row in rows] if isinstance(rows, list) else rows
+
+    for name in ("seed-1/table.json", "table.json"):
+        assert measured(name, stopped) == measured(name, whole), name
+    before, log = (whole / "log.txt").read_text(), (stopped / "log.txt").read_text()
+    assert log.startswith(before) and "removed the unfinished replicate" in log[len(before):]  # the run's log goes on
+
+    assert cli_main(["resume", str(stopped)]) == 0  # a finished run: nothing runs, the summary is rewritten
+    assert "already finished (2 of 2 seeds)" in capsys.readouterr().out
