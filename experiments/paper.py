@@ -63,8 +63,17 @@ class PaperConfig(ExperimentConfig):
 def load_paper_config(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[ExperimentConfig, PipelineConfig]:
     """An experiment config and its ``[pipeline]`` section from TOML; ``overrides`` are flat
     dotted keys (``pipeline.rd.epochs``, ``seed``)."""
-    config = load_config(path, overrides, cls=PaperConfig)
+    return _split(load_config(path, overrides, cls=PaperConfig))
+
+
+def _split(config: PaperConfig) -> tuple[ExperimentConfig, PipelineConfig]:
     return ExperimentConfig(**{f.name: getattr(config, f.name) for f in fields(ExperimentConfig)}), config.pipeline
+
+
+def _run_config(experiment: str, config: ExperimentConfig, pipeline: PipelineConfig) -> dict:
+    """What a paper run's config.json holds (besides its seeds), and each replicate's with its customer seed."""
+    return {"experiment": experiment, **{f.name: getattr(config, f.name) for f in fields(config) if f.name != "pipeline"},
+            "pipeline": pipeline}
 
 
 def run_paper(config: ExperimentConfig, experiment: str, pipeline: PipelineConfig | None = None, *, progress: bool = True,
@@ -86,21 +95,19 @@ def run_paper(config: ExperimentConfig, experiment: str, pipeline: PipelineConfi
     pipeline = pipeline or getattr(config, "pipeline", None) or PipelineConfig()
     if pipeline.customer == "":
         pipeline = replace(pipeline, customer=experiment)
-    run_config = {"experiment": experiment, **{f.name: getattr(config, f.name) for f in fields(config) if f.name != "pipeline"},
-                  "pipeline": pipeline}
     replicates = [Seeds(config.seed, replicate=k) for k in range(seeds)]
     configure_process(device=config.device, threads=config.threads)
     if config.tensorboard:
         require_tensorboard()
     with Run.create(config.runs_dir, config.name or f"paper-{experiment}",
-                    {**run_config, "seeds": [r.customer for r in replicates]}) as run:
-        return _run_replicates(run, config, pipeline, run_config, replicates, progress)
+                    {**_run_config(experiment, config, pipeline), "seeds": [r.customer for r in replicates]}) as run:
+        return _run_replicates(run, experiment, config, pipeline, replicates, progress)
 
 
-def _run_replicates(run: Run, config: ExperimentConfig, pipeline: PipelineConfig, run_config: dict, replicates: list[Seeds],
+def _run_replicates(run: Run, experiment: str, config: ExperimentConfig, pipeline: PipelineConfig, replicates: list[Seeds],
                     progress: bool) -> Run:
     """Each replicate's flow into ``seed-<s>/`` of ``run``, the summary over every finished one after each."""
-    experiment = run_config["experiment"]
+    run_config = _run_config(experiment, config, pipeline)
     say = logger.info if progress else logger.debug
     say(f"paper {experiment}: {config.preset} preset, manufacturer seed {config.seed}, customer seeds "
         f"{', '.join(str(r.customer) for r in replicates)}; run folder {run.folder}")
@@ -141,29 +148,27 @@ def resume_paper(folder: str | Path, config: dict, *, progress: bool = True) -> 
     folder = Path(folder)
     settings = {k: v for k, v in strip_environment(config).items() if k not in ("experiment", "seeds")}
     try:
-        paper = config_from_dict(PaperConfig, settings)
+        experiment_config, pipeline = _split(config_from_dict(PaperConfig, settings))
     except ConfigError as exc:
         raise ConfigError(f"{folder / 'config.json'}: {exc}") from None
-    experiment_config = ExperimentConfig(**{f.name: getattr(paper, f.name) for f in fields(ExperimentConfig)})
-    replicates = [Seeds(paper.seed, replicate=k) for k in range(len(config["seeds"]))]
-    if [r.customer for r in replicates] != config["seeds"]:
-        raise ConfigError(f"{folder / 'config.json'}: seeds {config['seeds']} are not the customer seeds of manufacturer "
-                          f"seed {paper.seed} ({[r.customer for r in replicates]})")
+    seeds = config["seeds"]
+    replicates = [Seeds(experiment_config.seed, replicate=k) for k in range(len(seeds) if isinstance(seeds, list) else 0)]
+    if not replicates or [r.customer for r in replicates] != seeds:
+        raise ConfigError(f"{folder / 'config.json'}: seeds {seeds!r} are not the customer seeds of a paper run with "
+                          f"manufacturer seed {experiment_config.seed} (seed, seed + 1, ...)")
     missing = [r for r in replicates if not (folder / f"seed-{r.customer}" / "table.json").is_file()]
     if not missing:
         print(summarize_paper_run(folder), flush=True)
         print(f"diredi-sim: {folder} already finished ({len(replicates)} of {len(replicates)} seeds); summary rewritten")
         return None
-    run_config = {"experiment": config["experiment"], **{f.name: getattr(experiment_config, f.name)
-                                                         for f in fields(experiment_config)}, "pipeline": paper.pipeline}
     configure_process(device=experiment_config.device, threads=experiment_config.threads)
-    with Run(folder, tensorboard=paper.tensorboard).open_log() as run:  # the run's log.txt goes on
+    with Run(folder, tensorboard=experiment_config.tensorboard).open_log() as run:  # the run's log.txt goes on
         for r in missing:
             if (folder / f"seed-{r.customer}").exists():
                 logger.info("resume: removed the unfinished replicate %s", folder / f"seed-{r.customer}")
                 shutil.rmtree(folder / f"seed-{r.customer}")
-        logger.info("resuming %s: seeds %s of %s", folder, [r.customer for r in missing], config["seeds"])
-        return _run_replicates(run, experiment_config, paper.pipeline, run_config, missing, progress)
+        logger.info("resuming %s: seeds %s of %s", folder, [r.customer for r in missing], seeds)
+        return _run_replicates(run, config["experiment"], experiment_config, pipeline, missing, progress)
 
 
 def summarize_paper_run(folder: str | Path) -> str:
