@@ -135,8 +135,9 @@ app = ClientApp(mods=list(MODS))
 
 @app.query("partition")
 def partition(msg: Message, context: Context) -> Message:
-    """Which customer this node is: the strategy asks nodes it does not know yet while some
-    customer's deployed edge model has no node (a resumed run: node ids are new)."""
+    """Which customer this node is: the strategy asks the nodes in its first round (a greeting,
+    which starts a simulation's actors before the timed train exchange), and nodes it does not
+    know yet while some customer's deployed edge model has no node (a resumed run: node ids are new)."""
     partition_id = int(context.node_config.get("partition-id", -1))
     return Message(RecordDict({"metrics": MetricRecord({"partition-id": partition_id})}), reply_to=msg)
 

@@ -27,6 +27,7 @@ every customer's deployed edge model as of that round, the summary rows and roun
 from __future__ import annotations
 
 import math
+import time
 import multiprocessing
 import os
 from collections.abc import Callable, Iterable
@@ -116,6 +117,7 @@ class DiReDiStrategy(FedAvg):
         self.original_edge = edge_state
         self.deployed_edges: dict[int, dict] = {}  # partition id -> the edge model the customer runs now
         self.partition_of_node: dict[int, int] = {}  # bound at a node's first answer, for the run (_bind)
+        self.greeted = False  # this process's first round has asked the nodes who they are (_learn_partitions)
         self.connected: set[int] = set()  # the nodes connected at this round's downlink
         self.run = run
         self.ledger = Ledger(run, config)
@@ -175,15 +177,22 @@ class DiReDiStrategy(FedAvg):
         return Message(content=content, message_type=message_type, dst_node_id=node)
 
     def _learn_partitions(self, grid: Grid, nodes: list[int]) -> None:
-        """A node's partition is learnt from its replies. After a resume the node ids are new, and
-        a customer with a deployed edge model must be sent its own: while some deployed edge has
-        no node yet, the sampled nodes not known yet are asked who they are (a query message,
-        answered at once by the ClientApp)."""
+        """Ask the sampled nodes not known yet who they are (a query message, answered at once by
+        the ClientApp), before the train messages go out:
+        - in this process's first round, always (the greeting): in a simulation the customers'
+          Ray actors start (Python, torch, the ClientApp: a minute on 2 loaded cores) while they
+          answer it, so that ``engine.round_timeout`` then times the customers' work, not their
+          start-up. A node that does not answer in time is still sent its train message.
+        - later, while some deployed edge model has no node: after a resume the node ids are new,
+          and a customer with a deployed edge model must be sent its own.
+        Otherwise a node's partition is learnt from its replies."""
+        first, self.greeted = not self.greeted, True
         # partitions bound to nodes that are gone (a resumed run's nodes are new) count as unmatched
         unmatched = set(self.deployed_edges) - {p for n, p in self.partition_of_node.items() if n in self.connected}
         unknown = [node for node in nodes if node not in self.partition_of_node]
-        if not unmatched or not unknown:
+        if not unknown or not (first or unmatched):
             return
+        started = time.monotonic()
         queries = [Message(RecordDict({"config": ConfigRecord({})}), message_type=f"{MessageType.QUERY}.partition", dst_node_id=node)
                    for node in unknown]
         for reply in grid.send_and_receive(queries, timeout=self.engine.round_timeout):
@@ -197,8 +206,10 @@ class DiReDiStrategy(FedAvg):
                 except ValueError as exc:
                     log(WARNING, "partition query: %s", exc)
                     self.ledger.failure({"round": self.round_offset + 1, "node": reply.metadata.src_node_id, "reason": str(exc)})
-        log(INFO, "asked %d new node(s) which customer they are: %d of %d customers with a deployed edge model found",
-            len(unknown), len(unmatched & {p for n, p in self.partition_of_node.items() if n in self.connected}), len(unmatched))
+        known = {p for n, p in self.partition_of_node.items() if n in self.connected}
+        log(INFO, "asked %d new node(s) which customer they are: %d answered in %.0f s; %d of %d customers with a deployed "
+            "edge model found", len(unknown), sum(node in self.partition_of_node for node in unknown), time.monotonic() - started,
+            len(unmatched & known), len(unmatched))
 
     # ----------------------------------------------------------------------------- aggregation
 

@@ -115,10 +115,12 @@ def reply_to(message: Message, partition_id: int, delta: dict, num_examples: int
 def test_strategy_merges_accepted_deltas_and_records_everything_else(setup):
     config, strategy, tutor, edge, run = setup
     tutor_state = {k: v.clone() for k, v in tutor.state_dict().items()}
-    grid = FakeGrid([11, 12, 13, 14, 15, 16], {11: 0, 12: 1, 13: 2, 14: 3, 15: 0, 16: 3})
+    # the greeting (the first round's query) is answered by 11-13; 14-16, which fail below, do not answer it
+    grid = FakeGrid([11, 12, 13, 14, 15, 16], {11: 0, 12: 1, 13: 2})
     arrays = ArrayRecord(tutor.state_dict())
     messages = list(strategy.configure_train(1, arrays, ConfigRecord(to_flat(config)), grid))
-    assert len(messages) == 6
+    assert len(messages) == 6 and sorted(grid.sent) == [("query.partition", n) for n in range(11, 17)]
+    assert strategy.partition_of_node == {11: 0, 12: 1, 13: 2}  # a node that does not answer is still sent its train message
     for message in messages:  # the downlink: tutor, this customer's edge, the settings
         assert set(message.content.keys()) == {"tutor", "edge", "config"}
         assert message.content["config"]["server-round"] == 1
@@ -253,7 +255,7 @@ def test_merge_weights_are_equal_or_bounded_examples(setup):
     config, _, tutor, edge, run = setup
     bounded = replace(config, simulation=replace(config.simulation, merge_weights="examples", max_examples=200))
     strategy = stub_strategy(bounded, run, edge.state_dict())
-    grid = FakeGrid([11, 12, 13, 14], {11: 0, 12: 1, 13: 2, 14: 3})
+    grid = FakeGrid([11, 12, 13, 14], {11: 0, 12: 1})  # 13 and 14 do not answer the greeting
     by_node = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, ArrayRecord(tutor.state_dict()), ConfigRecord({}), grid)}
     neck_head = select_neck_head(tutor.state_dict())
     small = {k: torch.full_like(v, 0.01, dtype=torch.float32) for k, v in neck_head.items()}
@@ -294,7 +296,7 @@ def test_a_node_is_who_it_first_said_it_was(setup):
     and never receives that customer's deployed edge; a node cannot change its partition; the
     bindings are saved with the round (state.json) for a resumed run."""
     config, strategy, tutor, edge, run = setup
-    grid = FakeGrid([11, 12, 13, 14], {11: 0, 12: 1, 13: 2, 14: 3})
+    grid = FakeGrid([11, 12, 13, 14], {11: 0, 12: 1})  # 13 and 14 do not answer the greeting
     by_node = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, ArrayRecord(tutor.state_dict()), ConfigRecord({}), grid)}
     delta = {k: torch.full_like(v, 0.01, dtype=torch.float32) for k, v in select_neck_head(tutor.state_dict()).items()}
     strategy.aggregate_train(1, [reply_to(by_node[11], 0, delta, 10), reply_to(by_node[12], 1, delta, 10)])
