@@ -42,6 +42,35 @@ def build_backend_config(config: FederationConfig) -> dict:
     return {"client_resources": {"num_cpus": engine.client_cpus, "num_gpus": engine.client_gpus}, "init_args": init_args}
 
 
+def start_ray(backend_config: dict, attempts: int = 3) -> None:
+    """Start (or join) Ray here, with Flower's backend's own arguments, before Flower would: its
+    backend skips ``ray.init`` when Ray is up, and stops it at the end (``ray.shutdown``). Ray waits
+    a fixed 30 s for a new raylet to register (``ray/_private/node.py``), which a machine loaded by
+    other work can miss (seen on CI's 2 cores); such a start is retried, after stopping the
+    processes the failed one left behind."""
+    import signal
+
+    import ray
+
+    from experiments.processes import descendants, send
+
+    init_args = {"include_dashboard": False, **backend_config["init_args"]}
+    pythonpath = os.pathsep.join(sys.path + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    os.environ["PYTHONPATH"] = pythonpath  # as Flower's backend sets it: Ray's workers import clients/ and diredi_sim/
+    for attempt in range(1, attempts + 1):
+        before = descendants(os.getpid())
+        try:
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+            return
+        except Exception as exc:  # noqa: BLE001 -- Ray raises a bare Exception for this time-out
+            if "timed out during startup" not in str(exc) or attempt == attempts:
+                raise
+            logging.getLogger("flwr").warning("Ray did not start (attempt %d of %d): %s; retrying", attempt, attempts, exc)
+            ray.shutdown()
+            for pid in descendants(os.getpid()) - before:
+                send(pid, signal.SIGKILL)
+
+
 def run_simulate(config: FederationConfig, run_folder: str | Path | None = None, verbose: bool = False,
                  resume: dict | None = None, faults: str = ""):
     """Run the federation; returns the outcome (run folder, per-customer summary). ``resume``: the
@@ -70,11 +99,17 @@ def run_simulate(config: FederationConfig, run_folder: str | Path | None = None,
     client_app = faulty_client_app(faults, hang_seconds=engine_of(config).round_timeout + 15) if faults else production_app
     outcome = FederationOutcome()
     start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
-        run_simulation(server_app=make_server_app(config, outcome, run_folder, resume), client_app=client_app,
-                       num_supernodes=len(population), backend_config=build_backend_config(config),
-                       verbose_logging=verbose)
+    backend_config = build_backend_config(config)
+    start_ray(backend_config)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
+            run_simulation(server_app=make_server_app(config, outcome, run_folder, resume), client_app=client_app,
+                           num_supernodes=len(population), backend_config=backend_config, verbose_logging=verbose)
+    finally:
+        import ray
+
+        ray.shutdown()  # Flower's backend stops it too; not when the run crashed before its backend started
     seconds = time.perf_counter() - start
     if outcome.folder is None or not (outcome.folder / "summary.json").is_file():
         raise RuntimeError(f"the simulation ended without results (run folder: {outcome.folder}); see the log above")
