@@ -27,9 +27,9 @@ every customer's deployed edge model as of that round, the summary rows and roun
 from __future__ import annotations
 
 import math
-import time
 import multiprocessing
 import os
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool

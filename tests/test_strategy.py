@@ -255,7 +255,7 @@ def test_merge_weights_are_equal_or_bounded_examples(setup):
     config, _, tutor, edge, run = setup
     bounded = replace(config, simulation=replace(config.simulation, merge_weights="examples", max_examples=200))
     strategy = stub_strategy(bounded, run, edge.state_dict())
-    grid = FakeGrid([11, 12, 13, 14], {11: 0, 12: 1})  # 13 and 14 do not answer the greeting
+    grid = FakeGrid([11, 12, 13, 14], {11: 0, 12: 1, 13: 2, 14: 3})
     by_node = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, ArrayRecord(tutor.state_dict()), ConfigRecord({}), grid)}
     neck_head = select_neck_head(tutor.state_dict())
     small = {k: torch.full_like(v, 0.01, dtype=torch.float32) for k, v in neck_head.items()}
