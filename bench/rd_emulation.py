@@ -81,10 +81,10 @@ def main(argv: list[str] | None = None) -> None:
     for scale, index in (("presumed", 0), ("customer", 1)):
         edge, tutor, tutor1 = figures["edge"][index], figures["tutor"][index], figures["tutor1"][index]
         print(f"tutor1 on the {scale} scale: {(tutor1 - edge) / (tutor - edge):.2f} of the way from the edge (0) to the tutor (1)")
-    kept_share = figures["tutor'"][2] / figures["tutor2"][2] if figures["tutor2"][2] else float("nan")
-    updated_presumed = figures["tutor'"][0]
-    print(f"tutor' keeps {kept_share:.0%} of tutor2's private AP; presumed mAP tutor {figures['tutor'][0]:.3f} -> tutor' "
-          f"{updated_presumed:.3f}")
+    updated, tutor2 = figures["tutor'"], figures["tutor2"]
+    kept = (f"keeps {updated[2] / tutor2[2]:.0%} of tutor2's private AP" if tutor2[2]
+            else "keeps no share: tutor2 learned none of the private class")
+    print(f"tutor' {kept}; presumed mAP tutor {figures['tutor'][0]:.3f} -> tutor' {updated[0]:.3f}")
 
 
 if __name__ == "__main__":
