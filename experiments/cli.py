@@ -60,7 +60,29 @@ def cmd_paper(args) -> int:
         if value is not None:
             overrides[key] = value
     config, pipeline = load_paper_job(args.experiment, args.config, overrides)
-    run_paper(config, args.experiment, pipeline, seeds=args.seeds)
+    run_paper(config, args.experiment, pipeline, seeds=args.seeds, customer_seeds=parse_customer_seeds(args))
+    return 0
+
+
+def parse_customer_seeds(args) -> list[int] | None:
+    """``--customer-seeds 2`` or ``0,2``: the customer seeds to run, instead of ``--seeds``."""
+    from diredi_sim.config import ConfigError
+
+    if args.customer_seeds is None:
+        return None
+    if args.seeds != 1:
+        raise ConfigError(f"--seeds {args.seeds} and --customer-seeds {args.customer_seeds}: give one of them")
+    try:
+        return [int(part) for part in args.customer_seeds.split(",")]
+    except ValueError:
+        raise ConfigError(f"--customer-seeds {args.customer_seeds!r}: comma-separated integers, e.g. 2 or 0,2") from None
+
+
+def cmd_paper_merge(args) -> int:
+    from experiments.paper import write_merged_summary
+
+    print(write_merged_summary(args.inputs, args.out))
+    print(f"\nmerged summary: {args.out}")
     return 0
 
 
@@ -211,9 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1,
                    help="replicates: customer seeds seed, seed+1, ... (the manufacturer keeps seed); each seed's "
                         "outputs in seed-<s>/ and mean ± std, paired differences and 95%% intervals over seeds at the top")
+    p.add_argument("--customer-seeds", metavar="S[,S...]",
+                   help="run these customer seeds instead of --seeds (e.g. 2: the third replicate alone, on another machine); "
+                        "`paper-merge` puts runs of one manufacturer into one table")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     add_device(p)
     p.set_defaults(func=cmd_paper)
+
+    p = add_command("paper-merge", help="one summary over the seeds of several paper runs of one config and one manufacturer "
+                                        "(their table.json or run folders), written to OUT")
+    p.add_argument("out", help="the merged table.json to write (may be one of the inputs)")
+    p.add_argument("inputs", nargs="+", help="paper summaries: a run folder or its table.json (e.g. docs/results/paper-exp1.json)")
+    p.set_defaults(func=cmd_paper_merge)
 
     p = add_command("paper-summary", help="rewrite a paper run's table.json, table.md and results.csv from its seed-<s>/ folders")
     p.add_argument("run_dir")

@@ -76,8 +76,18 @@ def _run_config(experiment: str, config: ExperimentConfig, pipeline: PipelineCon
             "pipeline": pipeline}
 
 
+def customer_replicates(manufacturer_seed: int, customer_seeds: list[int], where: str = "--customer-seeds") -> list[Seeds]:
+    """The replicates whose customer seeds are ``customer_seeds`` (distinct, each >= the
+    manufacturer's seed: replicate k has customer seed ``manufacturer_seed + k``)."""
+    if not customer_seeds or len(set(customer_seeds)) != len(customer_seeds) or any(
+            not isinstance(s, int) or isinstance(s, bool) or s < manufacturer_seed for s in customer_seeds):
+        raise ConfigError(f"{where} {customer_seeds!r}: must be distinct customer seeds, each >= the manufacturer's seed "
+                          f"{manufacturer_seed} (customer seed = manufacturer seed + replicate)")
+    return [Seeds(manufacturer_seed, replicate=s - manufacturer_seed) for s in customer_seeds]
+
+
 def run_paper(config: ExperimentConfig, experiment: str, pipeline: PipelineConfig | None = None, *, progress: bool = True,
-              seeds: int = 1) -> Run:
+              seeds: int = 1, customer_seeds: list[int] | None = None) -> Run:
     """Run the paper's flow for ``experiment`` (exp1 / exp2, or any name) into a new run folder
     and print the table. The pipeline settings are ``pipeline``, else ``config.pipeline``, else
     the defaults; an empty ``pipeline.customer`` means the split preset named ``experiment``.
@@ -89,13 +99,18 @@ def run_paper(config: ExperimentConfig, experiment: str, pipeline: PipelineConfi
     Distill C, the direct and local baselines). Replicate s writes its single-seed outputs to
     ``seed-<s>/``; the top of the run folder gets the summary over seeds, ``table.json`` and
     ``table.md`` (rewritten after every replicate, so a stopped run keeps what it finished;
-    ``diredi-sim resume RUN_DIR`` runs the replicates it did not finish: :func:`resume_paper`)."""
+    ``diredi-sim resume RUN_DIR`` runs the replicates it did not finish: :func:`resume_paper`).
+
+    ``customer_seeds``: run these customer seeds instead of the first ``seeds`` (e.g. ``[2]``, the
+    third replicate alone, on another machine or another day); :func:`merge_paper_summaries`
+    puts the replicates of several runs of one manufacturer into one table."""
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: must be >= 1")
     pipeline = pipeline or getattr(config, "pipeline", None) or PipelineConfig()
     if pipeline.customer == "":
         pipeline = replace(pipeline, customer=experiment)
-    replicates = [Seeds(config.seed, replicate=k) for k in range(seeds)]
+    replicates = (customer_replicates(config.seed, list(customer_seeds)) if customer_seeds is not None
+                  else [Seeds(config.seed, replicate=k) for k in range(seeds)])
     configure_process(device=config.device, threads=config.threads)
     if config.tensorboard:
         require_tensorboard()
@@ -152,10 +167,9 @@ def resume_paper(folder: str | Path, config: dict, *, progress: bool = True) -> 
     except ConfigError as exc:
         raise ConfigError(f"{folder / 'config.json'}: {exc}") from None
     seeds = config["seeds"]
-    replicates = [Seeds(experiment_config.seed, replicate=k) for k in range(len(seeds) if isinstance(seeds, list) else 0)]
-    if not replicates or [r.customer for r in replicates] != seeds:
-        raise ConfigError(f"{folder / 'config.json'}: seeds {seeds!r} are not the customer seeds of a paper run with "
-                          f"manufacturer seed {experiment_config.seed} (seed, seed + 1, ...)")
+    if not isinstance(seeds, list):
+        raise ConfigError(f"{folder / 'config.json'}: seeds {seeds!r} are not the customer seeds of a paper run (a list)")
+    replicates = customer_replicates(experiment_config.seed, seeds, where=f"{folder / 'config.json'}: seeds")
     missing = [r for r in replicates if not (folder / f"seed-{r.customer}" / "table.json").is_file()]
     if not missing:
         print(summarize_paper_run(folder), flush=True)
@@ -189,12 +203,83 @@ def summarize_paper_run(folder: str | Path) -> str:
     summary = aggregate_paper_tables(config["experiment"], config["preset"], config["data"]["source"], seeds,
                                      [table["rows"] for table, _ in tables])
     for entry, (table, name) in zip(summary["per_seed"], tables):
-        entry.update({"folder": name, "accepted": table["verdict"]["accepted"], "training_images": table["settings"].get("training_images")})
+        entry.update({"folder": name, "accepted": table["verdict"]["accepted"], "training_images": table["settings"].get("training_images"),
+                      "manufacturer_key": (table.get("manufacturer") or {}).get("key")})
+    summary["config"] = merge_config(config)
     atomic_write_json(folder / "table.json", summary)
     write_results_csv(folder / "results.csv", [row for table, _ in tables for row in paper_results(table)])
     text = format_paper_summary(summary, manufacturer_seed=config.get("seed"))
     atomic_write_text(folder / "table.md", text + "\n")
     return text
+
+
+# A paper run's config keys that say where and how fast it ran, not what it computed: runs of one
+# config on two machines (other thread counts, a GPU) are replicates of one experiment.
+PLACE_KEYS = ("environment", "seeds", "name", "runs_dir", "threads", "device", "tensorboard")
+# The manufacturer's rows: the same models in every replicate a table may merge.
+MANUFACTURER_ROWS = ("teacher", "tutor", "edge")
+
+
+def merge_config(config: dict) -> dict:
+    """What a paper run computes (its config.json without :data:`PLACE_KEYS`)."""
+    return {k: v for k, v in config.items() if k not in PLACE_KEYS}
+
+
+def merge_paper_summaries(paths: list[str | Path]) -> dict:
+    """One summary over the replicates of several paper runs' summaries (``table.json`` of a run
+    folder, or a committed copy; a run folder's path stands for its ``table.json``), e.g. seeds 0
+    and 1 run on one machine and seed 2 on another. The inputs must be the same experiment with the
+    same config (:func:`merge_config`) and the same manufacturer: its rows (teacher, tutor, edge)
+    equal in every replicate, to the last bit, which a manufacturer retrained with another torch
+    thread count or on a GPU is not. A customer seed may appear once. Raises ConfigError naming
+    the file and what differs; returns the summary of :func:`summarize_per_seed` with the config."""
+    if not paths:
+        raise ConfigError("paper-merge: no summary given")
+    loaded = []
+    for path in map(Path, paths):
+        path = path / "table.json" if path.is_dir() else path
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path}: not a readable paper summary ({exc})") from None
+        missing = [k for k in ("experiment", "preset", "data", "config", "per_seed") if k not in summary]
+        if missing:
+            raise ConfigError(f"{path}: no {', '.join(missing)} (a paper summary written before `paper-merge` existed: "
+                              f"rewrite it from its run folder with `diredi-sim paper-summary RUN_DIR`)")
+        loaded.append((path, summary))
+    first_path, first = loaded[0]
+    per_seed, origin = [], {}
+    reference = next(iter(first["per_seed"]), {}).get("rows", {})
+    for path, summary in loaded:
+        for key in ("experiment", "preset", "data", "config"):
+            if summary[key] != first[key]:
+                what = key if key != "config" else "config key(s) " + ", ".join(
+                    sorted(k for k in set(summary[key]) | set(first[key]) if summary[key].get(k) != first[key].get(k)))
+                raise ConfigError(f"{path}: its {what} differ(s) from {first_path}'s; only replicates of one experiment merge")
+        for entry in summary["per_seed"]:
+            if entry["seed"] in origin:
+                raise ConfigError(f"{path}: customer seed {entry['seed']} is also in {origin[entry['seed']]}; a seed is merged once")
+            origin[entry["seed"]] = path
+            for name in MANUFACTURER_ROWS:
+                ours, theirs = entry["rows"].get(name), reference.get(name)
+                if ours != theirs:
+                    measure = next((m for m in (ours or {}) if (ours or {}).get(m) != (theirs or {}).get(m)), "row")
+                    raise ConfigError(f"{path}: seed {entry['seed']}'s {name} ({measure} {(ours or {}).get(measure)}) is not "
+                                      f"{first_path}'s ({(theirs or {}).get(measure)}): another manufacturer (retrained with "
+                                      f"other bits); replicates of different manufacturers are not merged")
+            per_seed.append(entry)
+    per_seed.sort(key=lambda entry: entry["seed"])
+    merged = summarize_per_seed(first["experiment"], first["preset"], first["data"], per_seed)
+    merged["config"] = first["config"]
+    return merged
+
+
+def write_merged_summary(paths: list[str | Path], out: str | Path) -> str:
+    """:func:`merge_paper_summaries` of ``paths`` written to ``out`` (which may be one of them);
+    returns its Markdown."""
+    merged = merge_paper_summaries(paths)
+    atomic_write_json(Path(out), merged)
+    return format_paper_summary(merged, manufacturer_seed=merged["config"].get("seed"))
 
 
 # A paper run's rows that are baselines, not DiReDi: the method results.csv gives them.
@@ -354,7 +439,7 @@ def aggregate_paper_tables(experiment: str, preset: str, data: str, seeds: list[
     """
     if len(seeds) != len(rows_per_seed):
         raise ValueError(f"{len(seeds)} seeds but {len(rows_per_seed)} sets of rows")
-    per_seed, names = [], []
+    per_seed = []
     for seed, rows in zip(seeds, rows_per_seed):
         # The paper's "updated tutor" is tutor + delta, whatever the verification says; what the
         # manufacturer keeps is "tutor_deployed" (tutor + delta if accepted, else the tutor).
@@ -364,12 +449,18 @@ def aggregate_paper_tables(experiment: str, preset: str, data: str, seeds: list[
         if "tutor_updated" in by_key:
             named["tutor_updated"] = by_key.get("tutor_rejected_candidate", by_key["tutor_updated"])
             named["tutor_deployed"] = by_key["tutor_updated"]
-        table = {}
-        for name, row in named.items():
-            table[name] = {measure: _value(row.get(key)) for measure, key, _ in PAPER_MEASURES}
-            if name not in names:
-                names.append(name)
-        per_seed.append({"seed": seed, "rows": table})
+        per_seed.append({"seed": seed, "rows": {name: {measure: _value(row.get(key)) for measure, key, _ in PAPER_MEASURES}
+                                                for name, row in named.items()}})
+    return summarize_per_seed(experiment, preset, data, per_seed)
+
+
+def summarize_per_seed(experiment: str, preset: str, data: str, per_seed: list[dict]) -> dict:
+    """The summary over seeds (``rows``, ``differences``) of ``per_seed`` entries as
+    :func:`aggregate_paper_tables` makes them (``{"seed", "rows": {row: {measure: value}}}``, any
+    other keys kept), in their order."""
+    names = []
+    for entry in per_seed:
+        names += [name for name in entry["rows"] if name not in names]
     ordered = [n for n in PAPER_ROW_ORDER if n in names] + [n for n in names if n not in PAPER_ROW_ORDER]
 
     def values(name: str, measure: str) -> list[float | None]:
@@ -392,8 +483,8 @@ def aggregate_paper_tables(experiment: str, preset: str, data: str, seeds: list[
                 entry[measure] = diff
         if entry:
             differences[f"{a} - {b}"] = entry
-    return {"experiment": experiment, "preset": preset, "data": data, "seeds": list(seeds), "rows": rows_out,
-            "differences": differences, "per_seed": per_seed}
+    return {"experiment": experiment, "preset": preset, "data": data, "seeds": [entry["seed"] for entry in per_seed],
+            "rows": rows_out, "differences": differences, "per_seed": per_seed}
 
 
 def _pp(value) -> str:
@@ -442,4 +533,5 @@ def format_paper_summary(summary: dict, *, manufacturer_seed: int | None = None)
 
 
 __all__ = ["find_paper_config", "load_paper_config", "run_paper", "summarize_paper_run", "write_paper_outputs", "format_paper_table",
-           "aggregate_paper_tables", "format_paper_summary", "EXPERIMENTS"]
+           "aggregate_paper_tables", "summarize_per_seed", "merge_paper_summaries", "write_merged_summary", "format_paper_summary",
+           "EXPERIMENTS"]

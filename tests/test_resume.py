@@ -309,9 +309,9 @@ def test_resume_refuses_a_folder_that_is_not_a_federation_run(tmp_path, capsys):
     assert cli_main(["resume", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     # a paper run's config.json: its seeds must be those its manufacturer seed gives, its keys the config's
-    (tmp_path / "config.json").write_text('{"experiment": "exp1", "seed": 0, "seeds": [5, 9], "pipeline": {}}')
+    (tmp_path / "config.json").write_text('{"experiment": "exp1", "seed": 3, "seeds": [5, 2], "pipeline": {}}')
     assert cli_main(["resume", str(tmp_path)]) == 2
-    assert "seeds [5, 9] are not the customer seeds of a paper run with manufacturer seed 0" in capsys.readouterr().err
+    assert "seeds [5, 2]: must be distinct customer seeds, each >= the manufacturer's seed 3" in capsys.readouterr().err
     (tmp_path / "config.json").write_text('{"experiment": "exp1", "seeds": [0], "pipeline": {"alhpa": 1}}')
     assert cli_main(["resume", str(tmp_path)]) == 2
     assert f"{tmp_path / 'config.json'}:" in (err := capsys.readouterr().err) and "alhpa" in err

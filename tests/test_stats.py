@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -165,28 +166,36 @@ def test_paper_summary_with_edge_local_and_public_rows():
         aggregate_paper_tables("exp2", "cpu", "synthetic", [0], rows)
 
 
-def test_run_paper_with_seeds_writes_each_seed_and_the_summary(tmp_path, monkeypatch, capsys):
-    """run_paper(seeds=3) on a stand-in for run_pipeline (no training): the manufacturer keeps the
-    config's seed, the customer's seed is seed + k, each replicate's outputs go to seed-<s>/ and the
-    summary over seeds to the top of the one run folder."""
-    import experiments.paper as paper
-    from diredi_sim.config import ConfigError, ExperimentConfig
+def fake_paper_pipeline(calls, teacher_map=0.4):
+    """A stand-in for run_pipeline (no training): rows that depend on the customer seed k = seed - 10."""
     from diredi_sim.pipeline import PipelineResult
-    from diredi_sim.settings import ClassSets, PipelineConfig
+    from diredi_sim.settings import ClassSets
     from diredi_sim.verify import Verdict
-
-    calls = []
 
     def fake_pipeline(pipeline, data, *, preset, seed, run, config, progress, seeds):
         customer_seed = seeds.customer
         calls.append((seed, customer_seed, run.folder.name, config["customer_seed"]))
         k = customer_seed - 10
         rows = [{**row(key, m, presumed=0.3, private=p), "forgetting": 0.0, "dropped_forgetting": float("nan")}
-                for key, m, p in [("teacher", 0.4, None), ("tutor_original", 0.3, 0.0), ("edge_original", 0.2, 0.0),
+                for key, m, p in [("teacher", teacher_map, None), ("tutor_original", 0.3, 0.0), ("edge_original", 0.2, 0.0),
                                   ("edge_direct", 0.2 + 0.01 * k, 0.1), ("edge_distill_c_public_private", 0.25 + 0.02 * k, 0.2)]]
         delta_info = {"norm": 1.0, "gamma": 1.0, "tensors": 2, "values": 10, "bytes_fp32": 40, "bytes_fp16": 20}
         return PipelineResult(rows, Verdict(True, [], 1.0), {}, delta_info, [], ClassSets.of(pipeline.customer, pipeline.presumed_split),
-                              {"folder": "-", "key": "-", "reused": True}, {"preset": preset, "seed": seed})
+                              {"folder": "-", "key": "abc", "reused": True}, {"preset": preset, "seed": seed})
+
+    return fake_pipeline
+
+
+def test_run_paper_with_seeds_writes_each_seed_and_the_summary(tmp_path, monkeypatch, capsys):
+    """run_paper(seeds=3) on a stand-in for run_pipeline (no training): the manufacturer keeps the
+    config's seed, the customer's seed is seed + k, each replicate's outputs go to seed-<s>/ and the
+    summary over seeds to the top of the one run folder."""
+    import experiments.paper as paper
+    from diredi_sim.config import ConfigError, ExperimentConfig
+    from diredi_sim.settings import PipelineConfig
+
+    calls = []
+    fake_pipeline = fake_paper_pipeline(calls)
 
     monkeypatch.setattr(paper, "run_pipeline", fake_pipeline)
     config = ExperimentConfig(name="multi", seed=10, runs_dir=str(tmp_path / "runs"))
@@ -202,7 +211,8 @@ def test_run_paper_with_seeds_writes_each_seed_and_the_summary(tmp_path, monkeyp
             assert f"seed 10, customer seed {s};" in (run.folder / f"seed-{s}" / "table.md").read_text()
         assert json.loads((run.folder / f"seed-{s}" / "config.json").read_text())["customer_seed"] == s
     summary = json.loads((run.folder / "table.json").read_text())
-    assert list(summary) == ["experiment", "preset", "data", "seeds", "rows", "differences", "per_seed"]
+    assert list(summary) == ["experiment", "preset", "data", "seeds", "rows", "differences", "per_seed", "config"]
+    assert summary["config"]["seed"] == 10 and "runs_dir" not in summary["config"] and "seeds" not in summary["config"]
     assert summary["seeds"] == [10, 11, 12] and summary["data"] == "synthetic" and summary["preset"] == "cpu"
     assert summary["rows"]["edge_direct"]["map"] == {"mean": pytest.approx(0.21), "std": pytest.approx(0.01)}
     assert summary["rows"]["edge"]["map"] == {"mean": pytest.approx(0.2), "std": 0.0}
@@ -220,3 +230,48 @@ def test_run_paper_with_seeds_writes_each_seed_and_the_summary(tmp_path, monkeyp
         (tmp_path / "empty").mkdir()
         (tmp_path / "empty" / "config.json").write_text(json.dumps({"experiment": "exp1", "preset": "cpu", "data": {"source": "synthetic"}}))
         paper.summarize_paper_run(tmp_path / "empty")
+
+
+def test_paper_merge_of_runs_on_other_machines_equals_one_run(tmp_path, monkeypatch, capsys):
+    """Seeds 10-11 in one run and seed 12 in another (--customer-seeds 12) merge into the summary
+    of one 3-seed run; a repeated seed, another config, another manufacturer and a summary without
+    its config are refused with the file's name."""
+    import experiments.paper as paper
+    from diredi_sim.config import ConfigError, ExperimentConfig
+    from diredi_sim.settings import PipelineConfig
+    from experiments.cli import main as cli_main
+
+    calls = []
+    monkeypatch.setattr(paper, "run_pipeline", fake_paper_pipeline(calls))
+    config = ExperimentConfig(name="multi", seed=10, runs_dir=str(tmp_path / "runs"))
+    whole = paper.run_paper(config, "exp1", PipelineConfig(), progress=False, seeds=3)
+    first = paper.run_paper(config, "exp1", PipelineConfig(), progress=False, seeds=2)
+    # the third replicate alone, on another machine with another thread count
+    third = paper.run_paper(replace(config, threads=1), "exp1", PipelineConfig(), progress=False, customer_seeds=[12])
+    assert calls[-1] == (10, 12, "seed-12", 12) and json.loads((third.folder / "config.json").read_text())["seeds"] == [12]
+    for bad in ([9], [11, 11], []):
+        with pytest.raises(ConfigError, match="--customer-seeds"):
+            paper.run_paper(config, "exp1", PipelineConfig(), progress=False, customer_seeds=bad)
+    out = tmp_path / "merged.json"
+    capsys.readouterr()
+    assert cli_main(["paper-merge", str(out), str(first.folder), str(third.folder / "table.json")]) == 0
+    merged, single = json.loads(out.read_text()), json.loads((whole.folder / "table.json").read_text())
+    assert merged["seeds"] == [10, 11, 12]
+    assert merged["rows"] == single["rows"] and merged["differences"] == single["differences"]
+    assert [e["rows"] for e in merged["per_seed"]] == [e["rows"] for e in single["per_seed"]]
+    assert "| edge_direct |" in capsys.readouterr().out
+    # merging into one of the inputs adds a seed to a committed table
+    assert cli_main(["paper-merge", str(out), str(out)]) == 0 and json.loads(out.read_text())["seeds"] == [10, 11, 12]
+    assert cli_main(["paper-merge", str(out), str(out), str(third.folder)]) == 2
+    assert f"{third.folder / 'table.json'}: customer seed 12 is also in {out}" in capsys.readouterr().err
+    other = paper.run_paper(config, "exp1", PipelineConfig(alpha=3.0), progress=False, customer_seeds=[13])
+    with pytest.raises(ConfigError, match=r"config key\(s\) pipeline differ"):
+        paper.merge_paper_summaries([first.folder, other.folder])
+    monkeypatch.setattr(paper, "run_pipeline", fake_paper_pipeline(calls, teacher_map=0.41))  # a retrained manufacturer
+    retrained = paper.run_paper(config, "exp1", PipelineConfig(), progress=False, customer_seeds=[14])
+    with pytest.raises(ConfigError, match=r"seed 14's teacher \(map 0.41\) is not .*another manufacturer"):
+        paper.merge_paper_summaries([first.folder, retrained.folder])
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({k: v for k, v in single.items() if k != "config"}))
+    with pytest.raises(ConfigError, match="no config .*paper-summary RUN_DIR"):
+        paper.merge_paper_summaries([old])
