@@ -99,7 +99,7 @@ def test_the_console_shows_the_chosen_level_and_every_subcommand_takes_the_optio
     commands = parser._subparsers._group_actions[0].choices
     assert len(commands) >= 13
     for name, command in commands.items():
-        positional = ["x"] * sum(1 for a in command._actions if not a.option_strings and a.nargs is None)
+        positional = ["x"] * sum(1 for a in command._actions if not a.option_strings and a.nargs in (None, "+"))
         required = [arg for a in command._actions if a.required and a.option_strings
                     for arg in (a.option_strings[0], a.choices[0] if a.choices else "x")]
         assert parser.parse_args([name, *positional, *required, "--quiet"]).log_level == "WARNING", name
