@@ -109,8 +109,8 @@ def run_paper(config: ExperimentConfig, experiment: str, pipeline: PipelineConfi
     pipeline = pipeline or getattr(config, "pipeline", None) or PipelineConfig()
     if pipeline.customer == "":
         pipeline = replace(pipeline, customer=experiment)
-    replicates = (customer_replicates(config.seed, list(customer_seeds)) if customer_seeds is not None
-                  else [Seeds(config.seed, replicate=k) for k in range(seeds)])
+    replicates = customer_replicates(config.seed, list(customer_seeds) if customer_seeds is not None
+                                     else [config.seed + k for k in range(seeds)])
     configure_process(device=config.device, threads=config.threads)
     if config.tensorboard:
         require_tensorboard()
