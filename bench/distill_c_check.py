@@ -1,7 +1,7 @@
 """Which Distill C schedule gives an edge model the manufacturer's check accepts, per customer.
 
     python bench/distill_c_check.py [--config experiments/configs/federation.toml] [--customers 4]
-        [--variant "epochs=2 max_train_images=400"] [--variant "epochs=3 max_train_images=0"] [--set KEY=VALUE ...]
+        [--only exp2,generated-0] [--variant "epochs=2 max_train_images=400"] [--variant "epochs=3 max_train_images=0"] [--set KEY=VALUE ...]
 
 Per customer of the config's population, in one process, the federation's own calls: the
 customer's RD and delta (``customer_work``), the manufacturer's substitution and verification
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(ROOT / "experiments/configs/federation.toml"))
     parser.add_argument("--customers", type=int, default=4, help="the first N customers of the population (default 4)")
+    parser.add_argument("--only", default="", help="comma-separated customer names among those N (default: all of them)")
     parser.add_argument("--variant", action="append", default=[], metavar='"KEY=VALUE ..."',
                         help="pipeline.distill_c settings to try (repeatable; default: the config's own)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
@@ -63,6 +64,10 @@ def main(argv: list[str] | None = None) -> None:
     configure_process(device=base.device, threads=base.threads)
     maker = prepare_manufacturer(base.pipeline, base.data, preset=base.preset, seed=base.seed, progress=False)
     population = build_population(base.population, base.pipeline.presumed_split)[: args.customers]
+    only = [name for name in args.only.split(",") if name]
+    unknown = [name for name in only if name not in [c.name for c in population]]
+    if unknown:
+        parser.error(f"--only {','.join(unknown)}: not among the customers {[c.name for c in population]}")
     tutor_state, edge_state = maker.tutor.state_dict(), maker.edge.state_dict()
     datasets = DataSets(base.data)
     # the manufacturer's review without its Distill C public: this bench is about the customer's public+private edge
@@ -70,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"config {args.config}; {len(population)} customers; threads {base.threads}; variants: "
           + "; ".join(v or "(the config's)" for v in variants), flush=True)
     for customer in population:
+        if only and customer.name not in only:
+            continue
         start = time.perf_counter()
         reply = customer_work(base, customer, len(population), tutor_state, edge_state, datasets=datasets)
         review = manufacturer_review(review_config, customer, tutor_state, edge_state, reply["delta"], threads=base.threads)
