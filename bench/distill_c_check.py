@@ -15,7 +15,7 @@ accepted, else from the unchanged tutor, as ``simulation.distill_rejected`` woul
 
 Prints one line per customer and variant: the delta's verdict, the edge check's verdict and
 reasons, the presumed-class AP change on the manufacturer's held-out images (mean over the
-critical classes and the worst one), the private-class AP and mAP on the customer's test images
+presumed classes it keeps and the worst one), the private-class AP and mAP on the customer's test images
 against the deployed edge's, the Distill C images and seconds. The manufacturer comes from the
 cache (trained first if missing, not timed).
 """
