@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         review = manufacturer_review(review_config, customer, tutor_state, edge_state, reply["delta"], threads=base.threads)
         delta_verdict = "accepted" if review["verdict"]["accepted"] else "rejected"
         print(f"{customer.name}: RD and review {time.perf_counter() - start:.0f} s; delta {delta_verdict}", flush=True)
+        dropped = customer.class_sets(base.pipeline).dropped
         before = rows_from_metrics(customer_evaluate(base, customer, {"edge_original": edge_state}, datasets=datasets))["edge_original"]
         for variant in variants:
             config = configs[variant]
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
             check = review_edge(config, customer, edge_state, made["edges"][key], threads=config.threads)
             verdict = check["verdict"]
             changes = {name: verdict["ap_after"][name] - ap for name, ap in verdict["ap_before"].items()
-                       if name not in customer.class_sets(config.pipeline).dropped and _number(ap) and _number(verdict["ap_after"].get(name))}
+                       if name not in dropped and _number(ap) and _number(verdict["ap_after"].get(name))}
             worst = min(changes, key=changes.get) if changes else None
             after = rows_from_metrics(customer_evaluate(config, customer, {key: made["edges"][key]}, datasets=datasets))[key]
             print(f"  {customer.name} | {variant or '(the config)'} | edge {'accepted' if verdict['accepted'] else 'REFUSED'}"
